@@ -1,0 +1,55 @@
+"""Data section of the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from soft.config.core import option
+from soft.config.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    format: Literal["alpaca", "triviaqa", "text"] = option(
+        "alpaca", "Record format of the data files: alpaca (instruction/input/output), "
+        "triviaqa (question + answer aliases) or text (plain language modelling)."
+    )
+    train_path: str | None = option(
+        None, "Training data file (.json, .jsonl or .parquet). null = the project's built-in "
+        "synthetic instruction tasks (needs no files)."
+    )
+    valid_path: str | None = option(
+        None, "Validation data file; null = hold out `valid_fraction` of the training records."
+    )
+    valid_fraction: float = option(0.05, "Fraction of training records held out when valid_path is null.")
+    tokenizer_path: str | None = option(
+        None, "SentencePiece tokenizer.model (the LLaMA-2 one for real runs); null = the small "
+        "tokenizer shipped with the project."
+    )
+    seq_length: int = option(128, "Tokens per sample (prompt + response, padded).")
+    overlong: Literal["truncate", "drop"] = option(
+        "truncate", "What to do with samples longer than seq_length: truncate the response or drop the sample."
+    )
+    answer_alias_index: int = option(
+        0, "TriviaQA: which answer alias is the training target (0 = the first)."
+    )
+    text_field: str = option("text", "Plain-text format: the record field holding the document.")
+    builtin_num_samples: int = option(2000, "Built-in synthetic tasks: number of training records.")
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.seq_length < 8:
+            raise ConfigError(f"config key '{prefix}.seq_length': expected >= 8, got {self.seq_length}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(
+                f"config key '{prefix}.valid_fraction': expected 0 <= value < 1, got {self.valid_fraction}"
+            )
+        if self.answer_alias_index < 0:
+            raise ConfigError(f"config key '{prefix}.answer_alias_index': expected >= 0")
+        if self.builtin_num_samples < 1:
+            raise ConfigError(f"config key '{prefix}.builtin_num_samples': expected >= 1")
+        if self.train_path is None and self.format != "alpaca":
+            raise ConfigError(
+                f"config key '{prefix}.train_path' is null (built-in tasks, Alpaca format) but "
+                f"'{prefix}.format' is '{self.format}'; set train_path or format=alpaca"
+            )
