@@ -1,0 +1,117 @@
+"""Data pipeline: tokenizer, data files or built-in tasks -> fixed-length SFT samples -> batches.
+
+Public API: `build_datasets(cfg, seed)`, `Tokenizer`, `SFTDataset`, `ResumableBatchSampler`,
+`collate`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import TypeVar
+
+from soft.config.errors import ConfigError
+from soft.data import builtin
+from soft.data.config import DataConfig
+from soft.data.dataset import DatasetStats, SFTDataset
+from soft.data.formats import load_pairs
+from soft.data.prompts import alpaca_prompt
+from soft.data.sampler import ResumableBatchSampler, check_batch_sizes, collate
+from soft.data.tokenizer import Tokenizer
+
+__all__ = [
+    "DataConfig",
+    "DatasetStats",
+    "ResumableBatchSampler",
+    "SFTDataset",
+    "Tokenizer",
+    "build_datasets",
+    "build_tokenizer",
+    "check_batch_sizes",
+    "collate",
+]
+
+T = TypeVar("T")
+Pair = tuple[str, str]
+
+
+def build_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """`data.tokenizer_path`, or the small tokenizer shipped with the package when null."""
+    return Tokenizer.from_file(cfg.tokenizer_path or builtin.BUILTIN_TOKENIZER_PATH)
+
+
+def build_datasets(cfg: DataConfig, seed: int) -> tuple[SFTDataset, SFTDataset | None, Tokenizer]:
+    """(train, valid, tokenizer) for the data section.
+
+    valid is read from `valid_path`, else `valid_fraction` of the training records are held
+    out (chosen deterministically from `seed`), else None when valid_fraction is 0.
+    """
+    cfg.validate()
+    tokenizer = build_tokenizer(cfg)
+    if cfg.train_path is None:
+        train_pairs, valid_pairs = _builtin_pairs(cfg, seed)
+        train_src = valid_src = f"<built-in tasks, seed {seed}>"
+    else:
+        train_pairs = _file_pairs(cfg, cfg.train_path)
+        train_src = valid_src = cfg.train_path
+        if cfg.valid_path is not None:
+            valid_pairs = _file_pairs(cfg, cfg.valid_path)
+            valid_src = cfg.valid_path
+        else:
+            train_pairs, valid_pairs = _hold_out(train_pairs, cfg.valid_fraction, seed, train_src)
+    train = _make_dataset(cfg, train_pairs, tokenizer, train_src, "train")
+    valid = _make_dataset(cfg, valid_pairs, tokenizer, valid_src, "valid") if valid_pairs else None
+    return train, valid, tokenizer
+
+
+def _file_pairs(cfg: DataConfig, path: str) -> list[Pair]:
+    return load_pairs(
+        path, cfg.format, alias_index=cfg.answer_alias_index, text_field=cfg.text_field
+    )
+
+
+def _builtin_pairs(cfg: DataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Built-in tasks: training records from `seed`; the validation records come from an
+    independent stream and exclude every training question, so they are truly held out."""
+    train = builtin.generate_records(seed, cfg.builtin_num_samples)
+    valid: list[dict[str, str]] = []
+    if cfg.valid_fraction > 0:
+        n_valid = max(1, round(cfg.builtin_num_samples * cfg.valid_fraction))
+        exclude = {builtin.record_key(r) for r in train}
+        valid = builtin.generate_records(seed, n_valid, split="valid", exclude=exclude)
+
+    def pairs(records: list[dict[str, str]]) -> list[Pair]:
+        return [(alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in records]
+
+    return pairs(train), pairs(valid)
+
+
+def _hold_out(
+    items: Sequence[T], fraction: float, seed: int, source: str
+) -> tuple[list[T], list[T]]:
+    """Split off round(fraction * n) items (at least one) chosen by `seed`; both parts keep
+    the file order. Done on records, before tokenisation, so a document never straddles."""
+    if fraction == 0:
+        return list(items), []
+    n_valid = max(1, round(len(items) * fraction))
+    if n_valid >= len(items):
+        raise ConfigError(
+            f"data file '{source}' has {len(items)} record(s): too few to hold out "
+            f"data.valid_fraction={fraction} for validation; add records, set data.valid_path "
+            "or data.valid_fraction=0"
+        )
+    chosen = set(random.Random(seed).sample(range(len(items)), n_valid))
+    train = [x for i, x in enumerate(items) if i not in chosen]
+    valid = [x for i, x in enumerate(items) if i in chosen]
+    return train, valid
+
+
+def _make_dataset(
+    cfg: DataConfig, pairs: list[Pair], tokenizer: Tokenizer, source: str, name: str
+) -> SFTDataset:
+    if cfg.format == "text":
+        docs = [response for _, response in pairs]
+        return SFTDataset.from_documents(docs, tokenizer, cfg.seq_length, source=source, name=name)
+    return SFTDataset.from_pairs(
+        pairs, tokenizer, cfg.seq_length, cfg.overlong, source=source, name=name
+    )

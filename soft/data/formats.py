@@ -1,0 +1,264 @@
+"""Reading data files (.json, .jsonl, .parquet) and turning records into (prompt, response).
+
+JSON and JSON Lines are parsed here with the standard library rather than with
+`datasets.load_dataset("json")`: it reports the exact line of a syntax error and accepts rows
+of mixed types that Arrow's schema inference would reject with an opaque message, so each
+problem can be reported with the file, line or row, and field. Parquet goes through
+`datasets`. Every record is then validated with its location.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from soft.config.errors import ConfigError
+from soft.data.prompts import alpaca_prompt, triviaqa_prompt
+
+SUFFIXES = (".json", ".jsonl", ".parquet")
+FORMATS = ("alpaca", "triviaqa", "text")
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record as read, with where it came from ("line 7" or "row 3") for messages."""
+
+    where: str
+    data: dict[str, Any]
+
+
+class RecordError(ConfigError):
+    """A bad record; the message names the file, the line or row, and the field."""
+
+
+def _fail(path: Path, where: str, message: str) -> RecordError:
+    return RecordError(f"data file '{path}', {where}: {message}")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_records(path: str | Path) -> list[RawRecord]:
+    """All records of a .json (list or JSON Lines), .jsonl or .parquet file."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise ConfigError(
+            f"data file '{path}': unsupported extension '{path.suffix}'; "
+            f"expected one of {', '.join(SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise ConfigError(f"data file '{path}' does not exist")
+    is_parquet = path.suffix.lower() == ".parquet"
+    records = _read_parquet(path) if is_parquet else _read_json(path)
+    if not records:
+        raise ConfigError(f"data file '{path}' contains no records")
+    return records
+
+
+def _read_json(path: Path) -> list[RawRecord]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"data file '{path}' is not UTF-8 text ({exc})") from exc
+    if path.suffix.lower() == ".json":
+        # A .json file is a JSON list when it starts with '['; a broken list is reported as
+        # such instead of being misread as JSON Lines.
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            return _read_json_list(path, text)
+        if stripped.startswith("{") and not _is_single_line(stripped):
+            try:
+                json.loads(text)
+            except json.JSONDecodeError:
+                pass  # several objects, one per line: JSON Lines
+            else:
+                raise ConfigError(
+                    f"data file '{path}': expected a JSON list of records or JSON Lines, "
+                    "got a single JSON object"
+                )
+    return _read_json_lines(path, text)
+
+
+def _is_single_line(text: str) -> bool:
+    return "\n" not in text.strip()
+
+
+def _read_json_list(path: Path, text: str) -> list[RawRecord]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"data file '{path}': invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
+    return [_as_record(path, f"row {i}", item) for i, item in enumerate(data)]
+
+
+def _read_json_lines(path: Path, text: str) -> list[RawRecord]:
+    records = []
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which is no line end.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"line {lineno}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _fail(path, where, f"invalid JSON at column {exc.colno}: {exc.msg}") from exc
+        records.append(_as_record(path, where, item))
+    return records
+
+
+def _as_record(path: Path, where: str, item: Any) -> RawRecord:
+    if not isinstance(item, dict):
+        raise _fail(path, where, f"expected a JSON object, got {type(item).__name__}")
+    return RawRecord(where, item)
+
+
+def _read_parquet(path: Path) -> list[RawRecord]:
+    datasets = import_datasets()
+    # A throwaway cache: a local file needs no copy in the user's ~/.cache/huggingface.
+    with tempfile.TemporaryDirectory(prefix="soft-parquet-") as cache_dir:
+        try:
+            table = datasets.Dataset.from_parquet(
+                str(path), cache_dir=cache_dir, keep_in_memory=True
+            )
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise ConfigError(f"data file '{path}' is not a readable Parquet file ({exc})") from exc
+        rows = table.to_list()
+    return [RawRecord(f"row {i}", row) for i, row in enumerate(rows)]
+
+
+def import_datasets() -> Any:
+    """`datasets`, forced offline: runs have no network, and a hub lookup would hang or fail."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+# -------------------------------------------------------------------------- validation
+
+
+def _field(path: Path, rec: RawRecord, name: str, hint: str = "") -> Any:
+    if name not in rec.data:
+        raise _fail(path, rec.where, f"missing field '{name}'{hint}{_format_hint(rec.data)}")
+    if rec.data[name] is None:
+        raise _fail(path, rec.where, f"field '{name}' is null{hint}")
+    return rec.data[name]
+
+
+def _string(path: Path, rec: RawRecord, name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail(
+            path,
+            rec.where,
+            f"field '{name}' must be a string, got {type(value).__name__} {value!r:.60}",
+        )
+    return value
+
+
+def _format_hint(data: dict[str, Any]) -> str:
+    """Point at data.format when a record's keys look like another format."""
+    if "output" in data and "instruction" in data:
+        return " (the record looks like alpaca: set data.format=alpaca?)"
+    if "answer" in data and ("turns" in data or "question" in data):
+        return " (the record looks like triviaqa: set data.format=triviaqa?)"
+    return ""
+
+
+def alpaca_pair(path: Path, rec: RawRecord) -> tuple[str, str]:
+    """(Alpaca prompt, output); `input` may be absent, null or ""."""
+    need = " (alpaca records need 'instruction', 'output' and optionally 'input')"
+    instruction = _string(path, rec, "instruction", _field(path, rec, "instruction", need))
+    input_ = rec.data.get("input")
+    input_ = "" if input_ is None else _string(path, rec, "input", input_)
+    output = _string(path, rec, "output", _field(path, rec, "output", need))
+    return alpaca_prompt(instruction, input_), output
+
+
+def triviaqa_question(path: Path, rec: RawRecord) -> str:
+    """The question: `turns`[0] (the shared export's schema) or `question`."""
+    if "turns" in rec.data and rec.data["turns"] is not None:
+        turns = rec.data["turns"]
+        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+            raise _fail(path, rec.where, "field 'turns' must be a non-empty list of strings")
+        return turns[0]
+    hint = " (triviaqa records need 'question' or 'turns', and 'answer')"
+    return _string(path, rec, "question", _field(path, rec, "question", hint))
+
+
+def triviaqa_aliases(path: Path, rec: RawRecord) -> list[str]:
+    """Answer aliases from a list, a string, or {"aliases": [...], "value": ...}.
+
+    In the dict form (the Hugging Face trivia_qa schema) the aliases come first, so an alias
+    index means the same as for the shared export's plain list; `value` is used only when
+    there are no aliases.
+    """
+    answer = _field(path, rec, "answer", " (triviaqa records need a question and 'answer')")
+    if isinstance(answer, str):
+        aliases: Any = [answer]
+    elif isinstance(answer, dict):
+        aliases = answer.get("aliases") or []
+        if not aliases and isinstance(answer.get("value"), str):
+            aliases = [answer["value"]]
+    else:
+        aliases = answer
+    if (
+        not isinstance(aliases, list)
+        or not aliases
+        or not all(isinstance(a, str) and a for a in aliases)
+    ):
+        raise _fail(
+            path,
+            rec.where,
+            "field 'answer' must be a string, a non-empty list of strings, or "
+            f'{{"aliases": [...], "value": ...}}; got {answer!r:.80}',
+        )
+    return aliases
+
+
+def triviaqa_pair(path: Path, rec: RawRecord, alias_index: int) -> tuple[str, str]:
+    """(question prompt, " " + alias); the index is clipped to the last alias, so a record
+    with fewer aliases than `data.answer_alias_index` trains on its last one."""
+    question = triviaqa_question(path, rec)
+    aliases = triviaqa_aliases(path, rec)
+    return triviaqa_prompt(question), " " + aliases[min(alias_index, len(aliases) - 1)]
+
+
+def text_document(path: Path, rec: RawRecord, field: str) -> str:
+    hint = " (set data.text_field to the field holding the document)"
+    return _string(path, rec, field, _field(path, rec, field, hint))
+
+
+def to_pairs(
+    path: str | Path,
+    records: Iterable[RawRecord],
+    fmt: str,
+    *,
+    alias_index: int = 0,
+    text_field: str = "text",
+) -> list[tuple[str, str]]:
+    """(prompt, response) per record. Text documents are all response (empty prompt):
+    the loss covers every token."""
+    path = Path(path)
+    if fmt == "alpaca":
+        return [alpaca_pair(path, r) for r in records]
+    if fmt == "triviaqa":
+        return [triviaqa_pair(path, r, alias_index) for r in records]
+    if fmt == "text":
+        return [("", text_document(path, r, text_field)) for r in records]
+    raise ConfigError(f"unknown data format '{fmt}'; expected one of {', '.join(FORMATS)}")
+
+
+def load_pairs(
+    path: str | Path, fmt: str, *, alias_index: int = 0, text_field: str = "text"
+) -> list[tuple[str, str]]:
+    """Read and validate a data file: (prompt, response) per record, in file order."""
+    return to_pairs(path, read_records(path), fmt, alias_index=alias_index, text_field=text_field)
