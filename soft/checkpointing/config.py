@@ -1,0 +1,31 @@
+"""Checkpoint section of the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from soft.config.core import option
+from soft.config.errors import ConfigError
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str | None = option(None, "Where checkpoints go; null = <train.output_dir>/checkpoints.")
+    save_interval: int = option(0, "Steps between checkpoints (0 = only at the end).")
+    load_dir: str | None = option(
+        None, "Checkpoint folder to start from (a run's checkpoints dir or one iter_* folder)."
+    )
+    finetune: bool = option(
+        False, "With load_dir: load model weights only and start at step 0 with a fresh optimizer "
+        "(e.g. from tools/convert_hf_to_megatron.py output)."
+    )
+    auto_resume: bool = option(
+        True, "Resume from the latest checkpoint in save_dir when one exists (requeued jobs)."
+    )
+    keep_last: int = option(2, "Keep this many newest checkpoints (0 = keep all).")
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        if self.save_interval < 0 or self.keep_last < 0:
+            raise ConfigError(f"config keys '{prefix}.save_interval/keep_last': expected >= 0")
+        if self.finetune and not self.load_dir:
+            raise ConfigError(f"config key '{prefix}.finetune' needs '{prefix}.load_dir'")

@@ -1,0 +1,141 @@
+"""Run megatron-core 0.16.1 on CPU (tests, the embedded default job). Every patch lives here.
+
+megatron-core assumes CUDA in a number of places on the training path (see
+../shared/MEGATRON_CPU.md for the survey). Rather than editing those call sites one by one,
+two mechanisms cover them:
+
+1. `_CudaToCpuMode`, a `TorchFunctionMode` entered once for the process. It rewrites torch
+   calls that name a CUDA device so they use the CPU:
+   - factory calls with `device="cuda"` / a CUDA `torch.device` / an int device:
+     `pipeline_parallel/schedules.py:596,983,2138` (`total_num_tokens` zeros),
+     `optimizer/optimizer.py:473,481,485,907`, `optimizer/clip_grads.py:90,103,115,174,207`,
+     `utils.py:631,1207`, `distributed/param_and_grad_buffer.py:768,783,800,806`,
+     `pipeline_parallel/p2p_communication.py:190-202,313,321`,
+     `models/common/embeddings/rotary_pos_embedding.py:162,297`;
+   - `Tensor.to("cuda")` / `Tensor.cuda()`: `optimizer/distrib_optimizer.py:1089`, `utils.py:898`;
+   - `Tensor.type()` with no argument reports the CUDA type name for CPU tensors, because
+     megatron compares it with `'torch.cuda.FloatTensor'` to classify parameters:
+     `optimizer/clip_grads.py:167`, `optimizer/optimizer.py:671,690`,
+     `optimizer/distrib_optimizer.py:361,420,582`.
+2. Small replacements on `torch.cuda` for functions megatron calls directly and that raise on
+   a CPU-only build: `current_device` (returns the CPU device, so `device=current_device()`
+   works), `synchronize` (`p2p_communication.py:242,398`; nothing to wait for on CPU).
+3. A CPU RNG tracker in place of `CudaRNGStatesTracker` (`tensor_parallel/random.py:161`),
+   whose `add`/`fork` read and write `torch.cuda` generator states. Ours keeps CPU generator
+   states under the same names, so `get_cuda_rng_tracker().fork()` (attention dropout,
+   weight init helpers) and checkpointed RNG states work.
+
+Known limits (validated in config, not patched): the default causal mask in
+`transformer/dot_product_attention.py` is built on CUDA, so callers pass an explicit mask;
+gradient-reduce overlap uses CUDA streams and stays off on CPU; fused kernels stay off.
+
+`apply()` is idempotent and refuses to run when CUDA is available: a GPU run never sees any
+of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+_MODE: TorchFunctionMode | None = None
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is how torch.cuda.current_device() names a GPU.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to the CPU (patch 1 in the module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple(_CPU if _is_cuda_device(a) and not isinstance(a, int) else a for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return func(*args, **kwargs)
+
+
+def _make_cpu_rng_tracker():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """Same interface as megatron's tracker; the named states are CPU generator states."""
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise RuntimeError(f"seed {seed} already exists")
+            if name in self.states_:
+                raise RuntimeError(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name: str = mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+            if name not in self.states_:
+                raise RuntimeError(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    return CpuRNGStatesTracker
+
+
+def apply() -> None:
+    """Install the CPU patches (idempotent; an error when CUDA is available)."""
+    global _APPLIED, _MODE
+    if _APPLIED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("soft.compat.megatron_cpu must not be applied on a machine with CUDA")
+
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()  # stays entered for the life of the process
+
+    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._CUDA_RNG_STATE_TRACKER = _make_cpu_rng_tracker()()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _APPLIED = True
+
+
+def is_applied() -> bool:
+    return _APPLIED
+
+
+def seed_rng_tracker(seed: int, tp_rank: int) -> None:
+    """CPU counterpart of `model_parallel_cuda_manual_seed`: same names and seed offsets."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    tracker = mp_random.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(mp_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)

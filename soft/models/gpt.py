@@ -1,0 +1,197 @@
+"""Build one pipeline stage (or virtual chunk) of the LLaMA-2-shaped megatron-core GPTModel.
+
+Parallelism and precision are TransformerConfig fields; the model itself is never patched.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from soft.config.errors import ConfigError
+from soft.models.config import ModelConfig
+from soft.parallel.config import ParallelConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_engine_available() -> bool:
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE  # noqa: F401
+        from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE as SPEC_HAS_TE
+    except (ImportError, RuntimeError):
+        return False
+    return bool(SPEC_HAS_TE)
+
+
+def use_transformer_engine(model: ModelConfig) -> bool:
+    """Resolve `model.transformer_impl`; FP8 without TE or a GPU is an error, never silent."""
+    te_ok = transformer_engine_available() and torch.cuda.is_available()
+    if model.transformer_impl == "transformer_engine" and not te_ok:
+        raise ConfigError(
+            "config key 'model.transformer_impl' is 'transformer_engine' but Transformer Engine "
+            "is not importable or no CUDA GPU is present (install the 'gpu' extra on a GPU machine)"
+        )
+    if model.fp8 is not None and not te_ok:
+        raise ConfigError(
+            f"config key 'model.fp8' is '{model.fp8}' but FP8 needs Transformer Engine and a CUDA "
+            "GPU; set model.fp8=null on this machine"
+        )
+    if model.fp8 is not None and model.transformer_impl == "local":
+        raise ConfigError("config key 'model.fp8' needs model.transformer_impl auto or transformer_engine")
+    return model.transformer_impl == "transformer_engine" or (model.transformer_impl == "auto" and te_ok)
+
+
+def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
+    multiple = model.make_vocab_size_divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    on_gpu = torch.cuda.is_available()
+    dtype = _DTYPES[model.params_dtype]
+    kwargs: dict[str, Any] = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=model.params_dtype == "bf16",
+        fp16=model.params_dtype == "fp16",
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
+        sequence_parallel=parallel.sequence_parallel,
+        # Exit losses are summed per token; finalize_model_grads divides by the global count.
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels are CUDA-only; on GPUs megatron-core's defaults stay.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        deallocate_pipeline_outputs=True,
+    )
+    if model.recompute_granularity == "selective":
+        kwargs["recompute_granularity"] = "selective"
+    if model.fp8 is not None:
+        kwargs.update(
+            fp8=model.fp8,
+            fp8_recipe=model.fp8_recipe,
+            fp8_amax_history_len=model.fp8_amax_history_len,
+            fp8_margin=model.fp8_margin,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(model: ModelConfig):
+    if use_transformer_engine(model):
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_stage_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    vocab_size: int,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """One pipeline stage (or virtual chunk): Megatron-Bridge's `provide(pre, post)`."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model),
+        vocab_size=vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout-invariant random init.
+#
+# megatron-core's CPU init draws each stage's weights from one RNG stream, so a layer's weights
+# depend on the pipeline layout. Parallel runs are checked against a single-rank run, so we
+# re-draw every tensor from a generator keyed by its checkpoint key (which names the global
+# layer) and copy out this rank's shard. Runs that start from HF weights overwrite all of it.
+
+
+def _init_std(key: str, model: ModelConfig) -> float | None:
+    """None = ones (norm weights); else the normal std megatron-core uses for this tensor."""
+    if "layernorm" in key or "layer_norm" in key:
+        return None
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return model.init_method_std / (2.0 * model.num_layers) ** 0.5
+    return model.init_method_std
+
+
+def _fill_shard(sh: ShardedTensor, seed: int, model: ModelConfig) -> None:
+    n_pre = sh.prepend_axis_num
+    tag = f"{sh.key}@{tuple(sh.global_offset[:n_pre])}"
+    shape = tuple(sh.global_shape[n_pre:])
+    std = _init_std(sh.key, model)
+    if std is None:
+        full = torch.ones(shape)
+    else:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(tag.encode()))
+        full = torch.randn(shape, generator=gen) * std
+    index = tuple(
+        slice(off, off + size) for off, size in zip(sh.global_offset[n_pre:], sh.data.shape, strict=True)
+    )
+    with torch.no_grad():
+        sh.data.copy_(full[index].to(sh.data.dtype))
+
+
+def _walk(tree: Any):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _walk(tree=v)
+    elif isinstance(tree, list | tuple):
+        for v in tree:
+            yield from _walk(v)
+    else:
+        yield tree
+
+
+def layout_invariant_init(chunks: list[torch.nn.Module], seed: int, model: ModelConfig) -> None:
+    for chunk in chunks:
+        for item in _walk(chunk.sharded_state_dict()):
+            if isinstance(item, ShardedTensorFactory):
+                for sub in _walk(item.build()):
+                    _fill_shard(sub, seed, model)
+            elif isinstance(item, ShardedTensor) and item.data.is_floating_point():
+                _fill_shard(item, seed, model)

@@ -1,0 +1,159 @@
+"""The shared head (final RMSNorm + vocab-parallel output layer) across pipeline stages.
+
+Every model chunk that owns an early exit but not the model's real head gets a replica
+(`exit_head`). Replicas:
+- are stored in checkpoints under the real head's keys, never as the main replica, so a
+  checkpoint holds one copy and loads into any layout;
+- start identical (layout-invariant init or checkpoint load both read the real head's key);
+- have their gradients summed with the real head's over the exit-owning ranks of their
+  pipeline column after megatron-core's `finalize_model_grads`, so all copies take the same
+  optimizer step;
+- are marked `shared` so gradient-norm clipping and logged norms count the head once (as
+  megatron-core does for the tied embedding copy), and `shared_embedding` so the distributed
+  optimizer puts each copy in its own bucket: shards then line up across stages and the
+  cross-stage all-reduce can follow the data-parallel reduce-scatter (megatron-core's
+  precedent, `param_and_grad_buffer.py` `_does_param_require_new_bucket`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.utils import sharded_state_dict_default
+
+from soft.models.exit_plan import ExitPlan
+
+REPLICA_NAME = "exit_head"
+
+
+class SharedHeadReplica(MegatronModule):
+    def __init__(self, config, norm_spec, vocab_size: int, replica_index: int) -> None:
+        super().__init__(config=config)
+        self.replica_index = replica_index
+        self.final_layernorm = build_module(
+            norm_spec, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+        )
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size,
+            vocab_size,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            skip_bias_add=False,
+            gather_output=False,
+        )
+        for param in self.parameters():
+            param.shared = True
+            param.shared_embedding = True
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """The real head's keys, with a replica id that is never the main replica."""
+        root = prefix[: -len(f"{REPLICA_NAME}.")] if prefix.endswith(f"{REPLICA_NAME}.") else prefix
+        out = {}
+        for name, module, key_prefix in (
+            ("final_layernorm", self.final_layernorm, f"{root}decoder.final_layernorm."),
+            ("output_layer", self.output_layer, f"{root}output_layer."),
+        ):
+            sub = sharded_state_dict_default(module, key_prefix, sharded_offsets, metadata)
+            for local_key, sh in sub.items():
+                if isinstance(sh, ShardedTensor | ShardedObject):
+                    rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+                    sh.replica_id = (self.replica_index + 1, *rid[1:])
+                out[f"{prefix}{name}.{local_key[len(key_prefix):]}"] = sh
+        return out
+
+
+def chunk_exit_layers(chunk: torch.nn.Module, plan: ExitPlan) -> list[int]:
+    return [layer.layer_number for layer in chunk.decoder.layers if layer.layer_number in plan.early]
+
+
+def add_head_replica(chunk, plan: ExitPlan, vocab_size: int, replica_index: int) -> None:
+    """Give a chunk that owns early exits but not the real head its replica of the head."""
+    if chunk.post_process or not chunk_exit_layers(chunk, plan):
+        return
+    norm_spec = chunk.decoder.submodules.layer_norm
+    chunk.add_module(
+        REPLICA_NAME, SharedHeadReplica(chunk.config, norm_spec, vocab_size, replica_index)
+    )
+
+
+def head_of(chunk) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(final norm, output layer) used by this chunk's exits: the real head or the replica."""
+    if chunk.post_process:
+        return chunk.decoder.final_layernorm, chunk.output_layer
+    replica = getattr(chunk, REPLICA_NAME, None)
+    return (replica.final_layernorm, replica.output_layer) if replica is not None else None
+
+
+def mark_real_head(chunk) -> None:
+    """Own-bucket placement for the real head too, so its shards line up with the replicas'."""
+    if chunk.post_process:
+        for param in (chunk.decoder.final_layernorm.weight, chunk.output_layer.weight):
+            param.shared_embedding = True
+
+
+def head_params(chunks) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    out = []
+    for chunk in chunks:
+        head = head_of(chunk)
+        if head is not None:
+            out.append((head[0].weight, head[1].weight))
+    return out
+
+
+def build_head_group(chunks) -> dist.ProcessGroup | None:
+    """Process group of the ranks holding a head copy in this rank's pipeline column.
+
+    Collective: every rank calls it. Each distinct pipeline group gets one group of its
+    head-owning ranks, created on all ranks in the same order (torch requires that).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    owns = bool(head_params(chunks))
+    pp_ranks = tuple(dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()))
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (dist.get_rank(), pp_ranks, owns))
+    owners = {rank for rank, _, own in everyone if own}
+    mine = None
+    for column in sorted({ranks for _, ranks, _ in everyone}):
+        members = [r for r in column if r in owners]
+        group = dist.new_group(members) if len(members) > 1 else None
+        if column == pp_ranks and dist.get_rank() in members:
+            mine = group
+    return mine
+
+
+def allreduce_head_grads(chunks, group: dist.ProcessGroup | None) -> None:
+    """Sum the head gradients over every copy (chunks on this rank, then ranks in the group)."""
+    copies = head_params(chunks)
+    if len(copies) == 0 or (len(copies) == 1 and group is None):
+        return
+    for i in range(2):  # norm weight, output weight
+        grads = [pair[i].main_grad for pair in copies]
+        total = grads[0].clone() if len(grads) > 1 else grads[0]
+        for g in grads[1:]:
+            total.add_(g)
+        if group is not None:
+            dist.all_reduce(total, group=group)
+        for g in grads:
+            if g is not total:
+                g.copy_(total)
+
+
+def head_replica_max_diff(chunks, group: dist.ProcessGroup | None) -> float:
+    """Largest absolute difference between this rank's head copies and the group's first."""
+    copies = head_params(chunks)
+    if not copies:
+        return 0.0
+    worst = 0.0
+    for i in range(2):
+        ref = copies[0][i].detach().clone()
+        if group is not None:
+            dist.broadcast(ref, src=dist.get_process_group_ranks(group)[0], group=group)
+        for pair in copies:
+            worst = max(worst, (pair[i].detach() - ref).abs().max().item())
+    return worst

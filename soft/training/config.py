@@ -1,0 +1,49 @@
+"""Training-loop and optimizer section of the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from soft.config.core import option
+from soft.config.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int = option(60, "Optimizer steps to run.")
+    micro_batch_size: int = option(4, "Samples per forward/backward on one data-parallel rank.")
+    global_batch_size: int = option(16, "Samples per optimizer step over all data-parallel ranks.")
+    lr: float = option(1e-3, "Peak learning rate (the paper: 2e-5 for 13B).")
+    min_lr: float = option(1e-4, "Learning rate at the end of the decay.")
+    lr_warmup_iters: int = option(5, "Linear warmup steps.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = option("cosine", "Decay after warmup.")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to norms).")
+    adam_beta1: float = option(0.9, "Adam beta1.")
+    adam_beta2: float = option(0.95, "Adam beta2.")
+    adam_eps: float = option(1e-8, "Adam epsilon.")
+    clip_grad: float = option(1.0, "Clip the global gradient norm to this (0 = off).")
+    seed: int = option(42, "Seed for init, data order and dropout (the paper: 42).")
+    log_interval: int = option(5, "Steps between console/MLflow training logs.")
+    eval_interval: int = option(20, "Steps between validation passes (0 = only at the end).")
+    eval_iters: int = option(2, "Global batches per validation pass.")
+    output_dir: str = option("runs/default", "Run directory: resolved config, checkpoints, MLflow store.")
+    loss_scale: float | None = option(
+        None, "fp16 only: static loss scale; null = dynamic loss scaling."
+    )
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}.{name}': expected >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"config key '{prefix}.global_batch_size' ({self.global_batch_size}) must be a multiple "
+                f"of '{prefix}.micro_batch_size' ({self.micro_batch_size})"
+            )
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"config keys '{prefix}.lr'/'{prefix}.min_lr': expected 0 <= min_lr <= lr, lr > 0")
+        if not 0 <= self.lr_warmup_iters <= self.train_iters:
+            raise ConfigError(f"config key '{prefix}.lr_warmup_iters': expected 0..train_iters")
+        if self.eval_interval < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ConfigError(f"config keys '{prefix}.eval_interval/clip_grad/weight_decay': expected >= 0")
