@@ -27,7 +27,7 @@ class DataConfig:
         None, "SentencePiece tokenizer.model (the LLaMA-2 one for real runs); null = the small "
         "tokenizer shipped with the project."
     )
-    seq_length: int = option(128, "Tokens per sample (prompt + response, padded).")
+    seq_length: int = option(96, "Tokens per sample (prompt + response, padded).")
     overlong: Literal["truncate", "drop"] = option(
         "truncate", "What to do with samples longer than seq_length: truncate the response or drop the sample."
     )

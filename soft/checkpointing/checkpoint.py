@@ -1,0 +1,237 @@
+"""Distributed checkpoints (megatron-core dist_checkpointing, torch_dist format).
+
+Layout of a checkpoint directory:
+
+    <save_dir>/iter_0000020/      one complete checkpoint (model, optimizer, scheduler,
+                                  data position, RNG states, config.yaml)
+    <save_dir>/latest             the name of the newest complete checkpoint
+
+A checkpoint is written to `iter_N.tmp`, renamed to `iter_N` once every rank has finished,
+and only then is `latest` replaced (write + rename). A crash or kill mid-save leaves a `.tmp`
+folder that is never read, and the previous checkpoint stays loadable.
+
+Model tensors are stored by their global (layout-free) keys, so a checkpoint saved at one
+TP/PP/DP layout loads at another; the head replicas of exit stages map onto the real head's
+keys (see soft.models.shared_head), so one copy is stored.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from soft.config.core import save_yaml
+from soft.config.errors import ConfigError
+
+LATEST = "latest"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where training stands: restored on resume so the loss curve continues."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def _use_fork_results_queue() -> None:
+    """dist_checkpointing collects writer results through a spawn-context Manager
+    (`strategies/filesystem_async.py:_get_write_results_queue`), whose start-up re-imports
+    `__main__` and took ~19 s a save on CPU. A fork-context Manager gives the same queue
+    without the re-import (0.3 s). CPU runs only: GPU runs keep megatron-core's default."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def iter_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_sharded_object(state: Any) -> ShardedObject:
+    """One RNG state per rank; restored only when the layout is unchanged."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _model_state(chunks) -> dict[str, Any]:
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _optimizer_metadata(use_distributed_optimizer: bool) -> dict[str, Any] | None:
+    return {"distrib_optim_sharding_type": "fully_sharded_model_space"} if use_distributed_optimizer else None
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    chunks,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    config: Any,
+    use_distributed_optimizer: bool = False,
+    keep_last: int = 0,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    _use_fork_results_queue()
+    save_dir = Path(save_dir)
+    final = save_dir / iter_name(state.iteration)
+    tmp = save_dir / f"{final.name}.tmp"
+    if _is_rank0():
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a previous attempt died mid-save
+        tmp.mkdir(parents=True)
+    _barrier()
+    sharded = _model_state(chunks)
+    if optimizer is not None:  # it finds its parameters' keys in the model entries
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded, metadata=_optimizer_metadata(use_distributed_optimizer)
+        )
+    sharded["rng_state"] = _rng_sharded_object(_rng_state())
+    sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    sharded["train_state"] = {"iteration": state.iteration, "consumed_samples": state.consumed_samples}
+    sharded["format_version"] = FORMAT_VERSION
+    dist_checkpointing.save(sharded, str(tmp))
+    _barrier()
+    if _is_rank0():
+        save_yaml(config, tmp / "config.yaml")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _write_latest(save_dir, final.name)
+        _prune(save_dir, keep_last)
+    _barrier()
+    return final
+
+
+def _write_latest(save_dir: Path, name: str) -> None:
+    tmp = save_dir / f"{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    tmp.replace(save_dir / LATEST)
+
+
+def _prune(save_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    complete = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A checkpoint folder from `path`: an iter_* folder itself, or a save dir's `latest`."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    pointer = path / LATEST
+    if pointer.is_file():
+        target = path / pointer.read_text().strip()
+        if not (target / "metadata.json").is_file():
+            raise ConfigError(f"checkpoint pointer '{pointer}' names '{target.name}', which is not a complete checkpoint")
+        return target
+    return None
+
+
+def load_checkpoint(
+    path: str | Path,
+    chunks,
+    optimizer=None,
+    scheduler=None,
+    use_distributed_optimizer: bool = False,
+    strict: bool = True,
+) -> TrainState:
+    """Load model (and, unless fine-tuning, optimizer/scheduler/RNG) into this layout."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise ConfigError(
+            f"checkpoint.load_dir '{path}' is not a checkpoint: expected an iter_* folder with "
+            f"metadata.json or a folder with a '{LATEST}' file"
+        )
+    request = _model_state(chunks)
+    if optimizer is not None:
+        request["optimizer"] = optimizer.sharded_state_dict(
+            request, is_loading=True, metadata=_optimizer_metadata(use_distributed_optimizer)
+        )
+        request["rng_state"] = _rng_sharded_object(None)
+    loaded = _load_with_rng_fallback(request, ckpt)
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{i}"], strict=strict)
+    if optimizer is None:
+        return TrainState()
+    optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if loaded.get("rng_state") is not None:
+        _set_rng_state(loaded["rng_state"])
+    ts = loaded["train_state"]
+    return TrainState(iteration=int(ts["iteration"]), consumed_samples=int(ts["consumed_samples"]))
+
+
+def _load_with_rng_fallback(request: dict[str, Any], ckpt: Path) -> dict[str, Any]:
+    """RNG states are per rank; at a different world size they cannot apply and are skipped."""
+    saved_world = _saved_world_size(ckpt)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if "rng_state" in request and saved_world != world:
+        request.pop("rng_state")
+    return dist_checkpointing.load(request, str(ckpt))
+
+
+def _saved_world_size(ckpt: Path) -> int | None:
+    try:
+        from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+        for key, obj in load_sharded_metadata(str(ckpt)).items():
+            if key.startswith("rng_state"):
+                return obj.global_shape[0]
+    except Exception:  # metadata without RNG states (model-only checkpoints)
+        return None
+    return None
+
+
+def load_model_weights(path: str | Path, chunks) -> None:
+    """Weights only (fine-tuning start): optimizer, scheduler and position start fresh."""
+    load_checkpoint(path, chunks, optimizer=None)
+
+
+def data_parallel_info() -> tuple[int, int]:
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
