@@ -1,0 +1,137 @@
+"""Loading exported Hugging Face LLaMA folders and resolving which exits to use."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from soft.config.errors import ConfigError
+from soft.data.tokenizer import Tokenizer
+
+EXIT_LAYERS_KEY = "soft_exit_layers"
+
+
+@dataclass
+class ExportedModel:
+    """A loaded export: the HF model, its tokenizer and the exits recorded at training time."""
+
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    recorded_exits: list[int] | None
+    path: Path
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` = bfloat16 on GPU (LLaMA-2's training dtype), float32 on CPU (bf16 matmuls are slow there)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ConfigError(f"--dtype: expected auto or one of {sorted(table)}, got '{dtype}'")
+    return table[dtype]
+
+
+def read_model_config(model_dir: str | Path) -> dict:
+    """The folder's config.json; a folder without one is most likely a megatron checkpoint."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model-dir '{model_dir}' is not a directory")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(
+            f"--model-dir '{model_dir}' has no config.json: pass an exported HF folder; "
+            "megatron checkpoints are not supported yet"
+        )
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"'{config_path}' is not valid JSON ({exc})") from exc
+
+
+def recorded_exit_layers(config: dict, source: str = "config.json") -> list[int] | None:
+    """`soft_exit_layers` from a config dict, validated; None when the export has none."""
+    exits = config.get(EXIT_LAYERS_KEY)
+    if exits is None:
+        return None
+    num_layers = int(config["num_hidden_layers"])
+    return validate_exits(exits, num_layers, f"{source} '{EXIT_LAYERS_KEY}'")
+
+
+def validate_exits(exits: list[int], num_layers: int, where: str) -> list[int]:
+    """Exits are 1-based layer counts in 1..num_layers; returned sorted and deduplicated."""
+    if not isinstance(exits, list | tuple) or not exits:
+        raise ConfigError(f"{where}: expected a non-empty list of layer counts, got {exits!r}")
+    for k in exits:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_layers:
+            raise ConfigError(
+                f"{where}: exit {k!r} is outside the model's depth; expected integers in "
+                f"1..{num_layers} (the model has {num_layers} layers)"
+            )
+    return sorted(set(exits))
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """'12,16,32' -> [12, 16, 32]; anything else is a ConfigError naming the flag."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: expected comma-separated integers, got '{text}'") from exc
+    if not values:
+        raise ConfigError(f"{flag}: expected at least one integer, got '{text}'")
+    return values
+
+
+def parse_float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: expected comma-separated numbers, got '{text}'") from exc
+    if not values:
+        raise ConfigError(f"{flag}: expected at least one number, got '{text}'")
+    return values
+
+
+def resolve_exits(
+    requested: list[int] | None, exported: ExportedModel, flag: str = "--exits"
+) -> list[int]:
+    """Requested exits, else the trained ones from config.json, else every layer."""
+    if requested is not None:
+        return validate_exits(list(requested), exported.num_layers, flag)
+    if exported.recorded_exits is not None:
+        return list(exported.recorded_exits)
+    return list(range(1, exported.num_layers + 1))
+
+
+def load_exported_model(
+    model_dir: str | Path, device: str = "auto", dtype: str = "auto"
+) -> ExportedModel:
+    """Load an exported LlamaForCausalLM folder (config.json + safetensors + tokenizer.model)."""
+    model_dir = Path(model_dir)
+    config = read_model_config(model_dir)
+    exits = recorded_exit_layers(config, f"'{model_dir / 'config.json'}'")
+    tokenizer_path = model_dir / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise ConfigError(f"--model-dir '{model_dir}' has no tokenizer.model (SentencePiece)")
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    torch_device = pick_device(device)
+    # sdpa: our layer driver builds explicit additive masks, which eager and sdpa both accept
+    # (flash-attention kernels take no 4-D masks).
+    model = LlamaForCausalLM.from_pretrained(
+        model_dir, dtype=pick_dtype(dtype, torch_device), attn_implementation="sdpa"
+    )
+    model.to(torch_device).eval()
+    return ExportedModel(model=model, tokenizer=tokenizer, recorded_exits=exits, path=model_dir)

@@ -1,0 +1,69 @@
+"""Evaluate every SoFT exit of an exported HF model: loss, perplexity, exact match, speed.
+
+`python tools/eval_exits.py --model-dir HF_DIR --data FILE --format alpaca|triviaqa|text
+[--exits 12,16,...] [--max-new-tokens N] [--limit N] [--out results.json] [--mlflow-uri URI]`
+
+Writes results.json (one record per exit), results.md (the table also printed here) and
+results.png (quality and speed against exit depth); logs all of it to MLflow when asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Runnable from a checkout without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from soft.config.errors import ConfigError  # noqa: E402
+from soft.evaluation.model_io import parse_int_list  # noqa: E402
+from soft.evaluation.records import FORMATS  # noqa: E402
+from soft.evaluation.runner import run_eval_exits  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True, help="exported HF LlamaForCausalLM folder")
+    parser.add_argument("--data", required=True, help="evaluation file (.json, .jsonl, .txt)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="record format of --data")
+    parser.add_argument(
+        "--exits", default=None,
+        help="comma-separated exit layers; default: soft_exit_layers in config.json, else every "
+        "layer (the full model is always added as the speed-up reference)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=32,
+        help="greedy generation budget per example and exit (0 = losses only, no speed/EM)",
+    )  # fmt: skip
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    parser.add_argument("--out", default="eval_exits.json", help="results JSON (.md/.png beside)")
+    parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI to log the run to")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; bad input raises ConfigError (the CLI prints it and exits 2)."""
+    args = build_parser().parse_args(argv)
+    exits = parse_int_list(args.exits, "--exits") if args.exits is not None else None
+    result = run_eval_exits(
+        args.model_dir, args.data, args.format, exits=exits, max_new_tokens=args.max_new_tokens,
+        limit=args.limit, out=args.out, mlflow_uri=args.mlflow_uri, device=args.device,
+        dtype=args.dtype, progress=not args.no_progress,
+    )  # fmt: skip
+    print(result["table"])
+    print(f"\nwrote {result['json']} and {result['plot']}")
+    if result["mlflow_run_id"]:
+        print(f"logged MLflow run {result['mlflow_run_id']} to {args.mlflow_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
