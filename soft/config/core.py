@@ -50,6 +50,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in get_args(tp):
             return value
     elif origin in (typing.Union, types.UnionType):
+        arms = [a for a in get_args(tp) if a is not type(None)]
+        if value is not None and len(arms) == 1:  # Optional[X]: X's own, more precise error
+            return _coerce(value, arms[0], key)
         for arg in get_args(tp):
             try:
                 return _coerce(value, arg, key)

@@ -28,6 +28,10 @@ class TrainConfig:
     eval_interval: int = option(20, "Steps between validation passes (0 = only at the end).")
     eval_iters: int = option(2, "Global batches per validation pass.")
     output_dir: str = option("runs/default", "Run directory: resolved config, checkpoints, MLflow store.")
+    exit_interval: int = option(
+        0, "Save and stop this job after this many steps (0 = off); a rerun resumes. For "
+        "time-sliced jobs, like Megatron-LM's --exit-interval."
+    )
     loss_scale: float | None = option(
         None, "fp16 only: static loss scale; null = dynamic loss scaling."
     )
@@ -43,7 +47,12 @@ class TrainConfig:
             )
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"config keys '{prefix}.lr'/'{prefix}.min_lr': expected 0 <= min_lr <= lr, lr > 0")
-        if not 0 <= self.lr_warmup_iters <= self.train_iters:
-            raise ConfigError(f"config key '{prefix}.lr_warmup_iters': expected 0..train_iters")
+        if not 0 <= self.lr_warmup_iters < self.train_iters:
+            raise ConfigError(
+                f"config key '{prefix}.lr_warmup_iters' ({self.lr_warmup_iters}): expected "
+                f"0 <= value < train.train_iters ({self.train_iters})"
+            )
+        if self.exit_interval < 0:
+            raise ConfigError(f"config key '{prefix}.exit_interval': expected >= 0")
         if self.eval_interval < 0 or self.clip_grad < 0 or self.weight_decay < 0:
             raise ConfigError(f"config keys '{prefix}.eval_interval/clip_grad/weight_decay': expected >= 0")

@@ -236,12 +236,20 @@ def _validate(run: Run, tracker: Tracker, result: RunResult) -> None:
         log.info("validation at step %d | loss %.4f | %s", run.state.iteration, valid.loss, exits)
 
 
+def _stop(run: Run, result: RunResult, reason: str) -> RunResult:
+    _save(run)
+    _write_status(run, reason)
+    result.stopped_by_signal = reason == "signal"
+    return result
+
+
 def train(run: Run, tracker: Tracker) -> RunResult:
     t, ck = run.cfg.train, run.cfg.checkpoint
     sampler = ResumableBatchSampler(len(run.train_data), t.global_batch_size, t.seed)
     result = RunResult(run.output_dir, run.state)
     meter = Meter(run)
     stop = StopRequest()
+    first_iteration = run.state.iteration
     try:
         while run.state.iteration < t.train_iters:
             mb = microbatches(run.train_data, sampler, run.state.consumed_samples, t.micro_batch_size, run.topo.device)
@@ -268,10 +276,10 @@ def train(run: Run, tracker: Tracker) -> RunResult:
                 _save(run)
             if stop.agreed(run.topo.device):
                 log.warning("stop requested (signal %s): saving at step %d and exiting", stop.received, it)
-                _save(run)
-                _write_status(run, "signal")
-                result.stopped_by_signal = True
-                return result
+                return _stop(run, result, "signal")
+            if t.exit_interval and it - first_iteration >= t.exit_interval and it != t.train_iters:
+                log.info("exit_interval reached: saving at step %d and exiting", it)
+                return _stop(run, result, "exit_interval")
         _validate(run, tracker, result)
         _save(run)
         _write_status(run, "finished")

@@ -1,0 +1,37 @@
+"""Run the launcher as a user would (python or torchrun) and read its MLflow run back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "launchers" / "pretrain_soft.py"
+
+
+def launch(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(LAUNCHER), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(LAUNCHER), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and "expect_failure" not in args:
+        print(proc.stdout[-5000:], proc.stderr[-10000:])
+    return proc
+
+
+def mlflow_metrics(output_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, str], str]:
+    """{metric: [(step, value), ...]}, params, status of the run recorded in output_dir."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{output_dir.resolve() / 'mlflow.db'}")
+    run = client.get_run((output_dir / "mlflow_run_id").read_text().strip())
+    history = {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        for key in run.data.metrics
+    }
+    return history, run.data.params, run.info.status
