@@ -1,0 +1,21 @@
+"""Experiment tracking (MLflow on rank 0, no-ops elsewhere)."""
+
+from soft.tracking.config import TrackingConfig
+from soft.tracking.mlflow_tracker import (
+    MlflowTracker,
+    NullTracker,
+    Tracker,
+    build_tracker,
+    exit_status,
+)
+from soft.tracking.plots import plot_exit_losses
+
+__all__ = [
+    "MlflowTracker",
+    "NullTracker",
+    "Tracker",
+    "TrackingConfig",
+    "build_tracker",
+    "exit_status",
+    "plot_exit_losses",
+]
