@@ -18,7 +18,7 @@ from soft.config.errors import ConfigError
 from soft.config.root import RootConfig
 from soft.data import ResumableBatchSampler, SFTDataset, build_datasets
 from soft.models.build import SoftModel, build_soft_model
-from soft.models.gpt import padded_vocab_size
+from soft.models.gpt import padded_vocab_size, use_transformer_engine
 from soft.parallel.setup import Topology, init_distributed
 from soft.tracking import Tracker, build_tracker
 from soft.training import flops
@@ -55,6 +55,7 @@ class Run:
 
 
 def setup(cfg: RootConfig) -> Run:
+    use_transformer_engine(cfg.model)  # FP8/TE requested where they cannot run: fail first
     topo = init_distributed(cfg.parallel, cfg.train.seed)
     output_dir = Path(cfg.train.output_dir)
     if topo.is_logging_rank:

@@ -100,3 +100,9 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 def test_every_field_has_help():
     missing = [key for key, _, _, text in describe(RootConfig) if not text]
     assert missing == []
+
+
+def test_config_reference_doc_is_current():
+    from tools.config_reference import DOC, render
+
+    assert DOC.read_text() == render(), "run: python tools/config_reference.py --write"
