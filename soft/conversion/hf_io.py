@@ -1,0 +1,311 @@
+"""The Hugging Face side: config.json <-> ModelConfig, lazy tensor reading, sharded writing,
+and tokenizer files that `transformers.AutoTokenizer` loads with LLaMA-2's BOS convention."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from soft.config.errors import ConfigError
+from soft.conversion.mapping import CONFIG_PAIRS
+from soft.models.config import ModelConfig
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise ConfigError(f"--hf-dir '{hf_dir}' is not a directory")
+    if not path.is_file():
+        raise ConfigError(f"--hf-dir '{hf_dir}' has no config.json (expected a HF LLaMA folder)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"'{path}' is not valid JSON ({exc})") from exc
+    _check_llama(config, path)
+    return config
+
+
+def _check_llama(config: dict[str, Any], path: Path) -> None:
+    """Only the LLaMA-2 shape maps onto our megatron model; anything else is refused up front."""
+    arch = config.get("architectures") or []
+    if config.get("model_type") != "llama" or (arch and "LlamaForCausalLM" not in arch):
+        raise ConfigError(
+            f"'{path}': model_type={config.get('model_type')!r}, architectures={arch!r}; "
+            "expected a LLaMA model (model_type 'llama', LlamaForCausalLM)"
+        )
+    problems = []
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={config['hidden_act']!r} (expected 'silu')")
+    for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        if config.get(key, False):
+            problems.append(f"{key}=true (LLaMA-2 has none)")
+    if _rope_scaling(config) not in (None, "default"):
+        problems.append(f"rope scaling {_rope_scaling(config)!r} (only plain RoPE is supported)")
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if heads and hidden and config.get("head_dim", hidden // heads) != hidden // heads:
+        problems.append(f"head_dim={config['head_dim']} != hidden_size/num_attention_heads")
+    if problems:
+        raise ConfigError(f"'{path}': unsupported LLaMA variant: {'; '.join(problems)}")
+
+
+def _rope_scaling(config: dict[str, Any]) -> str | None:
+    scaling = config.get("rope_scaling") or {}
+    params = config.get("rope_parameters") or {}
+    return scaling.get("rope_type", scaling.get("type")) or params.get("rope_type")
+
+
+def rope_theta(config: dict[str, Any]) -> float:
+    """transformers 5 keeps rope_theta in rope_parameters; older configs at the top level."""
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def model_config_from_hf(config: dict[str, Any], dtype: str, divisor: int) -> ModelConfig:
+    values: dict[str, Any] = {}
+    for ours, theirs in CONFIG_PAIRS:
+        if theirs in config:
+            values[ours] = config[theirs]
+        elif theirs != "num_key_value_heads":  # absent = multi-head attention
+            raise ConfigError(f"config.json has no '{theirs}'")
+    values["num_query_groups"] = values.get("num_query_groups") or config["num_attention_heads"]
+    theta = rope_theta(config)
+    if theta != int(theta):
+        raise ConfigError(
+            f"config.json rope_theta={theta} is not an integer (model.rotary_base is)"
+        )
+    values["norm_epsilon"] = float(values["norm_epsilon"])
+    model = ModelConfig(
+        **values, rotary_base=int(theta), params_dtype=dtype, make_vocab_size_divisible_by=divisor
+    )
+    model.validate()
+    return model
+
+
+def hf_config_from_model(
+    model: ModelConfig, vocab: int, num_layers: int, dtype: str, extra: dict[str, Any]
+):
+    """A LlamaConfig for `model` (possibly truncated to `num_layers`), with `extra` attributes."""
+    from transformers import LlamaConfig
+
+    values = {theirs: getattr(model, ours) for ours, theirs in CONFIG_PAIRS}
+    values.update(
+        num_hidden_layers=num_layers,
+        num_key_value_heads=model.query_groups,
+        vocab_size=vocab,
+        rope_theta=float(model.rotary_base),
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+    )
+    config = LlamaConfig(**values, **extra)
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = HF_DTYPE_NAMES[dtype]
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading weights lazily
+
+
+class HFTensorSource:
+    """Tensors of a HF folder by name, read one at a time (safetensors or .bin, index or not)."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        self.dir = hf_dir
+        self._open: dict[str, Any] = {}
+        self.weight_map = self._weight_map()
+
+    def _weight_map(self) -> dict[str, str]:
+        for index in (SAFE_INDEX, BIN_INDEX):
+            path = self.dir / index
+            if path.is_file():
+                try:
+                    weight_map = json.loads(path.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as exc:
+                    raise ConfigError(f"'{path}' is not a valid weight index ({exc})") from exc
+                for file in sorted(set(weight_map.values())):
+                    if not (self.dir / file).is_file():
+                        raise ConfigError(
+                            f"'{path}' names shard '{file}', which does not exist in '{self.dir}'"
+                        )
+                return weight_map
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (self.dir / single).is_file():
+                return {name: single for name in self._names(single)}
+        raise ConfigError(
+            f"'{self.dir}' has no weights: expected model.safetensors, {SAFE_INDEX}, "
+            f"pytorch_model.bin or {BIN_INDEX}"
+        )
+
+    def _handle(self, file: str) -> Any:
+        if file not in self._open:
+            path = self.dir / file
+            try:
+                if file.endswith(".safetensors"):
+                    self._open[file] = safe_open(str(path), framework="pt")
+                else:  # mmap: a .bin shard is paged in per tensor, not read whole
+                    self._open[file] = torch.load(
+                        path, map_location="cpu", mmap=True, weights_only=True
+                    )
+            except Exception as exc:
+                raise ConfigError(f"cannot read weights file '{path}' ({exc})") from exc
+        return self._open[file]
+
+    def _names(self, file: str) -> list[str]:
+        handle = self._handle(file)
+        return list(handle.keys())
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.weight_map.get(name)
+        if file is None:
+            raise ConfigError(f"'{self.dir}': tensor '{name}' is missing from the checkpoint")
+        handle = self._handle(file)
+        return handle.get_tensor(name) if file.endswith(".safetensors") else handle[name]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing weights as we go
+
+
+@dataclass
+class _Shard:
+    tensors: dict[str, torch.Tensor]
+    nbytes: int = 0
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors into safetensors shards of at most `max_shard_bytes` as they arrive, then
+    names them model-0000i-of-0000n.safetensors and writes HF's index (n is known only then)."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int) -> None:
+        self.out_dir = out_dir
+        self.max_bytes = max_shard_bytes
+        self.current = _Shard({})
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.current.tensors and self.current.nbytes + size > self.max_bytes:
+            self._flush()
+        self.current.tensors[name] = tensor.contiguous()
+        self.current.nbytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"shard-{len(self.written):05d}.tmp"
+        save_file(self.current.tensors, str(path), metadata={"format": "pt"})
+        self.written.append((path, list(self.current.tensors)))
+        self.current = _Shard({})
+
+    def finish(self) -> None:
+        if self.current.tensors:
+            self._flush()
+        n = len(self.written)
+        weight_map = {}
+        for i, (tmp, names) in enumerate(self.written):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            tmp.rename(self.out_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def write_tokenizer(sp_model: Path, out_dir: Path, max_length: int) -> None:
+    """tokenizer.model plus a tokenizer.json/tokenizer_config.json that reproduce SentencePiece.
+
+    transformers 5 converts a bare tokenizer.model with its own Metaspace pre-tokenizer, which
+    differs from SentencePiece on leading/repeated spaces. We write tokenizer.json ourselves in
+    the layout of LLaMA-2's original HF tokenizer (Prepend "▁" + Replace " " -> "▁", BPE with
+    byte fallback, merges ranked by the merged piece's score: SentencePiece's BPE order), a
+    template post-processor that puts BOS first, and the generic fast tokenizer class so
+    transformers uses the file as is.
+    """
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    tokenizer = _fast_tokenizer(sp)
+    shutil.copyfile(sp_model, out_dir / "tokenizer.model")
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    piece = sp.id_to_piece
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": piece(sp.bos_id()),
+        "eos_token": piece(sp.eos_id()),
+        "unk_token": piece(sp.unk_id()),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "padding_side": "left",
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _fast_tokenizer(sp):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    merges = []
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+            continue
+        piece = sp.id_to_piece(i)
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        local = sorted(
+            ((a, b) for a, b in splits if a in vocab and b in vocab),
+            key=lambda ab: (vocab[ab[0]], vocab[ab[1]]),
+        )
+        merges.extend((a, b, sp.get_score(i)) for a, b in local)
+    merges.sort(key=lambda m: -m[2])  # stable: equal scores keep vocabulary order
+    unk = sp.id_to_piece(sp.unk_id())
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[(a, b) for a, b, _ in merges],
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    bos = sp.id_to_piece(sp.bos_id())
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())]
+    )
+    specials = [sp.id_to_piece(i) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id())]
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in specials])
+    return tok

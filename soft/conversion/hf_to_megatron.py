@@ -1,0 +1,131 @@
+"""HF LLaMA-2 folder -> megatron-core distributed checkpoint + model.yaml, without building a model.
+
+Output layout (what `checkpoint.load_dir=OUT checkpoint.finetune=true` expects):
+
+    OUT/iter_0000000/    torch_dist checkpoint (+ config.yaml, the resolved RootConfig)
+    OUT/latest           "iter_0000000"
+    OUT/model.yaml       model: section (+ data.tokenizer_path) for `--config` / `defaults:`
+    OUT/tokenizer.model  copied from the HF folder when present
+
+Memory: HF tensors are read one at a time (safetensors `safe_open`, mmap'd .bin), fused and cast
+to the target dtype, and the source tensor is dropped; the checkpoint writer then holds one copy
+of the weights in the target dtype (never a HF model plus a megatron model).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from soft.checkpointing.checkpoint import TrainState, save_checkpoint
+from soft.config.errors import ConfigError
+from soft.config.root import RootConfig
+from soft.conversion import hf_io, megatron_io
+from soft.conversion.mapping import LAYER_ROWS, Shapes, check_shape, iter_rows
+from soft.conversion.output import atomic_output_dir
+from soft.conversion.vocab import DEFAULT_MAX_TP, stable_divisor
+from soft.models.config import ModelConfig
+
+log = logging.getLogger("soft.conversion")
+
+# The model: fields written to model.yaml (the rest keep their defaults).
+MODEL_YAML_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "vocab_size", "make_vocab_size_divisible_by", "norm_epsilon", "rotary_base",
+    "max_position_embeddings", "params_dtype",
+)  # fmt: skip
+
+
+def shapes_of(model: ModelConfig, vocab: int, padded_vocab: int) -> Shapes:
+    return Shapes(
+        hidden=model.hidden_size,
+        ffn=model.ffn_hidden_size,
+        heads=model.num_attention_heads,
+        groups=model.query_groups,
+        vocab=vocab,
+        padded_vocab=padded_vocab,
+    )
+
+
+def build_sharded_state(
+    source: hf_io.HFTensorSource,
+    model: ModelConfig,
+    shapes: Shapes,
+    dtype: torch.dtype,
+    progress: bool,
+) -> dict[str, Any]:
+    """{megatron parameter name: ShardedTensor/ShardedObject}, read from HF one tensor at a time."""
+    sharded: dict[str, Any] = {}
+    rows = list(iter_rows(model.num_layers))
+    for row, layer in tqdm(rows, desc="HF -> megatron", unit="tensor", disable=not progress):
+        names = row.hf_names(layer)
+        tensors = []
+        for name, expected in zip(names, row.hf_shapes(shapes), strict=True):
+            tensor = source.get(name)
+            check_shape(name, tensor, expected, str(source.dir))
+            tensors.append(tensor.to(row.stored_dtype(dtype)))
+        param = row.megatron.replace("*", str(layer)) if layer is not None else row.megatron
+        fused = row.to_megatron(tensors, shapes).contiguous()
+        sharded[param] = megatron_io.sharded_tensor(param, fused, model.num_layers)
+        if layer is not None and row is LAYER_ROWS[-1]:  # once per layer
+            sharded.update(megatron_io.extra_state_objects(layer, model.num_layers))
+    return sharded
+
+
+def model_yaml(model: ModelConfig, tokenizer_path: Path | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": {name: getattr(model, name) for name in MODEL_YAML_FIELDS}}
+    if tokenizer_path is not None:
+        out["data"] = {"tokenizer_path": str(tokenizer_path)}
+    return out
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "bf16",
+    max_tp: int = DEFAULT_MAX_TP,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert; returns the final output folder. Bad input raises ConfigError, leaving nothing."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
+    if dtype not in hf_io.TORCH_DTYPES:
+        raise ConfigError(f"--dtype: expected one of {sorted(hf_io.TORCH_DTYPES)}, got '{dtype}'")
+    config = hf_io.read_hf_config(hf_dir)
+    divisor, padded = stable_divisor(int(config["vocab_size"]), max_tp)
+    model = hf_io.model_config_from_hf(config, dtype, divisor)
+    shapes = shapes_of(model, int(config["vocab_size"]), padded)
+    source = hf_io.HFTensorSource(hf_dir)  # checks that every shard the index names exists
+    tokenizer = hf_dir / "tokenizer.model"
+    final_tokenizer = out_dir / "tokenizer.model" if tokenizer.is_file() else None
+    megatron_io.ensure_single_rank_world()
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        sharded = build_sharded_state(source, model, shapes, hf_io.TORCH_DTYPES[dtype], progress)
+        source.close()
+        root = RootConfig(model=model)
+        if final_tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+            root.data.tokenizer_path = str(final_tokenizer)
+        save_checkpoint(tmp, [megatron_io.ModelOnly(sharded)], None, None, TrainState(), root)
+        del sharded
+        text = yaml.safe_dump(model_yaml(model, final_tokenizer), sort_keys=False)
+        header = (
+            f"# Converted from {hf_dir.absolute()} by tools/convert_hf_to_megatron.py.\n"
+            f"# make_vocab_size_divisible_by={divisor}: the padded vocabulary ({padded} rows) is the\n"
+            f"# same at every tensor-parallel size dividing {max_tp}, so the checkpoint loads at any.\n"
+        )
+        (tmp / "model.yaml").write_text(header + text)
+    log.info(
+        "wrote %s (%d layers, vocab %d padded to %d)",
+        out_dir,
+        model.num_layers,
+        shapes.vocab,
+        padded,
+    )
+    return out_dir

@@ -1,0 +1,185 @@
+"""megatron-core distributed checkpoint (any TP/PP layout) -> HF LlamaForCausalLM folder.
+
+The checkpoint is read one layer at a time and written into safetensors shards as it goes, so
+memory stays at about one layer plus one shard. With `exit_layer=K` the output is the
+standalone sub-model of SoFT: the first K layers, the model's own final norm and LM head.
+
+config.json records the exit plan the model was trained with (`soft_exit_layers`,
+`soft_exit_weights`, `soft_exit_mode`); a sub-model export also records
+`soft_source_exit_layer: K` and keeps the exits <= K with their trained weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from soft.checkpointing.checkpoint import find_checkpoint
+from soft.config.errors import ConfigError
+from soft.config.root import RootConfig, load_config
+from soft.conversion import hf_io, megatron_io
+from soft.conversion.hf_to_megatron import shapes_of
+from soft.conversion.mapping import EMBEDDING, FINAL_NORM, LAYER_ROWS, OUTPUT_LAYER, Row
+from soft.conversion.output import atomic_output_dir
+
+log = logging.getLogger("soft.conversion")
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # HF's usual 5 GB shards
+
+
+@dataclass
+class ExportRequest:
+    checkpoint_dir: Path
+    out_dir: Path
+    exit_layer: int | None = None
+    dtype: str = "auto"  # auto = as stored in the checkpoint
+    tokenizer: Path | None = None  # default: the run's data.tokenizer_path (or the built-in one)
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    overwrite: bool = False
+    progress: bool = True
+
+
+def read_run_config(ckpt: Path) -> RootConfig:
+    path = ckpt / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"checkpoint '{ckpt}' has no config.yaml (written by the launcher and the HF converter)"
+        )
+    return load_config(path)
+
+
+def _tokenizer_file(cfg: RootConfig, override: Path | None) -> Path:
+    from soft.data import builtin
+
+    path = override or (
+        Path(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else builtin.BUILTIN_TOKENIZER_PATH
+    )
+    if not path.is_file():
+        raise ConfigError(
+            f"tokenizer '{path}' (data.tokenizer_path of the run) does not exist; pass --tokenizer"
+        )
+    return path
+
+
+def _true_vocab(cfg: RootConfig, tokenizer: Path) -> int:
+    """model.vocab_size when set, else the tokenizer's (what the launcher built the model with)."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    from soft.data.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(tokenizer).vocab_size
+
+
+def exit_plan_fields(cfg: RootConfig, exit_layer: int | None) -> dict[str, Any]:
+    plan = cfg.exit_plan()
+    pairs = [
+        (k, w)
+        for k, w in zip(plan.layers, plan.weights, strict=True)
+        if exit_layer is None or k <= exit_layer
+    ]
+    out: dict[str, Any] = {
+        "soft_exit_layers": [k for k, _ in pairs],
+        "soft_exit_weights": [w for _, w in pairs],
+        "soft_exit_mode": cfg.soft.mode,
+    }
+    if exit_layer is not None:
+        out["soft_source_exit_layer"] = exit_layer
+        out["soft_source_num_layers"] = cfg.model.num_layers
+    return out
+
+
+def _hf_name_tensors(
+    row: Row, layer: int | None, tensor: torch.Tensor, shapes, dtype
+) -> list[tuple[str, torch.Tensor]]:
+    return list(
+        zip(row.hf_names(layer), (t.to(dtype) for t in row.to_hf(tensor, shapes)), strict=True)
+    )
+
+
+def _export_weights(
+    reader, writer, shapes, num_layers: int, dtype: torch.dtype, progress: bool
+) -> None:
+    """Embedding, then one layer per load, then the final norm and head, each written at once."""
+    groups: list[list[tuple[Row, int | None]]] = [[(EMBEDDING, None)]]
+    groups += [[(row, layer) for row in LAYER_ROWS] for layer in range(num_layers)]
+    groups.append([(FINAL_NORM, None), (OUTPUT_LAYER, None)])
+    for group in tqdm(groups, desc="megatron -> HF", unit="group", disable=not progress):
+        loaded = reader.read(group, shapes)
+        for row, layer in group:
+            param = row.megatron.replace("*", str(layer)) if layer is not None else row.megatron
+            for name, tensor in _hf_name_tensors(row, layer, loaded.pop(param), shapes, dtype):
+                writer.add(name, tensor)
+
+
+def convert_megatron_to_hf(req: ExportRequest) -> Path:
+    ckpt = find_checkpoint(req.checkpoint_dir)
+    if ckpt is None:
+        raise ConfigError(
+            f"--checkpoint-dir '{req.checkpoint_dir}' is not a checkpoint: expected an iter_* folder "
+            "or a checkpoints folder with a 'latest' file"
+        )
+    cfg = read_run_config(ckpt)
+    model = cfg.model
+    num_layers = model.num_layers if req.exit_layer is None else req.exit_layer
+    if not 1 <= num_layers <= model.num_layers:
+        raise ConfigError(
+            f"--exit-layer {req.exit_layer} is outside 1..{model.num_layers} (the model's layers)"
+        )
+    tokenizer = _tokenizer_file(cfg, req.tokenizer)
+    vocab = _true_vocab(cfg, tokenizer)
+    reader = megatron_io.CheckpointReader(ckpt, model.num_layers)
+    if reader.padded_vocab() < vocab:
+        raise ConfigError(
+            f"checkpoint '{ckpt}' has {reader.padded_vocab()} vocabulary rows, fewer than {vocab}"
+        )
+    shapes = shapes_of(model, vocab, reader.padded_vocab())
+    dtype_name = req.dtype if req.dtype != "auto" else _dtype_name(reader.dtype())
+    if dtype_name not in hf_io.TORCH_DTYPES:
+        raise ConfigError(
+            f"--dtype: expected auto or one of {sorted(hf_io.TORCH_DTYPES)}, got '{req.dtype}'"
+        )
+    with atomic_output_dir(Path(req.out_dir), req.overwrite) as tmp:
+        writer = hf_io.ShardedSafetensorsWriter(tmp, req.max_shard_bytes)
+        _export_weights(
+            reader, writer, shapes, num_layers, hf_io.TORCH_DTYPES[dtype_name], req.progress
+        )
+        writer.finish()
+        hf_io.write_tokenizer(tokenizer, tmp, model.max_position_embeddings)
+        _write_configs(tmp, cfg, vocab, num_layers, dtype_name, tokenizer, req.exit_layer)
+    log.info(
+        "wrote %s (%d of %d layers, %s)", req.out_dir, num_layers, model.num_layers, dtype_name
+    )
+    return Path(req.out_dir).absolute()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in hf_io.TORCH_DTYPES.items()}[dtype]
+
+
+def _write_configs(
+    out: Path,
+    cfg: RootConfig,
+    vocab: int,
+    num_layers: int,
+    dtype: str,
+    tokenizer: Path,
+    exit_layer: int | None,
+) -> None:
+    from transformers import GenerationConfig
+
+    from soft.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer)
+    extra = {
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        **exit_plan_fields(cfg, exit_layer),
+    }
+    config = hf_io.hf_config_from_model(cfg.model, vocab, num_layers, dtype, extra)
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)

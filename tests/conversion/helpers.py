@@ -1,0 +1,117 @@
+"""Tiny random HF LLaMA models and an in-process megatron reference for the conversion tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from tests.megatron_env import single_rank_world
+
+BUILTIN_TOKENIZER = (
+    Path(__file__).resolve().parents[2] / "soft" / "data" / "assets" / "builtin_tokenizer.model"
+)
+
+
+def make_hf_model(
+    path: Path,
+    *,
+    vocab: int = 300,
+    hidden: int = 48,
+    heads: int = 6,
+    kv_heads: int = 2,
+    intermediate: int = 100,
+    layers: int = 3,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    tokenizer: Path | None = None,
+):
+    """Save a random LlamaForCausalLM. Every tensor (norms included) gets distinct random values
+    of order-one effect, so a swapped or mis-fused tensor changes the logits visibly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, path / "tokenizer.model")
+    return model
+
+
+def hf_logits_and_exits(
+    model, tokens: torch.Tensor
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """HF logits and every exit's logits: hidden_states[k] through model.norm + lm_head.
+
+    In transformers 5 the last entry of hidden_states is already normed (it equals the final
+    norm's output), so exit L is the model's own logits; entries 1..L-1 are raw layer outputs.
+    """
+    with torch.no_grad():
+        out = model(tokens, output_hidden_states=True)
+        num_layers = model.config.num_hidden_layers
+        exits = {
+            k: model.lm_head(model.model.norm(out.hidden_states[k])) for k in range(1, num_layers)
+        }
+        exits[num_layers] = out.logits
+    return out.logits, exits
+
+
+def megatron_reference(checkpoint: Path, config_file: Path, overrides: list[str] | None = None):
+    """A TP1/PP1 GPTModel with the checkpoint loaded by the project's own load_checkpoint."""
+    from soft.checkpointing.checkpoint import load_checkpoint
+    from soft.config.root import load_config
+    from soft.data import build_tokenizer
+    from soft.models.gpt import build_stage_model, padded_vocab_size, transformer_config
+
+    single_rank_world()
+    layout = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
+    cfg = load_config(config_file, [*layout, *(overrides or [])])
+    vocab = cfg.model.vocab_size or build_tokenizer(cfg.data).vocab_size
+    padded = padded_vocab_size(vocab, cfg.model, 1)
+    gpt = build_stage_model(
+        cfg.model, transformer_config(cfg.model, cfg.parallel), padded, True, True
+    )
+    load_checkpoint(checkpoint, [gpt])
+    return gpt.eval(), vocab
+
+
+def megatron_logits_and_exits(
+    gpt, tokens: torch.Tensor, vocab: int
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """[b, s, vocab] logits and every exit's logits (layer output -> final norm -> output layer)."""
+    from soft.training.step import causal_mask
+
+    captured: dict[int, torch.Tensor] = {}
+    handles = [
+        layer.register_forward_hook(lambda m, a, out: captured.__setitem__(m.layer_number, out[0]))
+        for layer in gpt.decoder.layers
+    ]
+    b, s = tokens.shape
+    try:
+        with torch.no_grad():
+            logits = gpt(
+                tokens, torch.arange(s).unsqueeze(0).expand(b, s), causal_mask(s, tokens.device)
+            )
+            exits = {
+                k: (gpt.decoder.final_layernorm(h) @ gpt.output_layer.weight.t()).transpose(0, 1)[
+                    ..., :vocab
+                ]
+                for k, h in captured.items()
+            }
+    finally:
+        for h in handles:
+            h.remove()
+    return logits[..., :vocab], exits

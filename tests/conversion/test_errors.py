@@ -1,0 +1,93 @@
+"""Bad input fails with a ConfigError that says what is wrong, and leaves no output behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from soft.config.errors import ConfigError
+from soft.conversion import ExportRequest, convert_hf_to_megatron, convert_megatron_to_hf
+from tests.conversion.helpers import BUILTIN_TOKENIZER, make_hf_model
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    make_hf_model(tmp_path / "hf", layers=2, max_shard_size="20KB")
+    return tmp_path / "hf"
+
+
+def _edit_config(hf_dir, **changes):
+    path = hf_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def _convert_fails(hf_dir, out, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        convert_hf_to_megatron(hf_dir, out, dtype="fp32", progress=False)
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+
+def test_not_a_llama_folder(hf_dir, tmp_path):
+    _edit_config(hf_dir, model_type="mistral", architectures=["MistralForCausalLM"])
+    _convert_fails(hf_dir, tmp_path / "out", "expected a LLaMA model")
+
+
+def test_unsupported_llama_variant(hf_dir, tmp_path):
+    _edit_config(hf_dir, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    _convert_fails(hf_dir, tmp_path / "out", "rope scaling 'linear'")
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _convert_fails(tmp_path / "empty", tmp_path / "out", "has no config.json")
+
+
+def test_index_names_a_missing_shard(hf_dir, tmp_path):
+    shard = sorted(hf_dir.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    _convert_fails(hf_dir, tmp_path / "out", f"names shard '{shard.name}', which does not exist")
+
+
+def test_tensor_missing_from_shards(hf_dir, tmp_path):
+    index_path = hf_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    index_path.write_text(json.dumps(index))
+    _convert_fails(hf_dir, tmp_path / "out", "'model.layers.1.mlp.up_proj.weight' is missing")
+
+
+def test_shape_mismatch(hf_dir, tmp_path):
+    """A shard whose tensor disagrees with config.json fails late: the half-written output goes."""
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    file = hf_dir / index["weight_map"]["model.layers.1.self_attn.k_proj.weight"]
+    tensors = load_file(file)
+    tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(24, 48)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    _convert_fails(
+        hf_dir, tmp_path / "out", r"k_proj.weight' has shape \(24, 48\), expected \(16, 48\)"
+    )
+
+
+def test_existing_output_is_not_overwritten(hf_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        convert_hf_to_megatron(hf_dir, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("k", [0, 3, -1])
+def test_exit_layer_out_of_range(hf_dir, tmp_path, k):
+    meg = convert_hf_to_megatron(hf_dir, tmp_path / "meg", dtype="fp32", progress=False)
+    out = tmp_path / "hf_out"
+    with pytest.raises(ConfigError, match=rf"--exit-layer {k} is outside 1..2"):
+        convert_megatron_to_hf(ExportRequest(meg, out, exit_layer=k, tokenizer=BUILTIN_TOKENIZER))
+    assert not out.exists() and not out.with_name("hf_out.tmp").exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="is not a checkpoint"):
+        convert_megatron_to_hf(ExportRequest(tmp_path, tmp_path / "out"))
