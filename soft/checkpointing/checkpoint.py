@@ -32,6 +32,7 @@ from soft.config.core import save_yaml
 from soft.config.errors import ConfigError
 
 LATEST = "latest"
+_MANAGER = None  # the fork-context Manager behind dist_checkpointing's results queue
 FORMAT_VERSION = 1
 
 
@@ -52,8 +53,22 @@ def _use_fork_results_queue() -> None:
         return
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    global _MANAGER
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+        _MANAGER = mp.get_context("fork").Manager()
+        filesystem_async._results_queue = _MANAGER.Queue()
+
+
+def shutdown_writer_processes() -> None:
+    """Stop the results-queue Manager process (also done at interpreter exit; processes that
+    leave through os._exit, like forked test ranks, must call this)."""
+    global _MANAGER
+    if _MANAGER is not None:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        _MANAGER.shutdown()
+        _MANAGER = None
+        filesystem_async._results_queue = None
 
 
 def _barrier() -> None:
@@ -99,7 +114,7 @@ def _model_state(chunks) -> dict[str, Any]:
 
 
 def _optimizer_metadata(use_distributed_optimizer: bool) -> dict[str, Any] | None:
-    return {"distrib_optim_sharding_type": "fully_sharded_model_space"} if use_distributed_optimizer else None
+    return {"distrib_optim_sharding_type": "dp_reshardable"} if use_distributed_optimizer else None
 
 
 def save_checkpoint(
@@ -188,6 +203,8 @@ def load_checkpoint(
             f"metadata.json or a folder with a '{LATEST}' file"
         )
     request = _model_state(chunks)
+    if optimizer is not None and use_distributed_optimizer:
+        _materialise_distributed_optimizer_state(optimizer)
     if optimizer is not None:
         request["optimizer"] = optimizer.sharded_state_dict(
             request, is_loading=True, metadata=_optimizer_metadata(use_distributed_optimizer)
@@ -198,13 +215,26 @@ def load_checkpoint(
         chunk.load_state_dict(loaded[f"model{i}"], strict=strict)
     if optimizer is None:
         return TrainState()
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # fp32 distributed-optimizer shards are views of the parameters
+        optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
     ts = loaded["train_state"]
     return TrainState(iteration=int(ts["iteration"]), consumed_samples=int(ts["consumed_samples"]))
+
+
+def _materialise_distributed_optimizer_state(optimizer) -> None:
+    """megatron-core 0.16.1's DistributedOptimizer.sharded_state_dict(is_loading=True) first
+    calls state_dict(), which with torch's Adam (no Apex/TE: CPU runs) asserts that every
+    parameter has the same 'step' (distrib_optimizer.py:642) and fails on a fresh optimizer
+    with no state. Its own remedy, `_init_optimizer_states_with_dummy_values` (line 1137), runs
+    only after that assert; run it first. The dummy values are overwritten by the load (checked
+    by the exact-resume test)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def _load_with_rng_fallback(request: dict[str, Any], ckpt: Path) -> dict[str, Any]:
@@ -214,6 +244,14 @@ def _load_with_rng_fallback(request: dict[str, Any], ckpt: Path) -> dict[str, An
     if "rng_state" in request and saved_world != world:
         request.pop("rng_state")
     return dist_checkpointing.load(request, str(ckpt))
+
+
+def has_optimizer_state(path: str | Path) -> bool:
+    """False for weights-only checkpoints (HF imports, model-only saves)."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    ckpt = find_checkpoint(path)
+    return ckpt is not None and any(k.startswith("optimizer.") for k in load_sharded_metadata(str(ckpt)))
 
 
 def _saved_world_size(ckpt: Path) -> int | None:

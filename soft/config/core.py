@@ -8,6 +8,7 @@ the key's full dotted path in the message.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 from soft.config.errors import ConfigError
 
 T = TypeVar("T")
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def option(default: Any, help: str) -> Any:
@@ -73,6 +75,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML (YAML 1.1) reads `2e-5` (no dot) as a string; accept it as the number it is.
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -71,7 +71,6 @@ def build_chunks(
         chunk = build_stage_model(model_cfg, config, vocab_size, pre, post, vp_stage)
         replica_index = (vp_stage or 0) * pp_size + pp_rank
         shared_head.add_head_replica(chunk, plan, vocab_size, replica_index)
-        shared_head.mark_real_head(chunk)
         chunks.append(chunk)
     return chunks
 
@@ -92,6 +91,8 @@ def build_soft_model(
         chunks = [c.to(device) for c in chunks]
     if init:
         layout_invariant_init(chunks, seed, model_cfg)
+    if parallel_cfg.overlap_grad_reduce:
+        shared_head.give_head_copies_own_buckets(chunks)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel_cfg.overlap_grad_reduce,
@@ -111,19 +112,23 @@ def build_soft_model(
             soft_cfg.loss_chunk_tokens,
         )
         model.hooks[id(w)] = hooks
-    _wire_schedule_hooks(model)
+    _wire_schedule_hooks(model, sum_heads_after_dp=parallel_cfg.overlap_grad_reduce)
     return model
 
 
-def _wire_schedule_hooks(model: SoftModel) -> None:
+def _wire_schedule_hooks(model: SoftModel, sum_heads_after_dp: bool) -> None:
     """megatron-core's schedule calls these: grad finalisation (+ head sync) and no_sync."""
     config = model.config
     raw_chunks = model.unwrapped
 
     def finalize_model_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
+        # Sum the head copies over stages before the DP reduction (any bucket layout), or, when
+        # that reduction already ran during backward, after it (own buckets; see shared_head).
+        if not sum_heads_after_dp:
+            shared_head.allreduce_head_grads(raw_chunks, model.head_group)
         megatron_finalize_model_grads(chunks, num_tokens, pg_collection, force_all_reduce=force_all_reduce)
-        # After the DP reduce(-scatter) and the 1/num_tokens scaling, like the embedding sync.
-        shared_head.allreduce_head_grads(raw_chunks, model.head_group)
+        if sum_heads_after_dp:
+            shared_head.allreduce_head_grads(raw_chunks, model.head_group)
 
     config.finalize_model_grads_func = finalize_model_grads
     no_sync = [c.no_sync for c in model.chunks]

@@ -49,6 +49,18 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     return model.transformer_impl == "transformer_engine" or (model.transformer_impl == "auto" and te_ok)
 
 
+def check_runtime_support(model: ModelConfig, parallel: ParallelConfig) -> bool:
+    """Choices the config alone cannot validate (they depend on TE and the GPU). Returns
+    whether the Transformer Engine spec is used."""
+    te = use_transformer_engine(model)
+    if parallel.sequence_parallel and not te:
+        raise ConfigError(
+            "config key 'parallel.sequence_parallel' needs the Transformer Engine layer spec (a GPU "
+            "with TE installed): megatron-core's local-spec norm does not support sequence parallelism"
+        )
+    return te
+
+
 def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
     multiple = model.make_vocab_size_divisible_by * tp
     return -(-vocab_size // multiple) * multiple
@@ -94,6 +106,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         deallocate_pipeline_outputs=True,
+        # gloo matches point-to-point messages by (source, tag). With PP=2 interleaving a rank's
+        # previous and next stage are the same rank, and megatron's batched ops post two
+        # same-tag receives from it at once, so a forward activation and a backward gradient
+        # can swap. The unbatched path posts in a rank-parity order that pairs them correctly.
+        batch_p2p_comm=on_gpu,
     )
     if model.recompute_granularity == "selective":
         kwargs["recompute_granularity"] = "selective"

@@ -9,10 +9,15 @@ Every model chunk that owns an early exit but not the model's real head gets a r
   pipeline column after megatron-core's `finalize_model_grads`, so all copies take the same
   optimizer step;
 - are marked `shared` so gradient-norm clipping and logged norms count the head once (as
-  megatron-core does for the tied embedding copy), and `shared_embedding` so the distributed
-  optimizer puts each copy in its own bucket: shards then line up across stages and the
-  cross-stage all-reduce can follow the data-parallel reduce-scatter (megatron-core's
-  precedent, `param_and_grad_buffer.py` `_does_param_require_new_bucket`).
+  megatron-core does for the tied embedding copy).
+
+When the copies' gradients are summed depends on when the data-parallel reduction runs:
+- default (no overlap): before megatron-core's `finalize_model_grads`, on the local
+  gradients, so it is correct for any bucket layout and any optimizer sharding;
+- `overlap_grad_reduce`: the DP reduce-scatter starts during backward, so the sum follows
+  it; every copy is then marked `shared_embedding`, which gives it its own bucket so its DP
+  shards line up across stages (megatron-core's precedent for the tied embedding,
+  `param_and_grad_buffer.py` `_does_param_require_new_bucket`).
 """
 
 from __future__ import annotations
@@ -48,7 +53,6 @@ class SharedHeadReplica(MegatronModule):
         )
         for param in self.parameters():
             param.shared = True
-            param.shared_embedding = True
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """The real head's keys, with a replica id that is never the main replica."""
@@ -60,6 +64,8 @@ class SharedHeadReplica(MegatronModule):
         ):
             sub = sharded_state_dict_default(module, key_prefix, sharded_offsets, metadata)
             for local_key, sh in sub.items():
+                if name == "output_layer" and local_key.endswith("_extra_state"):
+                    continue  # GPTModel drops the real head's (empty) entry too: gpt_model.py:820
                 if isinstance(sh, ShardedTensor | ShardedObject):
                     rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
                     sh.replica_id = (self.replica_index + 1, *rid[1:])
@@ -89,11 +95,11 @@ def head_of(chunk) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     return (replica.final_layernorm, replica.output_layer) if replica is not None else None
 
 
-def mark_real_head(chunk) -> None:
-    """Own-bucket placement for the real head too, so its shards line up with the replicas'."""
-    if chunk.post_process:
-        for param in (chunk.decoder.final_layernorm.weight, chunk.output_layer.weight):
-            param.shared_embedding = True
+def give_head_copies_own_buckets(chunks) -> None:
+    """For overlap_grad_reduce: every head copy in its own DDP bucket (see module docstring)."""
+    for norm_weight, output_weight in head_params(chunks):
+        norm_weight.shared_embedding = True
+        output_weight.shared_embedding = True
 
 
 def head_params(chunks) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:

@@ -12,13 +12,19 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from soft.checkpointing.checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from soft.checkpointing.checkpoint import (
+    TrainState,
+    find_checkpoint,
+    has_optimizer_state,
+    load_checkpoint,
+    save_checkpoint,
+)
 from soft.config.core import flatten, save_yaml, to_dict
 from soft.config.errors import ConfigError
 from soft.config.root import RootConfig
 from soft.data import ResumableBatchSampler, SFTDataset, build_datasets
 from soft.models.build import SoftModel, build_soft_model
-from soft.models.gpt import padded_vocab_size, use_transformer_engine
+from soft.models.gpt import check_runtime_support, padded_vocab_size
 from soft.parallel.setup import Topology, init_distributed
 from soft.tracking import Tracker, build_tracker
 from soft.training import flops
@@ -55,7 +61,7 @@ class Run:
 
 
 def setup(cfg: RootConfig) -> Run:
-    use_transformer_engine(cfg.model)  # FP8/TE requested where they cannot run: fail first
+    check_runtime_support(cfg.model, cfg.parallel)  # FP8/TE/SP where they cannot run: fail first
     topo = init_distributed(cfg.parallel, cfg.train.seed)
     output_dir = Path(cfg.train.output_dir)
     if topo.is_logging_rank:
@@ -100,6 +106,11 @@ def restore(run: Run) -> TrainState:
         if hasattr(run.optimizer, "reload_model_params"):
             run.optimizer.reload_model_params()
         return TrainState()
+    if find_checkpoint(ck.load_dir) is not None and not has_optimizer_state(ck.load_dir):
+        raise ConfigError(
+            f"checkpoint.load_dir '{ck.load_dir}' holds model weights only (e.g. a converted HF "
+            "model): set checkpoint.finetune=true to start training from them"
+        )
     return load_checkpoint(ck.load_dir, chunks, run.optimizer, run.scheduler, dist_opt)
 
 

@@ -37,6 +37,26 @@ def test_data_parallel_run_matches_single_rank_in_mlflow(tmp_path):
     assert "step 4/4" in proc.stderr + proc.stdout
 
 
+def test_tp2_pp2_launcher_run_matches_single_rank_in_mlflow(tmp_path):
+    """4 ranks, TP=2 x PP=2, exit 2 on the first stage (its own head replica): the metrics in
+    MLflow equal a 1-rank run's (fp32; TP partial sums reorder additions: rel 1e-5)."""
+    args = [*COMMON, "soft.exit_layers=[1,2,4]", "train.eval_interval=0"]
+    single, tp_pp = tmp_path / "single", tmp_path / "tp2pp2"
+    assert launch([*args, f"train.output_dir={single}"]).returncode == 0
+    layout = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
+    assert launch([*args, *layout, f"train.output_dir={tp_pp}"], nproc=4).returncode == 0
+    ref, _, _ = mlflow_metrics(single)
+    got, params, status = mlflow_metrics(tp_pp)
+    assert status == "FINISHED" and params["parallel.pipeline_model_parallel_size"] == "2"
+    keys = [f"{kind}/loss/exit_{k}" for kind in ("train", "valid") for k in (1, 2, 4)] + ["train/loss"]
+    for key in keys:
+        assert [s for s, _ in got[key]] == [s for s, _ in ref[key]], key
+        for (_, a), (_, b) in zip(got[key], ref[key], strict=True):
+            assert a == pytest.approx(b, rel=1e-5), key
+    for (_, a), (_, b) in zip(got["train/grad_norm"], ref["train/grad_norm"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5)  # the head replica is counted once
+
+
 def test_default_job_shows_every_exit_loss_falling(tmp_path):
     """The README's first command, shortened to 40 steps: every exit's loss falls."""
     proc = launch([f"train.output_dir={tmp_path}", "train.train_iters=40", "train.log_interval=5"])

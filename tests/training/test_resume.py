@@ -66,3 +66,19 @@ def test_bad_load_dir_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="is not a checkpoint"):
         _run(tmp_path / "d", f"checkpoint.load_dir={tmp_path}", "checkpoint.auto_resume=false")
+
+
+def test_weights_only_checkpoint_needs_finetune_flag(tmp_path):
+    """A model-only checkpoint (like a converted HF model) cannot be resumed, only fine-tuned."""
+    from soft.checkpointing.checkpoint import TrainState, save_checkpoint
+    from soft.config.errors import ConfigError
+    from soft.training.loop import setup
+
+    single_rank_world()
+    run = setup(tiny_config(f"train.output_dir={tmp_path / 'src'}", "tracking.enabled=false"))
+    save_checkpoint(tmp_path / "weights", run.model.unwrapped, None, None, TrainState(), run.cfg)
+    with pytest.raises(ConfigError, match="checkpoint.finetune=true"):
+        _run(tmp_path / "e", f"checkpoint.load_dir={tmp_path / 'weights'}")
+    tuned = _run(tmp_path / "f", f"checkpoint.load_dir={tmp_path / 'weights'}", "checkpoint.finetune=true",
+                 "train.train_iters=3")
+    assert [r["iteration"] for r in tuned.train_history] == [1, 2, 3]

@@ -1,0 +1,339 @@
+"""Multi-rank layouts vs the single-rank run, on CPU with gloo.
+
+megatron-core takes ~10 s to import per process, so this module is run once as a subprocess:
+it imports everything, then forks the ranks of each scenario (and each scenario's 1-rank
+reference) from that warm parent, which has done no compute yet. Each rank writes what it
+owns to a file, keyed by the layout-free checkpoint key; the parent assembles full tensors
+and compares them.
+
+    python -m tests.parallel.multirank OUT_DIR [scenario ...]
+
+writes OUT_DIR/report.json (one entry per scenario: ok + the largest differences found).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# Everything heavy is imported before forking.
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from soft.checkpointing.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+    shutdown_writer_processes,
+)
+from soft.config.root import load_config
+from soft.data import ResumableBatchSampler
+from soft.models import shared_head
+from soft.parallel.setup import destroy_distributed
+from soft.training import loop, step
+
+BASE = [
+    "model.num_layers=8", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
+    "data.seq_length=48", "data.builtin_num_samples=64",
+    "train.micro_batch_size=2", "train.global_batch_size=8", "train.train_iters=10", "train.lr=3e-3",
+    "train.lr_warmup_iters=1", "train.clip_grad=1.0", "tracking.enabled=false", "checkpoint.auto_resume=false",
+    "soft.loss_chunk_tokens=20",
+]
+
+# fp32 on CPU; a parallel run differs from the single-rank run only in summation order
+# (TP partial sums, DP gradient sums, chunked CE), so values agree to ~1e-6 relative. Three Adam
+# steps divide by sqrt(v): tiny gradient entries amplify rounding, hence the atol on params.
+GRAD_TOL = dict(rtol=1e-4, atol=1e-7)
+PARAM_TOL = dict(rtol=1e-4, atol=2e-6)
+LOSS_RTOL = 1e-5
+
+
+@dataclass
+class Scenario:
+    name: str
+    world: int
+    layout: list[str]
+    exits: str
+    extra: list[str] = field(default_factory=list)
+    compare_grads: bool = True  # the distributed optimizer leaves each rank one shard of the grads
+
+
+SCENARIOS = {
+    s.name: s
+    for s in [
+        # several exits on the first stage (inside it), one inside the last stage
+        Scenario("tp2_pp2", 4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], "[2,3,5,8]"),
+        # an exit on a stage boundary (layer 2 ends stage 0); stages 1 and 2 own no exit
+        Scenario("pp4", 4, ["parallel.pipeline_model_parallel_size=4"], "[2,8]"),
+        Scenario("dp2_tp2", 4, ["parallel.tensor_model_parallel_size=2"], "[1,4,8]"),
+        Scenario("dp2_pp2_distopt", 4, ["parallel.pipeline_model_parallel_size=2", "parallel.use_distributed_optimizer=true"],
+                 "[4,6,8]", compare_grads=False),
+        # interleaved 1F1B: rank 0 holds chunks (layers 1-2) and (5-6), both with exits
+        Scenario("pp2_vp2", 2, ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"],
+                 "[1,3,5,8]", extra=["train.global_batch_size=8", "train.micro_batch_size=2"]),
+        Scenario("pp2_uneven", 2, ["parallel.pipeline_model_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=2"],
+                 "[1,2,5,8]"),
+    ]
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(scenario: Scenario, out: Path, layout: bool, *more: str):
+    overrides = [*BASE, f"soft.exit_layers={scenario.exits}", f"train.output_dir={out}", *scenario.extra, *more]
+    return load_config(None, overrides + (scenario.layout if layout else []))
+
+
+def _walk(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _walk(v)
+    elif isinstance(tree, list | tuple):
+        for v in tree:
+            yield from _walk(v)
+    else:
+        yield tree
+
+
+def _is_main(replica_id) -> bool:
+    return replica_id == 0 if isinstance(replica_id, int) else all(r == 0 for r in replica_id)
+
+
+def _shards(item, attr: str) -> list:
+    """The ShardedTensors of one state-dict item, with `attr` of its parameter as data."""
+    if isinstance(item, ShardedTensorFactory):
+        return list(item.build_fn(item.key, getattr(item.data, attr), item.replica_id, None))
+    if isinstance(item, ShardedTensor) and item.data.is_floating_point():
+        return [(item, getattr(item.data, attr))]
+    return []
+
+
+def dump_global(chunks, attr: str) -> list[tuple]:
+    """(key, global_offset, global_shape, tensor) for every main-replica shard this rank owns;
+    `attr` = "data" for weights, "main_grad" for gradients."""
+    out = []
+    for chunk in chunks:
+        for item in _walk(chunk.sharded_state_dict()):
+            for sh in _shards(item, attr):
+                sh, tensor = sh if isinstance(sh, tuple) else (sh, sh.data)
+                if _is_main(sh.replica_id):
+                    out.append((sh.key, tuple(sh.global_offset), tuple(sh.global_shape), tensor.detach().clone()))
+    return out
+
+
+def _train_steps(run, n: int, capture_first: bool) -> dict:
+    """n optimizer steps from run.state; the first step's losses and grads are captured."""
+    t = run.cfg.train
+    sampler = ResumableBatchSampler(len(run.train_data), t.global_batch_size, t.seed)
+    record: dict = {"losses": [], "grad_norms": []}
+    for i in range(n):
+        mbs = loop.microbatches(run.train_data, sampler, run.state.consumed_samples, t.micro_batch_size, run.topo.device)
+        if i == 0 and capture_first:
+            for chunk in run.model.chunks:
+                chunk.zero_grad_buffer()
+            run.optimizer.zero_grad()
+            run.model.record.clear()
+            step._run_schedule(run.model, mbs, forward_only=False)
+            record["grads"] = dump_global(run.model.unwrapped, "main_grad")
+            ok, norm, _ = run.optimizer.step()
+            run.scheduler.step(increment=1)
+            losses, _ = step.reduce_exit_losses(run.model)
+            record["losses"].append(losses)
+            record["grad_norms"].append(float(norm))
+        else:
+            result = step.train_step(run.model, run.optimizer, run.scheduler, mbs)
+            record["losses"].append(result.exit_losses)
+            record["grad_norms"].append(result.grad_norm)
+        run.state.iteration += 1
+        run.state.consumed_samples += t.global_batch_size
+    return record
+
+
+def scenario_worker(scenario: Scenario, out: Path, layout: bool) -> dict:
+    """Body of every rank: 3 steps; first-step grads; final params; head replica check."""
+    run = loop.setup(_config(scenario, out, layout))
+    record = _train_steps(run, 3, capture_first=True)
+    record["params"] = dump_global(run.model.unwrapped, "data")
+    record["head_max_diff"] = shared_head.head_replica_max_diff(run.model.unwrapped, run.model.head_group)
+    record["head_copies"] = len(shared_head.head_params(run.model.unwrapped))
+    return record
+
+
+def reshard_worker(scenario: Scenario, out: Path, layout: bool, ckpt: Path, save: bool) -> dict:
+    """save=True: 2 steps, save, 1 more step. save=False: load that checkpoint, 1 step."""
+    run = loop.setup(_config(scenario, out, layout))
+    dist_opt = run.cfg.parallel.use_distributed_optimizer
+    if save:
+        _train_steps(run, 2, capture_first=False)
+        save_checkpoint(ckpt, run.model.unwrapped, run.optimizer, run.scheduler, run.state, run.cfg, dist_opt)
+    else:
+        run.state = load_checkpoint(ckpt, run.model.unwrapped, run.optimizer, run.scheduler, dist_opt)
+        assert run.state == TrainState(iteration=2, consumed_samples=2 * run.cfg.train.global_batch_size), run.state
+    return _train_steps(run, 1, capture_first=False)
+
+
+def _child(rank: int, world: int, port: int, target, args, result_file: Path) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        torch.save(target(*args), result_file)
+    except BaseException:
+        result_file.with_suffix(".err").write_text(traceback.format_exc())
+        code = 1
+    finally:
+        try:
+            shutdown_writer_processes()
+            destroy_distributed()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def run_ranks(world: int, target, args, workdir: Path, timeout: float = 300) -> list[dict]:
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    port = _free_port()
+    ctx = mp.get_context("fork")
+    files = [workdir / f"rank{r}.pt" for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(r, world, port, target, args, files[r])) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    # Poll: one failed rank leaves the others blocked in a collective, so stop them at once.
+    while any(p.is_alive() for p in procs):
+        failed = any(p.exitcode not in (None, 0) for p in procs)
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            break
+        time.sleep(0.05)
+    for p in procs:
+        p.join()
+    errors = [f.with_suffix(".err").read_text() for f in files if f.with_suffix(".err").exists()]
+    if errors or any(p.exitcode != 0 for p in procs):
+        reason = "timed out" if time.monotonic() > deadline else "failed"
+        raise RuntimeError(f"ranks {reason} in {workdir}:\n" + "\n".join(errors))
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+def assemble(dumps: list[list[tuple]]) -> dict[str, torch.Tensor]:
+    """Full tensors from every rank's shards; every element must be covered exactly once."""
+    full: dict[str, torch.Tensor] = {}
+    cover: dict[str, torch.Tensor] = {}
+    for dump in dumps:
+        for key, offset, shape, tensor in dump:
+            if key not in full:
+                full[key] = torch.zeros(shape, dtype=tensor.dtype)
+                cover[key] = torch.zeros(shape, dtype=torch.int32)
+            n_pre = len(shape) - tensor.dim()
+            index = tuple(offset[:n_pre]) + tuple(
+                slice(o, o + s) for o, s in zip(offset[n_pre:], tensor.shape, strict=True)
+            )
+            full[key][index] = tensor
+            cover[key][index] += 1
+    bad = [k for k, c in cover.items() if not bool((c == 1).all())]
+    if bad:
+        raise AssertionError(f"shards do not cover these tensors exactly once: {bad}")
+    return full
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / (b.abs() + 1e-6)).max())
+
+
+def compare_tensors(got: dict, ref: dict, tol: dict, what: str) -> float:
+    assert set(got) == set(ref), f"{what}: keys differ: {set(got) ^ set(ref)}"
+    worst = 0.0
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], **tol, msg=lambda m, k=key: f"{what} {k}: {m}")
+        worst = max(worst, float((got[key] - ref[key]).abs().max()))
+    return worst
+
+
+def compare_losses(got: list[dict], ref: list[dict], what: str) -> float:
+    worst = 0.0
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        assert set(g) == set(r), f"{what} step {i + 1}: exits differ {set(g)} vs {set(r)}"
+        for k in r:
+            rel = abs(g[k] - r[k]) / abs(r[k])
+            assert rel < LOSS_RTOL, f"{what} step {i + 1} exit {k}: {g[k]} vs {r[k]} (rel {rel:.2e})"
+            worst = max(worst, rel)
+    return worst
+
+
+def check_scenario(scenario: Scenario, root: Path) -> dict:
+    ref = run_ranks(1, scenario_worker, (scenario, root / "ref", False), root / "ref")[0]
+    ranks = run_ranks(scenario.world, scenario_worker, (scenario, root / "par", True), root / "par")
+    report = {"loss_rel": compare_losses(ranks[0]["losses"], ref["losses"], f"{scenario.name} losses")}
+    norm_rel = abs(ranks[0]["grad_norms"][0] - ref["grad_norms"][0]) / ref["grad_norms"][0]
+    assert norm_rel < LOSS_RTOL, f"{scenario.name}: grad norm {ranks[0]['grad_norms'][0]} vs {ref['grad_norms'][0]}"
+    report["grad_norm_rel"] = norm_rel
+    if scenario.compare_grads:
+        report["grad_abs"] = compare_tensors(
+            assemble([r["grads"] for r in ranks]), assemble([ref["grads"]]), GRAD_TOL, f"{scenario.name} grad"
+        )
+    report["param_abs_after_3_steps"] = compare_tensors(
+        assemble([r["params"] for r in ranks]), assemble([ref["params"]]), PARAM_TOL, f"{scenario.name} param"
+    )
+    report["head_max_diff"] = max(r["head_max_diff"] for r in ranks)
+    assert report["head_max_diff"] == 0.0, f"{scenario.name}: head replicas differ by {report['head_max_diff']}"
+    report["head_copies_per_rank"] = [r["head_copies"] for r in ranks]
+    return report
+
+
+def check_reshard(root: Path, scenario: Scenario, save_parallel: bool, load_parallel: bool) -> dict:
+    """Save at one layout, load at another (or the same): the next step's losses equal the
+    unbroken run's. Exact resume of Adam's state (moments and step count) is what this checks."""
+    ckpt = root / "ckpt"
+    world = {True: scenario.world, False: 1}
+    saved = run_ranks(world[save_parallel], reshard_worker, (scenario, root / "a", save_parallel, ckpt, True), root / "a")
+    loaded = run_ranks(world[load_parallel], reshard_worker, (scenario, root / "b", load_parallel, ckpt, False), root / "b")
+    return {"loss_rel": compare_losses(loaded[0]["losses"], saved[0]["losses"], "resumed next step")}
+
+
+RESHARDS = {
+    "reshard_tp2pp2_to_tp1pp1": ("tp2_pp2", True, False),
+    "reshard_tp1pp1_to_tp2pp2": ("tp2_pp2", False, True),
+    "resume_distopt_dp2pp2": ("dp2_pp2_distopt", True, True),
+}
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[0])
+    names = argv[1:] or [*SCENARIOS, *RESHARDS]
+    report = {}
+    for name in names:
+        try:
+            if name in RESHARDS:
+                base, save_parallel, load_parallel = RESHARDS[name]
+                result = check_reshard(out / name, SCENARIOS[base], save_parallel, load_parallel)
+            else:
+                result = check_scenario(SCENARIOS[name], out / name)
+            report[name] = {"ok": True, **result}
+        except BaseException as exc:  # report every scenario, then fail
+            report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000]}
+        print(name, json.dumps(report[name])[:600], flush=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return 0 if all(r["ok"] for r in report.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
