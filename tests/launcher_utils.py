@@ -12,19 +12,31 @@ LAUNCHER = REPO / "launchers" / "pretrain_soft.py"
 
 
 def launch(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    # A fresh process of its own: no rendezvous variables from whatever ran this test.
+    skip = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in skip}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     if nproc == 1:
         cmd = [sys.executable, str(LAUNCHER), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(LAUNCHER), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(LAUNCHER),
+            *args,
+        ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 and "expect_failure" not in args:
         print(proc.stdout[-5000:], proc.stderr[-10000:])
     return proc
 
 
-def mlflow_metrics(output_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, str], str]:
+def mlflow_metrics(
+    output_dir: Path,
+) -> tuple[dict[str, list[tuple[int, float]]], dict[str, str], str]:
     """{metric: [(step, value), ...]}, params, status of the run recorded in output_dir."""
     from mlflow import MlflowClient
 

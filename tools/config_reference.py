@@ -27,8 +27,16 @@ def render() -> str:
         top = key.split(".")[0]
         if top != section:
             section = top
-            lines += ["", f"## `{section}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        lines.append(f"| `{key}` | {type_name.replace('|', '&#124;')} | `{default}` | {help_text} |")
+            lines += [
+                "",
+                f"## `{section}`",
+                "",
+                "| key | type | default | meaning |",
+                "| --- | --- | --- | --- |",
+            ]
+        lines.append(
+            f"| `{key}` | {type_name.replace('|', '&#124;')} | `{default}` | {help_text} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -144,7 +144,10 @@ def save_checkpoint(
         )
     sharded["rng_state"] = _rng_sharded_object(_rng_state())
     sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-    sharded["train_state"] = {"iteration": state.iteration, "consumed_samples": state.consumed_samples}
+    sharded["train_state"] = {
+        "iteration": state.iteration,
+        "consumed_samples": state.consumed_samples,
+    }
     sharded["format_version"] = FORMAT_VERSION
     dist_checkpointing.save(sharded, str(tmp))
     _barrier()
@@ -168,7 +171,9 @@ def _write_latest(save_dir: Path, name: str) -> None:
 def _prune(save_dir: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    complete = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    complete = sorted(
+        p for p in save_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+    )
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -182,7 +187,9 @@ def find_checkpoint(path: str | Path) -> Path | None:
     if pointer.is_file():
         target = path / pointer.read_text().strip()
         if not (target / "metadata.json").is_file():
-            raise ConfigError(f"checkpoint pointer '{pointer}' names '{target.name}', which is not a complete checkpoint")
+            raise ConfigError(
+                f"checkpoint pointer '{pointer}' names '{target.name}', which is not a complete checkpoint"
+            )
         return target
     return None
 
@@ -251,7 +258,9 @@ def has_optimizer_state(path: str | Path) -> bool:
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     ckpt = find_checkpoint(path)
-    return ckpt is not None and any(k.startswith("optimizer.") for k in load_sharded_metadata(str(ckpt)))
+    return ckpt is not None and any(
+        k.startswith("optimizer.") for k in load_sharded_metadata(str(ckpt))
+    )
 
 
 def _saved_world_size(ckpt: Path) -> int | None:

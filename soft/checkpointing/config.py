@@ -10,14 +10,17 @@ from soft.config.errors import ConfigError
 
 @dataclass
 class CheckpointConfig:
-    save_dir: str | None = option(None, "Where checkpoints go; null = <train.output_dir>/checkpoints.")
+    save_dir: str | None = option(
+        None, "Where checkpoints go; null = <train.output_dir>/checkpoints."
+    )
     save_interval: int = option(0, "Steps between checkpoints (0 = only at the end).")
     load_dir: str | None = option(
         None, "Checkpoint folder to start from (a run's checkpoints dir or one iter_* folder)."
     )
     finetune: bool = option(
-        False, "With load_dir: load model weights only and start at step 0 with a fresh optimizer "
-        "(e.g. from tools/convert_hf_to_megatron.py output)."
+        False,
+        "With load_dir: load model weights only and start at step 0 with a fresh optimizer "
+        "(e.g. from tools/convert_hf_to_megatron.py output).",
     )
     auto_resume: bool = option(
         True, "Resume from the latest checkpoint in save_dir when one exists (requeued jobs)."

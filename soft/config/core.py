@@ -25,7 +25,9 @@ _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 def option(default: Any, help: str) -> Any:
     """A dataclass field with a help text (shown in the config reference)."""
     if isinstance(default, list | dict):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}
+        )
     return dataclasses.field(default=default, metadata={"help": help})
 
 
@@ -93,7 +95,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix or '<root>'}': expected a mapping, got {data!r}")
+        raise ConfigError(
+            f"config section '{prefix or '<root>'}': expected a mapping, got {data!r}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -103,7 +107,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"unknown config key '{_join(prefix, unknown[0])}' in {where}; "
             f"valid keys: {', '.join(sorted(fields))}"
         )
-    kwargs = {name: _coerce(value, hints[name], _join(prefix, name)) for name, value in data.items()}
+    kwargs = {
+        name: _coerce(value, hints[name], _join(prefix, name)) for name, value in data.items()
+    }
     return cls(**kwargs)
 
 
@@ -118,7 +124,9 @@ def _join(prefix: str, name: str) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (['a','b','c'], parsed value). Values are parsed as YAML scalars/lists."""
     if "=" not in text:
-        raise ConfigError(f"command-line override '{text}': expected key=value, e.g. train.train_iters=50")
+        raise ConfigError(
+            f"command-line override '{text}': expected key=value, e.g. train.train_iters=50"
+        )
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
     if not key:
@@ -135,7 +143,9 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"command-line override '{'.'.join(path)}': '{part}' is not a section")
+            raise ConfigError(
+                f"command-line override '{'.'.join(path)}': '{part}' is not a section"
+            )
         node = child
     node[path[-1]] = value
 

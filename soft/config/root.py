@@ -47,7 +47,9 @@ class RootConfig:
                 f"model.num_attention_heads ({m.num_attention_heads}) and the query groups ({m.query_groups})"
             )
         if m.ffn_hidden_size % tp:
-            raise ConfigError(f"'model.ffn_hidden_size' ({m.ffn_hidden_size}) must be divisible by TP={tp}")
+            raise ConfigError(
+                f"'model.ffn_hidden_size' ({m.ffn_hidden_size}) must be divisible by TP={tp}"
+            )
         counts = p.stage_layer_counts(m.num_layers)
         vp = p.virtual_pipeline_model_parallel_size
         if vp is not None and any(c % vp for c in counts):
@@ -56,7 +58,9 @@ class RootConfig:
                 f"layers per stage {counts}"
             )
         if p.sequence_parallel and self.data.seq_length % tp:
-            raise ConfigError(f"'data.seq_length' must be divisible by TP={tp} with sequence_parallel")
+            raise ConfigError(
+                f"'data.seq_length' must be divisible by TP={tp} with sequence_parallel"
+            )
 
     def exit_plan(self) -> ExitPlan:
         return ExitPlan.build(

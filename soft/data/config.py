@@ -12,24 +12,30 @@ from soft.config.errors import ConfigError
 @dataclass
 class DataConfig:
     format: Literal["alpaca", "triviaqa", "text"] = option(
-        "alpaca", "Record format of the data files: alpaca (instruction/input/output), "
-        "triviaqa (question + answer aliases) or text (plain language modelling)."
+        "alpaca",
+        "Record format of the data files: alpaca (instruction/input/output), "
+        "triviaqa (question + answer aliases) or text (plain language modelling).",
     )
     train_path: str | None = option(
-        None, "Training data file (.json, .jsonl or .parquet). null = the project's built-in "
-        "synthetic instruction tasks (needs no files)."
+        None,
+        "Training data file (.json, .jsonl or .parquet). null = the project's built-in "
+        "synthetic instruction tasks (needs no files).",
     )
     valid_path: str | None = option(
         None, "Validation data file; null = hold out `valid_fraction` of the training records."
     )
-    valid_fraction: float = option(0.05, "Fraction of training records held out when valid_path is null.")
+    valid_fraction: float = option(
+        0.05, "Fraction of training records held out when valid_path is null."
+    )
     tokenizer_path: str | None = option(
-        None, "SentencePiece tokenizer.model (the LLaMA-2 one for real runs); null = the small "
-        "tokenizer shipped with the project."
+        None,
+        "SentencePiece tokenizer.model (the LLaMA-2 one for real runs); null = the small "
+        "tokenizer shipped with the project.",
     )
     seq_length: int = option(96, "Tokens per sample (prompt + response, padded).")
     overlong: Literal["truncate", "drop"] = option(
-        "truncate", "What to do with samples longer than seq_length: truncate the response or drop the sample."
+        "truncate",
+        "What to do with samples longer than seq_length: truncate the response or drop the sample.",
     )
     answer_alias_index: int = option(
         0, "TriviaQA: which answer alias is the training target (0 = the first)."
@@ -39,7 +45,9 @@ class DataConfig:
 
     def validate(self, prefix: str = "data") -> None:
         if self.seq_length < 8:
-            raise ConfigError(f"config key '{prefix}.seq_length': expected >= 8, got {self.seq_length}")
+            raise ConfigError(
+                f"config key '{prefix}.seq_length': expected >= 8, got {self.seq_length}"
+            )
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(
                 f"config key '{prefix}.valid_fraction': expected 0 <= value < 1, got {self.valid_fraction}"

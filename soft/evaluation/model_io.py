@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def read_model_config(model_dir: str | Path) -> dict:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ConfigError(
-            f"--model-dir '{model_dir}' has no config.json: pass an exported HF folder; "
-            "megatron checkpoints are not supported yet"
+            f"--model-dir '{model_dir}' has no config.json and is not a megatron checkpoint: "
+            "pass an exported HF folder, a run's checkpoints folder or one iter_* folder"
         )
     try:
         return json.loads(config_path.read_text())
@@ -116,11 +117,33 @@ def resolve_exits(
     return list(range(1, exported.num_layers + 1))
 
 
+def _is_megatron_checkpoint(path: Path) -> bool:
+    from soft.checkpointing.checkpoint import find_checkpoint
+
+    return path.is_dir() and find_checkpoint(path) is not None
+
+
+def _export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
+    from soft.conversion.megatron_to_hf import ExportRequest, convert_megatron_to_hf
+
+    return convert_megatron_to_hf(
+        ExportRequest(checkpoint_dir=checkpoint, out_dir=out_dir, dtype="fp32", progress=False)
+    )
+
+
 def load_exported_model(
     model_dir: str | Path, device: str = "auto", dtype: str = "auto"
 ) -> ExportedModel:
-    """Load an exported LlamaForCausalLM folder (config.json + safetensors + tokenizer.model)."""
+    """Load an exported LlamaForCausalLM folder (config.json + safetensors + tokenizer.model),
+    or a megatron checkpoint of a training run, converted on the fly to a temporary HF folder
+    by the conversion code (the same export `tools/convert_megatron_to_hf.py` writes)."""
     model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file() and _is_megatron_checkpoint(model_dir):
+        with tempfile.TemporaryDirectory(prefix="soft-eval-export-") as tmp:
+            exported_dir = _export_checkpoint(model_dir, Path(tmp) / "hf")
+            loaded = load_exported_model(exported_dir, device=device, dtype=dtype)
+            loaded.path = model_dir
+            return loaded
     config = read_model_config(model_dir)
     exits = recorded_exit_layers(config, f"'{model_dir / 'config.json'}'")
     tokenizer_path = model_dir / "tokenizer.model"

@@ -86,7 +86,9 @@ def build_soft_model(
 ) -> SoftModel:
     config = transformer_config(model_cfg, parallel_cfg)
     chunks = build_chunks(model_cfg, config, plan, vocab_size)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    )
     if device is not None:
         chunks = [c.to(device) for c in chunks]
     if init:
@@ -100,7 +102,9 @@ def build_soft_model(
         overlap_param_gather=parallel_cfg.overlap_param_gather,
     )
     wrapped = [
-        DistributedDataParallel(config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
+        )
         for i, c in enumerate(chunks)
     ]
     head_group = shared_head.build_head_group(chunks)
@@ -108,7 +112,10 @@ def build_soft_model(
     for w, c in zip(wrapped, chunks, strict=True):
         head = shared_head.head_of(c)
         hooks = ExitHooks(
-            c, plan, (head[0], head[1]) if head is not None else None, model.record,
+            c,
+            plan,
+            (head[0], head[1]) if head is not None else None,
+            model.record,
             soft_cfg.loss_chunk_tokens,
         )
         model.hooks[id(w)] = hooks
@@ -126,7 +133,9 @@ def _wire_schedule_hooks(model: SoftModel, sum_heads_after_dp: bool) -> None:
         # that reduction already ran during backward, after it (own buckets; see shared_head).
         if not sum_heads_after_dp:
             shared_head.allreduce_head_grads(raw_chunks, model.head_group)
-        megatron_finalize_model_grads(chunks, num_tokens, pg_collection, force_all_reduce=force_all_reduce)
+        megatron_finalize_model_grads(
+            chunks, num_tokens, pg_collection, force_all_reduce=force_all_reduce
+        )
         if sum_heads_after_dp:
             shared_head.allreduce_head_grads(raw_chunks, model.head_group)
 

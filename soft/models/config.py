@@ -27,12 +27,15 @@ class ModelConfig:
     max_position_embeddings: int = option(4096, "Longest sequence RoPE is set up for.")
     rotary_base: int = option(10000, "RoPE base (LLaMA-2: 10000).")
     norm_epsilon: float = option(1e-5, "RMSNorm epsilon (LLaMA-2: 1e-5).")
-    init_method_std: float = option(0.02, "Std of the random init (runs from HF weights ignore it).")
+    init_method_std: float = option(
+        0.02, "Std of the random init (runs from HF weights ignore it)."
+    )
     params_dtype: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", "Parameter/compute dtype. fp32 on CPU; bf16 on GPUs."
     )
     transformer_impl: Literal["auto", "local", "transformer_engine"] = option(
-        "auto", "Layer spec: auto = Transformer Engine when importable and a GPU is present, else local."
+        "auto",
+        "Layer spec: auto = Transformer Engine when importable and a GPU is present, else local.",
     )
     fp8: Literal["e4m3", "hybrid"] | None = option(
         None, "FP8 format for Transformer Engine layers (needs TE and an FP8 GPU); null = off."
@@ -47,14 +50,18 @@ class ModelConfig:
     def validate(self, prefix: str = "model") -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"config key '{prefix}.{name}': expected >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"config key '{prefix}.{name}': expected >= 1, got {getattr(self, name)}"
+                )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"config key '{prefix}.hidden_size' ({self.hidden_size}) must be divisible by "
                 f"'{prefix}.num_attention_heads' ({self.num_attention_heads})"
             )
         if (self.hidden_size // self.num_attention_heads) % 2:
-            raise ConfigError(f"config key '{prefix}.hidden_size': the head dim must be even for RoPE")
+            raise ConfigError(
+                f"config key '{prefix}.hidden_size': the head dim must be even for RoPE"
+            )
         groups = self.num_query_groups
         if groups is not None and (groups < 1 or self.num_attention_heads % groups):
             raise ConfigError(
@@ -62,7 +69,9 @@ class ModelConfig:
                 f"'{prefix}.num_attention_heads' ({self.num_attention_heads})"
             )
         if self.fp8 is not None and self.params_dtype == "fp32":
-            raise ConfigError(f"config key '{prefix}.fp8' needs '{prefix}.params_dtype' bf16 (got fp32)")
+            raise ConfigError(
+                f"config key '{prefix}.fp8' needs '{prefix}.params_dtype' bf16 (got fp32)"
+            )
         if self.fp8_amax_history_len < 1:
             raise ConfigError(f"config key '{prefix}.fp8_amax_history_len': expected >= 1")
 
@@ -76,19 +85,22 @@ class SoftConfig:
     """Sorted fine-tuning: which sub-models (exits) are trained and how their losses combine."""
 
     mode: Literal["soft", "sft"] = option(
-        "soft", "soft = train every exit (loss = weighted mean of exit CEs); sft = last layer only "
-        "(the paper's baseline; the other exits are still evaluated and logged)."
+        "soft",
+        "soft = train every exit (loss = weighted mean of exit CEs); sft = last layer only "
+        "(the paper's baseline; the other exits are still evaluated and logged).",
     )
     exit_layers: list[int] | None = option(
-        None, "Exit depths, 1-based layer counts, sorted; must include model.num_layers. "
-        "null = every layer. Paper (13B): [12, 16, 20, 24, 28, 32, 36, 40]."
+        None,
+        "Exit depths, 1-based layer counts, sorted; must include model.num_layers. "
+        "null = every layer. Paper (13B): [12, 16, 20, 24, 28, 32, 36, 40].",
     )
     exit_weights: list[float] | None = option(
         None, "Loss weight per exit (normalised to sum 1); null = equal weights."
     )
     loss_chunk_tokens: int = option(
-        1024, "Exit cross-entropy is computed over this many sequence positions at a time and "
-        "recomputed in backward, so an exit's full logits are never alive at once; 0 = one chunk."
+        1024,
+        "Exit cross-entropy is computed over this many sequence positions at a time and "
+        "recomputed in backward, so an exit's full logits are never alive at once; 0 = one chunk.",
     )
 
     def validate(self, prefix: str = "soft") -> None:

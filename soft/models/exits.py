@@ -130,9 +130,7 @@ class ExitHooks:
         self.sequence_parallel = chunk.config.sequence_parallel
         self._labels: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
-        self.layers = [
-            layer for layer in chunk.decoder.layers if layer.layer_number in plan.early
-        ]
+        self.layers = [layer for layer in chunk.decoder.layers if layer.layer_number in plan.early]
         if self.layers and head is None:
             raise RuntimeError("a chunk with early exits needs the shared head (or a replica)")
         self.norm, self.output_weight_owner = head if head is not None else (None, None)
@@ -156,7 +154,12 @@ class ExitHooks:
         weight = self.output_weight_owner.weight
         with torch.set_grad_enabled(trains):
             ce_sum = exit_ce_sum(
-                hidden, self.norm, weight, self._labels, self._mask, self.chunk_tokens,
+                hidden,
+                self.norm,
+                weight,
+                self._labels,
+                self._mask,
+                self.chunk_tokens,
                 self.sequence_parallel,
             )
         self.record.add(k, ce_sum, self._mask.sum())

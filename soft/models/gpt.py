@@ -45,8 +45,12 @@ def use_transformer_engine(model: ModelConfig) -> bool:
             "GPU; set model.fp8=null on this machine"
         )
     if model.fp8 is not None and model.transformer_impl == "local":
-        raise ConfigError("config key 'model.fp8' needs model.transformer_impl auto or transformer_engine")
-    return model.transformer_impl == "transformer_engine" or (model.transformer_impl == "auto" and te_ok)
+        raise ConfigError(
+            "config key 'model.fp8' needs model.transformer_impl auto or transformer_engine"
+        )
+    return model.transformer_impl == "transformer_engine" or (
+        model.transformer_impl == "auto" and te_ok
+    )
 
 
 def check_runtime_support(model: ModelConfig, parallel: ParallelConfig) -> bool:
@@ -187,7 +191,8 @@ def _fill_shard(sh: ShardedTensor, seed: int, model: ModelConfig) -> None:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(tag.encode()))
         full = torch.randn(shape, generator=gen) * std
     index = tuple(
-        slice(off, off + size) for off, size in zip(sh.global_offset[n_pre:], sh.data.shape, strict=True)
+        slice(off, off + size)
+        for off, size in zip(sh.global_offset[n_pre:], sh.data.shape, strict=True)
     )
     with torch.no_grad():
         sh.data.copy_(full[index].to(sh.data.dtype))

@@ -69,12 +69,14 @@ class SharedHeadReplica(MegatronModule):
                 if isinstance(sh, ShardedTensor | ShardedObject):
                     rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
                     sh.replica_id = (self.replica_index + 1, *rid[1:])
-                out[f"{prefix}{name}.{local_key[len(key_prefix):]}"] = sh
+                out[f"{prefix}{name}.{local_key[len(key_prefix) :]}"] = sh
         return out
 
 
 def chunk_exit_layers(chunk: torch.nn.Module, plan: ExitPlan) -> list[int]:
-    return [layer.layer_number for layer in chunk.decoder.layers if layer.layer_number in plan.early]
+    return [
+        layer.layer_number for layer in chunk.decoder.layers if layer.layer_number in plan.early
+    ]
 
 
 def add_head_replica(chunk, plan: ExitPlan, vocab_size: int, replica_index: int) -> None:
@@ -120,7 +122,9 @@ def build_head_group(chunks) -> dist.ProcessGroup | None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return None
     owns = bool(head_params(chunks))
-    pp_ranks = tuple(dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()))
+    pp_ranks = tuple(
+        dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    )
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (dist.get_rank(), pp_ranks, owns))
     owners = {rank for rank, _, own in everyone if own}

@@ -22,11 +22,15 @@ class ParallelConfig:
     num_layers_in_last_pipeline_stage: int | None = option(
         None, "Uneven pipeline: layers on the last stage (it also holds the LM head and the loss)."
     )
-    sequence_parallel: bool = option(False, "Sequence parallelism for norms/dropout (needs TP > 1).")
+    sequence_parallel: bool = option(
+        False, "Sequence parallelism for norms/dropout (needs TP > 1)."
+    )
     use_distributed_optimizer: bool = option(
         False, "Shard optimizer state over data-parallel ranks (ZeRO-1)."
     )
-    overlap_grad_reduce: bool = option(False, "Overlap the data-parallel grad reduce with backward (GPU).")
+    overlap_grad_reduce: bool = option(
+        False, "Overlap the data-parallel grad reduce with backward (GPU)."
+    )
     overlap_param_gather: bool = option(
         False, "Overlap the distributed optimizer's param all-gather with forward (GPU)."
     )
@@ -45,18 +49,28 @@ class ParallelConfig:
                 f"pipeline_model_parallel_size >= 2 (or null), got {vp}"
             )
         if self.sequence_parallel and self.tensor_model_parallel_size < 2:
-            raise ConfigError(f"config key '{prefix}.sequence_parallel' needs tensor_model_parallel_size > 1")
+            raise ConfigError(
+                f"config key '{prefix}.sequence_parallel' needs tensor_model_parallel_size > 1"
+            )
         if self.overlap_param_gather and not self.use_distributed_optimizer:
-            raise ConfigError(f"config key '{prefix}.overlap_param_gather' needs use_distributed_optimizer")
+            raise ConfigError(
+                f"config key '{prefix}.overlap_param_gather' needs use_distributed_optimizer"
+            )
         uneven = (self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
         if any(n is not None for n in uneven):
             if self.pipeline_model_parallel_size < 2:
-                raise ConfigError(f"config key '{prefix}.num_layers_in_first/last_pipeline_stage' needs PP > 1")
+                raise ConfigError(
+                    f"config key '{prefix}.num_layers_in_first/last_pipeline_stage' needs PP > 1"
+                )
             if vp is not None:
-                raise ConfigError(f"uneven pipeline stages with '{prefix}.virtual_pipeline_model_parallel_size' are not supported")
+                raise ConfigError(
+                    f"uneven pipeline stages with '{prefix}.virtual_pipeline_model_parallel_size' are not supported"
+                )
             for n in uneven:
                 if n is not None and n < 1:
-                    raise ConfigError(f"config key '{prefix}.num_layers_in_*_pipeline_stage': expected >= 1")
+                    raise ConfigError(
+                        f"config key '{prefix}.num_layers_in_*_pipeline_stage': expected >= 1"
+                    )
 
     @property
     def model_parallel_size(self) -> int:
@@ -65,12 +79,17 @@ class ParallelConfig:
     def stage_layer_counts(self, num_layers: int) -> list[int]:
         """Layers per pipeline stage (before virtual chunking), as megatron-core will assign them."""
         pp = self.pipeline_model_parallel_size
-        first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
+        first, last = (
+            self.num_layers_in_first_pipeline_stage,
+            self.num_layers_in_last_pipeline_stage,
+        )
         middle_stages = pp - (first is not None) - (last is not None)
         rest = num_layers - (first or 0) - (last or 0)
         if middle_stages == 0:
             if rest != 0:
-                raise ConfigError(f"pipeline stage layer counts {first}+{last} != model.num_layers={num_layers}")
+                raise ConfigError(
+                    f"pipeline stage layer counts {first}+{last} != model.num_layers={num_layers}"
+                )
             return [first, last]  # type: ignore[list-item]
         if rest < middle_stages or rest % middle_stages:
             raise ConfigError(

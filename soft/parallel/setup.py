@@ -47,11 +47,18 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> Topology:
     if backend == "nccl" and not on_gpu:
         raise ConfigError("config key 'parallel.backend' is 'nccl' but no CUDA GPU is present")
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python launcher.py`: a world of one
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        else:  # plain `python launcher.py`: a world of one (the environment is left untouched)
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+                timeout=timedelta(minutes=30),
+            )
     world = dist.get_world_size()
     if world % parallel.model_parallel_size:
         raise ConfigError(
@@ -76,7 +83,9 @@ def current_topology() -> Topology:
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
-        device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"),
+        device=torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu"),
     )
 
 

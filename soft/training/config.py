@@ -17,7 +17,9 @@ class TrainConfig:
     lr: float = option(1e-3, "Peak learning rate (the paper: 2e-5 for 13B).")
     min_lr: float = option(1e-4, "Learning rate at the end of the decay.")
     lr_warmup_iters: int = option(5, "Linear warmup steps.")
-    lr_decay_style: Literal["cosine", "linear", "constant"] = option("cosine", "Decay after warmup.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = option(
+        "cosine", "Decay after warmup."
+    )
     weight_decay: float = option(0.0, "AdamW weight decay (not applied to norms).")
     adam_beta1: float = option(0.9, "Adam beta1.")
     adam_beta2: float = option(0.95, "Adam beta2.")
@@ -27,26 +29,39 @@ class TrainConfig:
     log_interval: int = option(5, "Steps between console/MLflow training logs.")
     eval_interval: int = option(20, "Steps between validation passes (0 = only at the end).")
     eval_iters: int = option(2, "Global batches per validation pass.")
-    output_dir: str = option("runs/default", "Run directory: resolved config, checkpoints, MLflow store.")
+    output_dir: str = option(
+        "runs/default", "Run directory: resolved config, checkpoints, MLflow store."
+    )
     exit_interval: int = option(
-        0, "Save and stop this job after this many steps (0 = off); a rerun resumes. For "
-        "time-sliced jobs, like Megatron-LM's --exit-interval."
+        0,
+        "Save and stop this job after this many steps (0 = off); a rerun resumes. For "
+        "time-sliced jobs, like Megatron-LM's --exit-interval.",
     )
     loss_scale: float | None = option(
         None, "fp16 only: static loss scale; null = dynamic loss scaling."
     )
 
     def validate(self, prefix: str = "train") -> None:
-        for name in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
+        for name in (
+            "train_iters",
+            "micro_batch_size",
+            "global_batch_size",
+            "log_interval",
+            "eval_iters",
+        ):
             if getattr(self, name) < 1:
-                raise ConfigError(f"config key '{prefix}.{name}': expected >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"config key '{prefix}.{name}': expected >= 1, got {getattr(self, name)}"
+                )
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"config key '{prefix}.global_batch_size' ({self.global_batch_size}) must be a multiple "
                 f"of '{prefix}.micro_batch_size' ({self.micro_batch_size})"
             )
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"config keys '{prefix}.lr'/'{prefix}.min_lr': expected 0 <= min_lr <= lr, lr > 0")
+            raise ConfigError(
+                f"config keys '{prefix}.lr'/'{prefix}.min_lr': expected 0 <= min_lr <= lr, lr > 0"
+            )
         if not 0 <= self.lr_warmup_iters < self.train_iters:
             raise ConfigError(
                 f"config key '{prefix}.lr_warmup_iters' ({self.lr_warmup_iters}): expected "
@@ -55,4 +70,6 @@ class TrainConfig:
         if self.exit_interval < 0:
             raise ConfigError(f"config key '{prefix}.exit_interval': expected >= 0")
         if self.eval_interval < 0 or self.clip_grad < 0 or self.weight_decay < 0:
-            raise ConfigError(f"config keys '{prefix}.eval_interval/clip_grad/weight_decay': expected >= 0")
+            raise ConfigError(
+                f"config keys '{prefix}.eval_interval/clip_grad/weight_decay': expected >= 0"
+            )

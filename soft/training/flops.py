@@ -9,7 +9,9 @@ from soft.models.config import ModelConfig
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def forward_flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int, num_heads_evaluated: int) -> float:
+def forward_flops_per_token(
+    model: ModelConfig, seq_length: int, vocab_size: int, num_heads_evaluated: int
+) -> float:
     h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
     kv = model.query_groups * (h // model.num_attention_heads)
     per_layer = (
@@ -21,7 +23,9 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int
     return L * per_layer + num_heads_evaluated * 2 * h * vocab_size
 
 
-def train_flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int, num_exits_trained: int) -> float:
+def train_flops_per_token(
+    model: ModelConfig, seq_length: int, vocab_size: int, num_exits_trained: int
+) -> float:
     """Forward + backward (3x forward). Each trained exit adds 6*h*V per token."""
     return 3 * forward_flops_per_token(model, seq_length, vocab_size, num_exits_trained)
 

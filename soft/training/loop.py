@@ -76,12 +76,28 @@ def setup(cfg: RootConfig) -> Run:
         )
     tp = cfg.parallel.tensor_model_parallel_size
     model = build_soft_model(
-        cfg.model, cfg.parallel, cfg.soft, cfg.exit_plan(), padded_vocab_size(vocab, cfg.model, tp), cfg.train.seed
+        cfg.model,
+        cfg.parallel,
+        cfg.soft,
+        cfg.exit_plan(),
+        padded_vocab_size(vocab, cfg.model, tp),
+        cfg.train.seed,
     )
     optimizer = build_optimizer(model, cfg.train, cfg.model, cfg.parallel)
     scheduler = build_scheduler(optimizer, cfg.train)
     save_dir = Path(cfg.checkpoint.save_dir or output_dir / "checkpoints")
-    run = Run(cfg, topo, model, optimizer, scheduler, train_data, valid_data, TrainState(), output_dir, save_dir)
+    run = Run(
+        cfg,
+        topo,
+        model,
+        optimizer,
+        scheduler,
+        train_data,
+        valid_data,
+        TrainState(),
+        output_dir,
+        save_dir,
+    )
     run.state = restore(run)
     if topo.is_logging_rank:
         log.info(train_data.describe())
@@ -114,7 +130,9 @@ def restore(run: Run) -> TrainState:
     return load_checkpoint(ck.load_dir, chunks, run.optimizer, run.scheduler, dist_opt)
 
 
-def microbatches(data: SFTDataset, sampler: ResumableBatchSampler, consumed: int, mbs: int, device) -> list[Batch]:
+def microbatches(
+    data: SFTDataset, sampler: ResumableBatchSampler, consumed: int, mbs: int, device
+) -> list[Batch]:
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     out = []
@@ -131,7 +149,9 @@ def evaluate(run: Run) -> StepResult | None:
     totals: dict[int, float] = {}
     results = []
     for i in range(t.eval_iters):
-        mb = microbatches(run.valid_data, sampler, i * t.global_batch_size, t.micro_batch_size, run.topo.device)
+        mb = microbatches(
+            run.valid_data, sampler, i * t.global_batch_size, t.micro_batch_size, run.topo.device
+        )
         results.append(eval_step(run.model, mb))
     tokens = sum(r.num_tokens for r in results)
     for k in run.model.plan.layers:  # token-weighted mean over the eval batches
@@ -159,7 +179,9 @@ class Meter:
         self.run = run
         self.tokens_per_step = t.global_batch_size * run.cfg.data.seq_length
         trained = len(run.model.plan.layers) if run.model.plan.train_all else 1
-        self.flops_per_token = flops.train_flops_per_token(m, run.cfg.data.seq_length, run.model.vocab_size, trained)
+        self.flops_per_token = flops.train_flops_per_token(
+            m, run.cfg.data.seq_length, run.model.vocab_size, trained
+        )
         self.peak = flops.device_peak_tflops()
         self.start = time.perf_counter()
         self.steps_done = 0
@@ -181,13 +203,18 @@ class Meter:
             out[f"train/loss/exit_{k}"] = sum(r.exit_losses[k] for r in self.results) / n
         step_time = self.time / n
         tokens_per_s = self.tokens_per_step / step_time
-        out.update({
-            "train/lr": self.results[-1].lr or 0.0,
-            "train/step_time_s": step_time,
-            "perf/tokens_per_s": tokens_per_s,
-            "perf/model_tflops_per_device": tokens_per_s * self.flops_per_token / 1e12 / self.run.topo.world_size,
-            "memory/peak_gb": _memory_gb(),
-        })
+        out.update(
+            {
+                "train/lr": self.results[-1].lr or 0.0,
+                "train/step_time_s": step_time,
+                "perf/tokens_per_s": tokens_per_s,
+                "perf/model_tflops_per_device": tokens_per_s
+                * self.flops_per_token
+                / 1e12
+                / self.run.topo.world_size,
+                "memory/peak_gb": _memory_gb(),
+            }
+        )
         norms = [r.grad_norm for r in self.results if r.grad_norm is not None]
         if norms:
             out["train/grad_norm"] = sum(norms) / len(norms)
@@ -199,7 +226,9 @@ class Meter:
         total = self.run.cfg.train.train_iters
         elapsed = time.perf_counter() - self.start
         eta = (total - iteration) * metrics["train/step_time_s"]
-        exits = " ".join(f"exit_{k} {metrics[f'train/loss/exit_{k}']:.4f}" for k in self.run.model.plan.layers)
+        exits = " ".join(
+            f"exit_{k} {metrics[f'train/loss/exit_{k}']:.4f}" for k in self.run.model.plan.layers
+        )
         return (
             f"step {iteration}/{total} | loss {metrics['train/loss']:.4f} | {exits} | "
             f"lr {metrics['train/lr']:.3g} | grad {metrics.get('train/grad_norm', float('nan')):.3f} | "
@@ -223,22 +252,35 @@ def _append_history(run: Run, name: str, record: dict) -> None:
 def _save(run: Run) -> None:
     ck = run.cfg.checkpoint
     path = save_checkpoint(
-        run.save_dir, run.model.unwrapped, run.optimizer, run.scheduler, run.state, run.cfg,
-        run.cfg.parallel.use_distributed_optimizer, ck.keep_last,
+        run.save_dir,
+        run.model.unwrapped,
+        run.optimizer,
+        run.scheduler,
+        run.state,
+        run.cfg,
+        run.cfg.parallel.use_distributed_optimizer,
+        ck.keep_last,
     )
     if run.topo.is_logging_rank:
         log.info("saved checkpoint %s", path)
 
 
 def _record(result: StepResult, iteration: int) -> dict:
-    return {"iteration": iteration, "loss": result.loss, **{f"exit_{k}": v for k, v in result.exit_losses.items()}}
+    return {
+        "iteration": iteration,
+        "loss": result.loss,
+        **{f"exit_{k}": v for k, v in result.exit_losses.items()},
+    }
 
 
 def _validate(run: Run, tracker: Tracker, result: RunResult) -> None:
     valid = evaluate(run)
     if valid is None:
         return
-    metrics = {"valid/loss": valid.loss, **{f"valid/loss/exit_{k}": v for k, v in valid.exit_losses.items()}}
+    metrics = {
+        "valid/loss": valid.loss,
+        **{f"valid/loss/exit_{k}": v for k, v in valid.exit_losses.items()},
+    }
     tracker.log(metrics, run.state.iteration)
     record = _record(valid, run.state.iteration)
     result.valid_history.append(record)
@@ -264,7 +306,13 @@ def train(run: Run, tracker: Tracker) -> RunResult:
     first_iteration = run.state.iteration
     try:
         while run.state.iteration < t.train_iters:
-            mb = microbatches(run.train_data, sampler, run.state.consumed_samples, t.micro_batch_size, run.topo.device)
+            mb = microbatches(
+                run.train_data,
+                sampler,
+                run.state.consumed_samples,
+                t.micro_batch_size,
+                run.topo.device,
+            )
             started = time.perf_counter()
             step = train_step(run.model, run.optimizer, run.scheduler, mb)
             if torch.cuda.is_available():
@@ -287,7 +335,9 @@ def train(run: Run, tracker: Tracker) -> RunResult:
             if ck.save_interval and it % ck.save_interval == 0 and it != t.train_iters:
                 _save(run)
             if stop.agreed(run.topo.device):
-                log.warning("stop requested (signal %s): saving at step %d and exiting", stop.received, it)
+                log.warning(
+                    "stop requested (signal %s): saving at step %d and exiting", stop.received, it
+                )
                 return _stop(run, result, "signal")
             if t.exit_interval and it - first_iteration >= t.exit_interval and it != t.train_iters:
                 log.info("exit_interval reached: saving at step %d and exiting", it)

@@ -11,7 +11,9 @@ from soft.parallel.config import ParallelConfig
 from soft.training.config import TrainConfig
 
 
-def build_optimizer(model: SoftModel, train: TrainConfig, model_cfg: ModelConfig, parallel: ParallelConfig):
+def build_optimizer(
+    model: SoftModel, train: TrainConfig, model_cfg: ModelConfig, parallel: ParallelConfig
+):
     config = OptimizerConfig(
         optimizer="adam",
         lr=train.lr,

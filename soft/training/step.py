@@ -33,7 +33,9 @@ def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
     """[1, 1, s, s] bool, True = masked. Passed explicitly: megatron's default is built on CUDA."""
     key = (seq_length, str(device))
     if key not in _MASKS:
-        _MASKS[key] = torch.ones(seq_length, seq_length, dtype=torch.bool, device=device).triu(1)[None, None]
+        _MASKS[key] = torch.ones(seq_length, seq_length, dtype=torch.bool, device=device).triu(1)[
+            None, None
+        ]
     return _MASKS[key]
 
 
@@ -86,7 +88,10 @@ def reduce_exit_losses(model: SoftModel) -> tuple[dict[int, float], int]:
         dist.all_reduce(table)
     model.record.clear()
     tokens = int(table[-1, 1].item())
-    return {layer: (table[i, 0] / table[i, 1].clamp(min=1)).item() for i, layer in enumerate(plan.layers)}, tokens
+    return {
+        layer: (table[i, 0] / table[i, 1].clamp(min=1)).item()
+        for i, layer in enumerate(plan.layers)
+    }, tokens
 
 
 def _objective(model: SoftModel, exit_losses: dict[int, float]) -> float:

@@ -24,7 +24,12 @@ def test_paper_13b_preset():
     cfg = load_config(Path("configs/llama2_13b_alpaca.yaml"))
     assert cfg.soft.exit_layers == [12, 16, 20, 24, 28, 32, 36, 40]
     assert cfg.exit_plan().weights == (0.125,) * 8
-    assert (cfg.train.lr, cfg.train.seed, cfg.data.seq_length, cfg.data.format) == (2e-5, 42, 2048, "alpaca")
+    assert (cfg.train.lr, cfg.train.seed, cfg.data.seq_length, cfg.data.format) == (
+        2e-5,
+        42,
+        2048,
+        "alpaca",
+    )
     assert load_config(Path("configs/llama2_70b.yaml")).model.num_query_groups == 8
 
 
@@ -57,12 +62,21 @@ def test_precedence_defaults_yaml_cli(tmp_path):
         ("soft.exit_weights=[1,2]", r"'soft.exit_weights': expected 4 weights"),
         ("soft.exit_weights=[1,-1,1,1]", r"weights must be >= 0"),
         ("train.global_batch_size=6", r"'train.global_batch_size' \(6\) must be a multiple"),
-        ("parallel.tensor_model_parallel_size=3", r"'parallel.tensor_model_parallel_size' \(3\) must divide"),
-        ("parallel.sequence_parallel=true", r"'parallel.sequence_parallel' needs tensor_model_parallel_size > 1"),
+        (
+            "parallel.tensor_model_parallel_size=3",
+            r"'parallel.tensor_model_parallel_size' \(3\) must divide",
+        ),
+        (
+            "parallel.sequence_parallel=true",
+            r"'parallel.sequence_parallel' needs tensor_model_parallel_size > 1",
+        ),
         ("data.seq_length=4", r"'data.seq_length': expected >= 8"),
         ("model.fp8=e5m2", r"'model.fp8': expected 'e4m3' \| 'hybrid', got 'e5m2'"),
         ("train.train_iters", r"expected key=value"),
-        ("train.train_iters=5", r"'train.lr_warmup_iters' \(5\): expected 0 <= value < train.train_iters \(5\)"),
+        (
+            "train.train_iters=5",
+            r"'train.lr_warmup_iters' \(5\): expected 0 <= value < train.train_iters \(5\)",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -83,8 +97,14 @@ def test_pipeline_split_must_cover_layers():
     with pytest.raises(ConfigError, match="cannot be split over 3 pipeline stages"):
         load_config(None, ["parallel.pipeline_model_parallel_size=3"])
     uneven = ["model.num_layers=6", "parallel.pipeline_model_parallel_size=3"]
-    cfg = load_config(None, [*uneven, "parallel.num_layers_in_first_pipeline_stage=1",
-                             "parallel.num_layers_in_last_pipeline_stage=1"])
+    cfg = load_config(
+        None,
+        [
+            *uneven,
+            "parallel.num_layers_in_first_pipeline_stage=1",
+            "parallel.num_layers_in_last_pipeline_stage=1",
+        ],
+    )
     assert cfg.parallel.stage_layer_counts(6) == [1, 4, 1]
     with pytest.raises(ConfigError, match="5 layers left for 2 stage"):
         load_config(None, [*uneven, "parallel.num_layers_in_first_pipeline_stage=1"])
@@ -106,3 +126,11 @@ def test_config_reference_doc_is_current():
     from tools.config_reference import DOC, render
 
     assert DOC.read_text() == render(), "run: python tools/config_reference.py --write"
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 2e-5\n  min_lr: 1e-6\n")
+    assert load_config(f, ["train.weight_decay=1e-2"]).train.lr == 2e-5
+    with pytest.raises(ConfigError, match="'train.lr': expected float, got '2e-5x'"):
+        load_config(None, ["train.lr=2e-5x"])

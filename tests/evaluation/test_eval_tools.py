@@ -116,7 +116,7 @@ def test_eval_exits_bad_input(export_dir, tmp_path, trivia_file):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     base = ["--data", str(trivia_file), "--format", "triviaqa", "--out", str(tmp_path / "x.json")]
-    with pytest.raises(ConfigError, match="megatron checkpoints are not supported yet"):
+    with pytest.raises(ConfigError, match="is not a megatron checkpoint"):
         eval_exits.main(["--model-dir", str(tmp_path), *base])
     with pytest.raises(ConfigError, match=r"--exits.*outside the model's depth.*1\.\.6"):
         eval_exits.main(["--model-dir", str(export_dir), *base, "--exits", "2,7"])

@@ -23,7 +23,9 @@ def _build(*overrides):
     single_rank_world()
     cfg = tiny_config(*overrides)
     train, _, tok = build_datasets(cfg.data, cfg.train.seed)
-    model = build_soft_model(cfg.model, cfg.parallel, cfg.soft, cfg.exit_plan(), 512, cfg.train.seed)
+    model = build_soft_model(
+        cfg.model, cfg.parallel, cfg.soft, cfg.exit_plan(), 512, cfg.train.seed
+    )
     microbatches = [train.batch([0, 1]), train.batch([2, 3])]
     return cfg, model, microbatches
 
@@ -52,7 +54,9 @@ def _reference_losses(model, microbatches):
                 h = gpt.decoder.final_layernorm(captured[k])  # [s, b, h]
                 logits = h @ gpt.output_layer.weight.t()
                 ce = F.cross_entropy(
-                    logits.transpose(0, 1).reshape(b * s, -1), mb["labels"].reshape(-1), reduction="none"
+                    logits.transpose(0, 1).reshape(b * s, -1),
+                    mb["labels"].reshape(-1),
+                    reduction="none",
                 ).view(b, s)
                 sums[k] = sums[k] + (ce * mask).sum()
             tokens += mask.sum().item()
@@ -96,7 +100,9 @@ def test_soft_losses_and_gradients_match_hand_computation(overrides):
     cfg, model, mbs = _build(*overrides)
     plan = model.plan
     losses, grads = _soft_grads(model, mbs)
-    ref_losses, ref_grads = _reference_grads(model, mbs, dict(zip(plan.layers, plan.weights, strict=True)))
+    ref_losses, ref_grads = _reference_grads(
+        model, mbs, dict(zip(plan.layers, plan.weights, strict=True))
+    )
     assert set(losses) == set(plan.layers)
     for k in plan.layers:
         assert losses[k] == pytest.approx(ref_losses[k], rel=1e-6), k
@@ -134,6 +140,8 @@ def test_chunked_exit_loss_equals_plain_loss_and_gradients():
             t.grad = None
         loss = exit_ce_sum(hidden, norm, weight, labels, mask, chunk, sequence_parallel=False)
         loss.backward()
-        results.append((loss.detach(), hidden.grad.clone(), weight.grad.clone(), norm.weight.grad.clone()))
+        results.append(
+            (loss.detach(), hidden.grad.clone(), weight.grad.clone(), norm.weight.grad.clone())
+        )
     for a, b_ in zip(*results, strict=True):
         torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-6)

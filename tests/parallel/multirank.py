@@ -42,10 +42,20 @@ from soft.parallel.setup import destroy_distributed
 from soft.training import loop, step
 
 BASE = [
-    "model.num_layers=8", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
-    "data.seq_length=48", "data.builtin_num_samples=64",
-    "train.micro_batch_size=2", "train.global_batch_size=8", "train.train_iters=10", "train.lr=3e-3",
-    "train.lr_warmup_iters=1", "train.clip_grad=1.0", "tracking.enabled=false", "checkpoint.auto_resume=false",
+    "model.num_layers=8",
+    "model.hidden_size=32",
+    "model.ffn_hidden_size=64",
+    "model.num_attention_heads=4",
+    "data.seq_length=48",
+    "data.builtin_num_samples=64",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.train_iters=10",
+    "train.lr=3e-3",
+    "train.lr_warmup_iters=1",
+    "train.clip_grad=1.0",
+    "tracking.enabled=false",
+    "checkpoint.auto_resume=false",
     "soft.loss_chunk_tokens=20",
 ]
 
@@ -71,17 +81,42 @@ SCENARIOS = {
     s.name: s
     for s in [
         # several exits on the first stage (inside it), one inside the last stage
-        Scenario("tp2_pp2", 4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], "[2,3,5,8]"),
+        Scenario(
+            "tp2_pp2",
+            4,
+            ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+            "[2,3,5,8]",
+        ),
         # an exit on a stage boundary (layer 2 ends stage 0); stages 1 and 2 own no exit
         Scenario("pp4", 4, ["parallel.pipeline_model_parallel_size=4"], "[2,8]"),
         Scenario("dp2_tp2", 4, ["parallel.tensor_model_parallel_size=2"], "[1,4,8]"),
-        Scenario("dp2_pp2_distopt", 4, ["parallel.pipeline_model_parallel_size=2", "parallel.use_distributed_optimizer=true"],
-                 "[4,6,8]", compare_grads=False),
+        Scenario(
+            "dp2_pp2_distopt",
+            4,
+            ["parallel.pipeline_model_parallel_size=2", "parallel.use_distributed_optimizer=true"],
+            "[4,6,8]",
+            compare_grads=False,
+        ),
         # interleaved 1F1B: rank 0 holds chunks (layers 1-2) and (5-6), both with exits
-        Scenario("pp2_vp2", 2, ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"],
-                 "[1,3,5,8]", extra=["train.global_batch_size=8", "train.micro_batch_size=2"]),
-        Scenario("pp2_uneven", 2, ["parallel.pipeline_model_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=2"],
-                 "[1,2,5,8]"),
+        Scenario(
+            "pp2_vp2",
+            2,
+            [
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.virtual_pipeline_model_parallel_size=2",
+            ],
+            "[1,3,5,8]",
+            extra=["train.global_batch_size=8", "train.micro_batch_size=2"],
+        ),
+        Scenario(
+            "pp2_uneven",
+            2,
+            [
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.num_layers_in_first_pipeline_stage=2",
+            ],
+            "[1,2,5,8]",
+        ),
     ]
 }
 
@@ -93,7 +128,13 @@ def _free_port() -> int:
 
 
 def _config(scenario: Scenario, out: Path, layout: bool, *more: str):
-    overrides = [*BASE, f"soft.exit_layers={scenario.exits}", f"train.output_dir={out}", *scenario.extra, *more]
+    overrides = [
+        *BASE,
+        f"soft.exit_layers={scenario.exits}",
+        f"train.output_dir={out}",
+        *scenario.extra,
+        *more,
+    ]
     return load_config(None, overrides + (scenario.layout if layout else []))
 
 
@@ -130,7 +171,14 @@ def dump_global(chunks, attr: str) -> list[tuple]:
             for sh in _shards(item, attr):
                 sh, tensor = sh if isinstance(sh, tuple) else (sh, sh.data)
                 if _is_main(sh.replica_id):
-                    out.append((sh.key, tuple(sh.global_offset), tuple(sh.global_shape), tensor.detach().clone()))
+                    out.append(
+                        (
+                            sh.key,
+                            tuple(sh.global_offset),
+                            tuple(sh.global_shape),
+                            tensor.detach().clone(),
+                        )
+                    )
     return out
 
 
@@ -140,7 +188,9 @@ def _train_steps(run, n: int, capture_first: bool) -> dict:
     sampler = ResumableBatchSampler(len(run.train_data), t.global_batch_size, t.seed)
     record: dict = {"losses": [], "grad_norms": []}
     for i in range(n):
-        mbs = loop.microbatches(run.train_data, sampler, run.state.consumed_samples, t.micro_batch_size, run.topo.device)
+        mbs = loop.microbatches(
+            run.train_data, sampler, run.state.consumed_samples, t.micro_batch_size, run.topo.device
+        )
         if i == 0 and capture_first:
             for chunk in run.model.chunks:
                 chunk.zero_grad_buffer()
@@ -167,7 +217,9 @@ def scenario_worker(scenario: Scenario, out: Path, layout: bool) -> dict:
     run = loop.setup(_config(scenario, out, layout))
     record = _train_steps(run, 3, capture_first=True)
     record["params"] = dump_global(run.model.unwrapped, "data")
-    record["head_max_diff"] = shared_head.head_replica_max_diff(run.model.unwrapped, run.model.head_group)
+    record["head_max_diff"] = shared_head.head_replica_max_diff(
+        run.model.unwrapped, run.model.head_group
+    )
     record["head_copies"] = len(shared_head.head_params(run.model.unwrapped))
     return record
 
@@ -178,17 +230,27 @@ def reshard_worker(scenario: Scenario, out: Path, layout: bool, ckpt: Path, save
     dist_opt = run.cfg.parallel.use_distributed_optimizer
     if save:
         _train_steps(run, 2, capture_first=False)
-        save_checkpoint(ckpt, run.model.unwrapped, run.optimizer, run.scheduler, run.state, run.cfg, dist_opt)
+        save_checkpoint(
+            ckpt, run.model.unwrapped, run.optimizer, run.scheduler, run.state, run.cfg, dist_opt
+        )
     else:
-        run.state = load_checkpoint(ckpt, run.model.unwrapped, run.optimizer, run.scheduler, dist_opt)
-        assert run.state == TrainState(iteration=2, consumed_samples=2 * run.cfg.train.global_batch_size), run.state
+        run.state = load_checkpoint(
+            ckpt, run.model.unwrapped, run.optimizer, run.scheduler, dist_opt
+        )
+        assert run.state == TrainState(
+            iteration=2, consumed_samples=2 * run.cfg.train.global_batch_size
+        ), run.state
     return _train_steps(run, 1, capture_first=False)
 
 
 def _child(rank: int, world: int, port: int, target, args, result_file: Path) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
     code = 0
@@ -213,7 +275,10 @@ def run_ranks(world: int, target, args, workdir: Path, timeout: float = 300) -> 
     port = _free_port()
     ctx = mp.get_context("fork")
     files = [workdir / f"rank{r}.pt" for r in range(world)]
-    procs = [ctx.Process(target=_child, args=(r, world, port, target, args, files[r])) for r in range(world)]
+    procs = [
+        ctx.Process(target=_child, args=(r, world, port, target, args, files[r]))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -263,7 +328,9 @@ def compare_tensors(got: dict, ref: dict, tol: dict, what: str) -> float:
     assert set(got) == set(ref), f"{what}: keys differ: {set(got) ^ set(ref)}"
     worst = 0.0
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], **tol, msg=lambda m, k=key: f"{what} {k}: {m}")
+        torch.testing.assert_close(
+            got[key], ref[key], **tol, msg=lambda m, k=key: f"{what} {k}: {m}"
+        )
         worst = max(worst, float((got[key] - ref[key]).abs().max()))
     return worst
 
@@ -274,7 +341,9 @@ def compare_losses(got: list[dict], ref: list[dict], what: str) -> float:
         assert set(g) == set(r), f"{what} step {i + 1}: exits differ {set(g)} vs {set(r)}"
         for k in r:
             rel = abs(g[k] - r[k]) / abs(r[k])
-            assert rel < LOSS_RTOL, f"{what} step {i + 1} exit {k}: {g[k]} vs {r[k]} (rel {rel:.2e})"
+            assert rel < LOSS_RTOL, (
+                f"{what} step {i + 1} exit {k}: {g[k]} vs {r[k]} (rel {rel:.2e})"
+            )
             worst = max(worst, rel)
     return worst
 
@@ -282,19 +351,31 @@ def compare_losses(got: list[dict], ref: list[dict], what: str) -> float:
 def check_scenario(scenario: Scenario, root: Path) -> dict:
     ref = run_ranks(1, scenario_worker, (scenario, root / "ref", False), root / "ref")[0]
     ranks = run_ranks(scenario.world, scenario_worker, (scenario, root / "par", True), root / "par")
-    report = {"loss_rel": compare_losses(ranks[0]["losses"], ref["losses"], f"{scenario.name} losses")}
+    report = {
+        "loss_rel": compare_losses(ranks[0]["losses"], ref["losses"], f"{scenario.name} losses")
+    }
     norm_rel = abs(ranks[0]["grad_norms"][0] - ref["grad_norms"][0]) / ref["grad_norms"][0]
-    assert norm_rel < LOSS_RTOL, f"{scenario.name}: grad norm {ranks[0]['grad_norms'][0]} vs {ref['grad_norms'][0]}"
+    assert norm_rel < LOSS_RTOL, (
+        f"{scenario.name}: grad norm {ranks[0]['grad_norms'][0]} vs {ref['grad_norms'][0]}"
+    )
     report["grad_norm_rel"] = norm_rel
     if scenario.compare_grads:
         report["grad_abs"] = compare_tensors(
-            assemble([r["grads"] for r in ranks]), assemble([ref["grads"]]), GRAD_TOL, f"{scenario.name} grad"
+            assemble([r["grads"] for r in ranks]),
+            assemble([ref["grads"]]),
+            GRAD_TOL,
+            f"{scenario.name} grad",
         )
     report["param_abs_after_3_steps"] = compare_tensors(
-        assemble([r["params"] for r in ranks]), assemble([ref["params"]]), PARAM_TOL, f"{scenario.name} param"
+        assemble([r["params"] for r in ranks]),
+        assemble([ref["params"]]),
+        PARAM_TOL,
+        f"{scenario.name} param",
     )
     report["head_max_diff"] = max(r["head_max_diff"] for r in ranks)
-    assert report["head_max_diff"] == 0.0, f"{scenario.name}: head replicas differ by {report['head_max_diff']}"
+    assert report["head_max_diff"] == 0.0, (
+        f"{scenario.name}: head replicas differ by {report['head_max_diff']}"
+    )
     report["head_copies_per_rank"] = [r["head_copies"] for r in ranks]
     return report
 
@@ -304,9 +385,21 @@ def check_reshard(root: Path, scenario: Scenario, save_parallel: bool, load_para
     unbroken run's. Exact resume of Adam's state (moments and step count) is what this checks."""
     ckpt = root / "ckpt"
     world = {True: scenario.world, False: 1}
-    saved = run_ranks(world[save_parallel], reshard_worker, (scenario, root / "a", save_parallel, ckpt, True), root / "a")
-    loaded = run_ranks(world[load_parallel], reshard_worker, (scenario, root / "b", load_parallel, ckpt, False), root / "b")
-    return {"loss_rel": compare_losses(loaded[0]["losses"], saved[0]["losses"], "resumed next step")}
+    saved = run_ranks(
+        world[save_parallel],
+        reshard_worker,
+        (scenario, root / "a", save_parallel, ckpt, True),
+        root / "a",
+    )
+    loaded = run_ranks(
+        world[load_parallel],
+        reshard_worker,
+        (scenario, root / "b", load_parallel, ckpt, False),
+        root / "b",
+    )
+    return {
+        "loss_rel": compare_losses(loaded[0]["losses"], saved[0]["losses"], "resumed next step")
+    }
 
 
 RESHARDS = {

@@ -37,7 +37,11 @@ def report(tmp_path_factory) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.parallel.multirank", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     path = out / "report.json"
     assert path.is_file(), proc.stdout[-3000:] + proc.stderr[-6000:]

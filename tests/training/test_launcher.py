@@ -8,8 +8,15 @@ from tests.launcher_utils import launch, mlflow_metrics
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["train.train_iters=4", "train.log_interval=1", "train.eval_interval=2", "train.lr_warmup_iters=1",
-          "train.micro_batch_size=2", "train.global_batch_size=8", "data.seq_length=80"]
+COMMON = [
+    "train.train_iters=4",
+    "train.log_interval=1",
+    "train.eval_interval=2",
+    "train.lr_warmup_iters=1",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "data.seq_length=80",
+]
 
 
 def test_data_parallel_run_matches_single_rank_in_mlflow(tmp_path):
@@ -48,7 +55,9 @@ def test_tp2_pp2_launcher_run_matches_single_rank_in_mlflow(tmp_path):
     ref, _, _ = mlflow_metrics(single)
     got, params, status = mlflow_metrics(tp_pp)
     assert status == "FINISHED" and params["parallel.pipeline_model_parallel_size"] == "2"
-    keys = [f"{kind}/loss/exit_{k}" for kind in ("train", "valid") for k in (1, 2, 4)] + ["train/loss"]
+    keys = [f"{kind}/loss/exit_{k}" for kind in ("train", "valid") for k in (1, 2, 4)] + [
+        "train/loss"
+    ]
     for key in keys:
         assert [s for s, _ in got[key]] == [s for s, _ in ref[key]], key
         for (_, a), (_, b) in zip(got[key], ref[key], strict=True):

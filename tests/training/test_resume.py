@@ -21,8 +21,13 @@ def _run(out, *overrides):
 
     single_rank_world()
     cfg = tiny_config(
-        f"train.output_dir={out}", "train.train_iters=6", "train.eval_interval=0", "train.lr_warmup_iters=2",
-        "tracking.enabled=false", "checkpoint.keep_last=1", *overrides,
+        f"train.output_dir={out}",
+        "train.train_iters=6",
+        "train.eval_interval=0",
+        "train.lr_warmup_iters=2",
+        "tracking.enabled=false",
+        "checkpoint.keep_last=1",
+        *overrides,
     )
     return run_training(cfg)
 
@@ -34,7 +39,10 @@ def _losses(path):
 def test_resume_continues_the_loss_curve(tmp_path):
     _run(tmp_path / "a")
     first = _run(tmp_path / "b", "train.exit_interval=3")
-    assert json.loads((tmp_path / "b/exit_status.json").read_text()) == {"reason": "exit_interval", "iteration": 3}
+    assert json.loads((tmp_path / "b/exit_status.json").read_text()) == {
+        "reason": "exit_interval",
+        "iteration": 3,
+    }
     assert len(first.train_history) == 3
     second = _run(tmp_path / "b")
     assert [r["iteration"] for r in second.train_history] == [4, 5, 6]
@@ -79,6 +87,10 @@ def test_weights_only_checkpoint_needs_finetune_flag(tmp_path):
     save_checkpoint(tmp_path / "weights", run.model.unwrapped, None, None, TrainState(), run.cfg)
     with pytest.raises(ConfigError, match="checkpoint.finetune=true"):
         _run(tmp_path / "e", f"checkpoint.load_dir={tmp_path / 'weights'}")
-    tuned = _run(tmp_path / "f", f"checkpoint.load_dir={tmp_path / 'weights'}", "checkpoint.finetune=true",
-                 "train.train_iters=3")
+    tuned = _run(
+        tmp_path / "f",
+        f"checkpoint.load_dir={tmp_path / 'weights'}",
+        "checkpoint.finetune=true",
+        "train.train_iters=3",
+    )
     assert [r["iteration"] for r in tuned.train_history] == [1, 2, 3]
