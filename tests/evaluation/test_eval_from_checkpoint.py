@@ -18,6 +18,7 @@ TOOL = Path(__file__).resolve().parents[2] / "tools" / "eval_exits.py"
 
 
 def test_eval_exits_on_megatron_checkpoint_matches_training_validation(tmp_path):
+    from soft.data import build_datasets
     from soft.data.builtin import generate_records
     from soft.training.loop import run_training
 
@@ -30,8 +31,10 @@ def test_eval_exits_on_megatron_checkpoint_matches_training_validation(tmp_path)
         f"train.output_dir={tmp_path / 'run'}", "train.train_iters=3", "train.lr_warmup_iters=1",
         "train.eval_interval=0", "train.eval_iters=2", "tracking.enabled=false",
         f"data.train_path={train}", f"data.valid_path={valid}", "soft.exit_layers=[1,3,4]",
+        "data.seq_length=96",  # nothing truncated: eval_exits scores whole samples
     )  # fmt: skip
     result = run_training(cfg)
+    assert "0 truncated, 0 dropped" in build_datasets(cfg.data, cfg.train.seed)[1].describe()
     logged = result.valid_history[-1]
 
     spec = importlib.util.spec_from_file_location("eval_exits_tool", TOOL)
