@@ -1,12 +1,17 @@
-"""Regenerate soft/data/assets/builtin_tokenizer.model from the built-in task generator.
+"""Regenerate soft/data/assets/builtin_tokenizer.model from the built-in task generator, or
+write a held-out split of the built-in tasks as an Alpaca JSON file for evaluation.
 
-Run once after changing soft/data/builtin.py's tasks or tokenizer settings, and commit the
-result: `python tools/make_builtin_data.py [--out PATH]`.
+    python tools/make_builtin_data.py [--out PATH]          # the tokenizer (commit the result)
+    python tools/make_builtin_data.py --test-records FILE [--count N] [--seed S] [--train-count M]
+
+The test split excludes every question of a training run that used the built-in tasks with
+`train.seed=S` and `data.builtin_num_samples=M` (the defaults match the default job).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -16,15 +21,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from soft.data.builtin import (  # noqa: E402
     BUILTIN_TOKENIZER_PATH,
     generate_records,
+    record_key,
     train_builtin_tokenizer,
 )
 from soft.data.tokenizer import Tokenizer  # noqa: E402
 
 
+def write_test_records(path: Path, count: int, seed: int, train_count: int) -> None:
+    train = generate_records(seed, train_count)
+    exclude = {record_key(r) for r in train}
+    records = generate_records(seed, count, split="test", exclude=exclude)
+    path.write_text(json.dumps(records, indent=1))
+    print(
+        f"wrote {path}: {len(records)} held-out records (none of the {train_count} training ones)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=BUILTIN_TOKENIZER_PATH, help="output .model")
+    parser.add_argument(
+        "--test-records", type=Path, help="write a held-out Alpaca JSON file instead"
+    )
+    parser.add_argument("--count", type=int, default=200, help="held-out records to write")
+    parser.add_argument("--seed", type=int, default=42, help="the training run's train.seed")
+    parser.add_argument(
+        "--train-count", type=int, default=2000, help="the training run's data.builtin_num_samples"
+    )
     args = parser.parse_args(argv)
+    if args.test_records is not None:
+        write_test_records(args.test_records, args.count, args.seed, args.train_count)
+        return
     path = train_builtin_tokenizer(args.out)
     tok = Tokenizer.from_file(path)
     sample = generate_records(0, 1)[0]

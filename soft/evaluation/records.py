@@ -2,7 +2,7 @@
 
 Every format becomes `EvalExample(prompt, target, answers)`, built with the training prompt
 templates so evaluation scores exactly what training optimised:
-- alpaca: JSON list or JSONL of {"instruction", "input"?, "output"}; target = output.
+- alpaca: JSON list or JSONL of {"instruction", "input"?, "output"}; target = output; answers = [output].
 - triviaqa: JSONL/JSON of {"turns": [question], "answer": [aliases...]} (also accepted:
   "question" and "answer": {"aliases": [...]}); target = " " + first alias; answers = aliases.
 - text: JSON/JSONL records with a "text" field, or a .txt file (one document per non-empty
@@ -25,7 +25,7 @@ FORMATS = ("alpaca", "triviaqa", "text")
 class EvalExample:
     prompt: str
     target: str
-    answers: list[str] = field(default_factory=list)  # TriviaQA aliases, for exact match
+    answers: list[str] = field(default_factory=list)  # TriviaQA aliases / Alpaca output, for EM
 
 
 def _read_records(path: Path) -> list:
@@ -62,7 +62,10 @@ def _field(record, name: str, where: str):
 def _alpaca(record, where: str) -> EvalExample:
     instruction = _field(record, "instruction", where)
     output = _field(record, "output", where)
-    return EvalExample(alpaca_prompt(instruction, record.get("input", "") or ""), output)
+    # The reference output is also the exact-match answer: right for tasks with a short,
+    # checkable answer (the built-in tasks, GSM8K's final line is not); a generated text
+    # rarely matches a long free-form response, which then reads as EM 0.
+    return EvalExample(alpaca_prompt(instruction, record.get("input", "") or ""), output, [output])
 
 
 def _triviaqa(record, where: str) -> EvalExample:

@@ -70,6 +70,7 @@ class _ExitTally:
 def _record(layer: int, tally: _ExitTally, scored_em: bool) -> ExitRecord:
     loss = tally.nll / tally.tokens
     timed = tally.gen_tokens > 0 and tally.gen_seconds > 0
+    scored_em = scored_em and tally.answered > 0  # --max-new-tokens 0: nothing generated
     return ExitRecord(
         layer=layer,
         loss=loss,
@@ -153,7 +154,7 @@ def run_eval_exits(
     is_qa = fmt == "triviaqa"
     records = evaluate_exits(
         exported, examples, chosen, max_new_tokens,
-        score_exact_match=is_qa, stop_at_newline=is_qa, progress=progress,
+        score_exact_match=fmt in ("triviaqa", "alpaca"), stop_at_newline=is_qa, progress=progress,
     )  # fmt: skip
     rows = [asdict(r) for r in records]
     out = Path(out)
