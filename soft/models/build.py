@@ -10,6 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads as megatron_finalize_model_grads
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
 
 from soft.models import shared_head
 from soft.models.config import ModelConfig, SoftConfig
@@ -44,7 +45,7 @@ class SoftModel:
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while isinstance(module, DistributedDataParallel):
+    while isinstance(module, DistributedDataParallel | Float16Module):
         module = module.module
     return module
 
@@ -101,11 +102,14 @@ def build_soft_model(
         use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
         overlap_param_gather=parallel_cfg.overlap_param_gather,
     )
+    # bf16/fp16: megatron-core's Float16Module casts every parameter (the local spec's norms
+    # are created in fp32) and returns fp32 outputs for the loss, as Megatron-LM does.
+    precision = [Float16Module(config, c) if config.bf16 or config.fp16 else c for c in chunks]
     wrapped = [
         DistributedDataParallel(
             config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
         )
-        for i, c in enumerate(chunks)
+        for i, c in enumerate(precision)
     ]
     head_group = shared_head.build_head_group(chunks)
     model = SoftModel(wrapped, plan, config, vocab_size, head_group)
