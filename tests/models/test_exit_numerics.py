@@ -145,3 +145,22 @@ def test_chunked_exit_loss_equals_plain_loss_and_gradients():
         )
     for a, b_ in zip(*results, strict=True):
         torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-6)
+
+
+def test_fp16_loss_scale_applies_to_exit_losses():
+    """fp16 with a static loss scale S: the schedule multiplies the main loss by S before
+    backward, and every exit's attached loss must be scaled the same way, or early exits would
+    be under-weighted by S after the optimizer unscales. main_grad / S equals the fp32 SoFT
+    gradients within fp16 precision (10-bit mantissa: rtol 5e-2, atol 2% of the largest)."""
+    from soft.training.optim import build_optimizer
+
+    scale = 1024.0
+    _, m32, mbs = _build("soft.exit_weights=[1,2,3,4]")
+    _, g32 = _soft_grads(m32, mbs)
+    cfg16, m16, _ = _build("soft.exit_weights=[1,2,3,4]", "model.params_dtype=fp16", f"train.loss_scale={scale}")
+    build_optimizer(m16, cfg16.train, cfg16.model, cfg16.parallel)  # sets config.grad_scale_func
+    losses16, g16 = _soft_grads(m16, mbs)
+    assert set(losses16) == {1, 2, 3, 4}
+    for name, ref in g32.items():
+        atol = 2e-2 * float(ref.abs().max())
+        torch.testing.assert_close(g16[name].float() / scale, ref, rtol=5e-2, atol=atol, msg=name)
