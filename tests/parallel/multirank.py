@@ -380,21 +380,28 @@ def check_scenario(scenario: Scenario, root: Path) -> dict:
     return report
 
 
-def check_reshard(root: Path, scenario: Scenario, save_parallel: bool, load_parallel: bool) -> dict:
+def check_reshard(
+    root: Path,
+    scenario: Scenario,
+    save_parallel: bool,
+    load_parallel: bool,
+    load_as: Scenario | None = None,
+) -> dict:
     """Save at one layout, load at another (or the same): the next step's losses equal the
-    unbroken run's. Exact resume of Adam's state (moments and step count) is what this checks."""
+    unbroken run's. Exact resume of Adam's state (moments and step count) is what this checks.
+    `load_as`: another layout of the same model and exits for the loading side."""
     ckpt = root / "ckpt"
-    world = {True: scenario.world, False: 1}
+    loader = load_as or scenario
     saved = run_ranks(
-        world[save_parallel],
+        scenario.world if save_parallel else 1,
         reshard_worker,
         (scenario, root / "a", save_parallel, ckpt, True),
         root / "a",
     )
     loaded = run_ranks(
-        world[load_parallel],
+        loader.world if load_parallel else 1,
         reshard_worker,
-        (scenario, root / "b", load_parallel, ckpt, False),
+        (loader, root / "b", load_parallel, ckpt, False),
         root / "b",
     )
     return {
@@ -402,10 +409,20 @@ def check_reshard(root: Path, scenario: Scenario, save_parallel: bool, load_para
     }
 
 
+# The distributed optimizer's checkpoints (dp_reshardable) reshard over data parallelism:
+# saved at DP2 x PP2, loaded at DP1 x PP2 (same model, exits and global batch).
+DISTOPT_PP2 = Scenario(
+    "pp2_distopt",
+    2,
+    ["parallel.pipeline_model_parallel_size=2", "parallel.use_distributed_optimizer=true"],
+    "[4,6,8]",
+)
+
 RESHARDS = {
-    "reshard_tp2pp2_to_tp1pp1": ("tp2_pp2", True, False),
-    "reshard_tp1pp1_to_tp2pp2": ("tp2_pp2", False, True),
-    "resume_distopt_dp2pp2": ("dp2_pp2_distopt", True, True),
+    "reshard_tp2pp2_to_tp1pp1": ("tp2_pp2", True, False, None),
+    "reshard_tp1pp1_to_tp2pp2": ("tp2_pp2", False, True, None),
+    "resume_distopt_dp2pp2": ("dp2_pp2_distopt", True, True, None),
+    "reshard_distopt_dp2pp2_to_dp1pp2": ("dp2_pp2_distopt", True, True, DISTOPT_PP2),
 }
 
 
@@ -416,8 +433,10 @@ def main(argv: list[str]) -> int:
     for name in names:
         try:
             if name in RESHARDS:
-                base, save_parallel, load_parallel = RESHARDS[name]
-                result = check_reshard(out / name, SCENARIOS[base], save_parallel, load_parallel)
+                base, save_parallel, load_parallel, load_as = RESHARDS[name]
+                result = check_reshard(
+                    out / name, SCENARIOS[base], save_parallel, load_parallel, load_as
+                )
             else:
                 result = check_scenario(SCENARIOS[name], out / name)
             report[name] = {"ok": True, **result}
