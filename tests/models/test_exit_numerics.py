@@ -157,7 +157,9 @@ def test_fp16_loss_scale_applies_to_exit_losses():
     scale = 1024.0
     _, m32, mbs = _build("soft.exit_weights=[1,2,3,4]")
     _, g32 = _soft_grads(m32, mbs)
-    cfg16, m16, _ = _build("soft.exit_weights=[1,2,3,4]", "model.params_dtype=fp16", f"train.loss_scale={scale}")
+    cfg16, m16, _ = _build(
+        "soft.exit_weights=[1,2,3,4]", "model.params_dtype=fp16", f"train.loss_scale={scale}"
+    )
     build_optimizer(m16, cfg16.train, cfg16.model, cfg16.parallel)  # sets config.grad_scale_func
     losses16, g16 = _soft_grads(m16, mbs)
     assert set(losses16) == {1, 2, 3, 4}
