@@ -145,6 +145,11 @@ class ExitHooks:
         self._labels = labels.transpose(0, 1).contiguous()
         self._mask = loss_mask.transpose(0, 1).float().contiguous()
 
+    def clear_targets(self) -> None:
+        """After the chunk's forward: a later forward (e.g. generation) computes no exit loss."""
+        self._labels = None
+        self._mask = None
+
     def _hook(self, layer: torch.nn.Module, args, output):
         if self._labels is None:
             return None  # a forward outside training/eval steps (e.g. generation): no exit loss

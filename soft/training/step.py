@@ -55,8 +55,12 @@ def forward_step(model: SoftModel, data_iterator: Iterator[Batch], chunk: torch.
     tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     b, s = tokens.shape
     position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-    model.hooks_for(chunk).set_targets(labels, loss_mask)
-    output = chunk(tokens, position_ids, causal_mask(s, tokens.device), labels=labels)
+    hooks = model.hooks_for(chunk)
+    hooks.set_targets(labels, loss_mask)
+    try:
+        output = chunk(tokens, position_ids, causal_mask(s, tokens.device), labels=labels)
+    finally:
+        hooks.clear_targets()
     return output, partial(loss_func, model, loss_mask)
 
 

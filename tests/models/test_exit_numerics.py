@@ -41,7 +41,7 @@ def _reference_losses(model, microbatches):
         for layer in gpt.decoder.layers
     ]
     for hooks in model.hooks.values():
-        hooks._labels = None  # the SoFT exit hooks stay out of the reference
+        hooks.clear_targets()  # the SoFT exit hooks stay out of the reference
     sums = {k: 0.0 for k in model.plan.layers}
     tokens = 0.0
     try:
@@ -166,3 +166,20 @@ def test_fp16_loss_scale_applies_to_exit_losses():
     for name, ref in g32.items():
         atol = 2e-2 * float(ref.abs().max())
         torch.testing.assert_close(g16[name].float() / scale, ref, rtol=5e-2, atol=atol, msg=name)
+
+
+def test_forward_outside_a_step_computes_no_exit_loss():
+    """After a training step the hooks hold no targets: a plain forward (generation, a user's
+    own evaluation) records nothing and returns the same logits as without hooks."""
+    from soft.training.step import causal_mask
+
+    _, model, mbs = _build()
+    _soft_grads(model, mbs)
+    model.record.clear()
+    gpt = model.unwrapped[0]
+    tokens = mbs[0]["tokens"][:, :10]
+    pos = torch.arange(10).unsqueeze(0).expand(tokens.shape[0], 10)
+    with torch.no_grad():
+        logits = gpt(tokens, pos, causal_mask(10, tokens.device))
+    assert logits.shape[:2] == tokens.shape
+    assert model.record.sums == {}
