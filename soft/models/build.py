@@ -114,15 +114,9 @@ def build_soft_model(
     head_group = shared_head.build_head_group(chunks)
     model = SoftModel(wrapped, plan, config, vocab_size, head_group)
     for w, c in zip(wrapped, chunks, strict=True):
-        head = shared_head.head_of(c)
-        hooks = ExitHooks(
-            c,
-            plan,
-            (head[0], head[1]) if head is not None else None,
-            model.record,
-            soft_cfg.loss_chunk_tokens,
+        model.hooks[id(w)] = ExitHooks(
+            c, plan, shared_head.head_of(c), model.record, soft_cfg.loss_chunk_tokens
         )
-        model.hooks[id(w)] = hooks
     _wire_schedule_hooks(model, sum_heads_after_dp=parallel_cfg.overlap_grad_reduce)
     return model
 

@@ -119,7 +119,7 @@ class ExitHooks:
         self,
         chunk: torch.nn.Module,
         plan: ExitPlan,
-        head: tuple[torch.nn.Module, torch.Tensor] | None,
+        head: tuple[torch.nn.Module, torch.nn.Module] | None,  # (final norm, output layer)
         record: ExitLossRecord,
         chunk_tokens: int,
     ) -> None:
@@ -133,7 +133,7 @@ class ExitHooks:
         self.layers = [layer for layer in chunk.decoder.layers if layer.layer_number in plan.early]
         if self.layers and head is None:
             raise RuntimeError("a chunk with early exits needs the shared head (or a replica)")
-        self.norm, self.output_weight_owner = head if head is not None else (None, None)
+        self.norm, self.output_layer = head if head is not None else (None, None)
         self._handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
 
     @property
@@ -156,7 +156,7 @@ class ExitHooks:
         hidden, context = output
         k = layer.layer_number
         trains = self.plan.train_all and torch.is_grad_enabled() and layer.training
-        weight = self.output_weight_owner.weight
+        weight = self.output_layer.weight
         with torch.set_grad_enabled(trains):
             ce_sum = exit_ce_sum(
                 hidden,
