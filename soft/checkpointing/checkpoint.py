@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from soft.config.core import save_yaml
@@ -273,12 +273,3 @@ def _saved_world_size(ckpt: Path) -> int | None:
     except Exception:  # metadata without RNG states (model-only checkpoints)
         return None
     return None
-
-
-def load_model_weights(path: str | Path, chunks) -> None:
-    """Weights only (fine-tuning start): optimizer, scheduler and position start fresh."""
-    load_checkpoint(path, chunks, optimizer=None)
-
-
-def data_parallel_info() -> tuple[int, int]:
-    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

@@ -126,10 +126,6 @@ def apply() -> None:
     _APPLIED = True
 
 
-def is_applied() -> bool:
-    return _APPLIED
-
-
 def seed_rng_tracker(seed: int, tp_rank: int) -> None:
     """CPU counterpart of `model_parallel_cuda_manual_seed`: same names and seed offsets."""
     from megatron.core.tensor_parallel import random as mp_random

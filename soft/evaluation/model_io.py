@@ -85,25 +85,23 @@ def validate_exits(exits: list[int], num_layers: int, where: str) -> list[int]:
     return sorted(set(exits))
 
 
-def parse_int_list(text: str, flag: str) -> list[int]:
-    """'12,16,32' -> [12, 16, 32]; anything else is a ConfigError naming the flag."""
+def _parse_list(text: str, flag: str, cast, noun: str) -> list:
+    """'12,16,32' -> [cast(12), ...]; anything else is a ConfigError naming the flag."""
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [cast(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
-        raise ConfigError(f"{flag}: expected comma-separated integers, got '{text}'") from exc
+        raise ConfigError(f"{flag}: expected comma-separated {noun}s, got '{text}'") from exc
     if not values:
-        raise ConfigError(f"{flag}: expected at least one integer, got '{text}'")
+        raise ConfigError(f"{flag}: expected at least one {noun}, got '{text}'")
     return values
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    return _parse_list(text, flag, int, "integer")
 
 
 def parse_float_list(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"{flag}: expected comma-separated numbers, got '{text}'") from exc
-    if not values:
-        raise ConfigError(f"{flag}: expected at least one number, got '{text}'")
-    return values
+    return _parse_list(text, flag, float, "number")
 
 
 def resolve_exits(

@@ -198,22 +198,23 @@ def _fill_shard(sh: ShardedTensor, seed: int, model: ModelConfig) -> None:
         sh.data.copy_(full[index].to(sh.data.dtype))
 
 
-def _walk(tree: Any):
+def walk_leaves(tree: Any):
+    """The leaves of a nested (sharded) state dict: dict values and list/tuple items."""
     if isinstance(tree, dict):
         for v in tree.values():
-            yield from _walk(tree=v)
+            yield from walk_leaves(v)
     elif isinstance(tree, list | tuple):
         for v in tree:
-            yield from _walk(v)
+            yield from walk_leaves(v)
     else:
         yield tree
 
 
 def layout_invariant_init(chunks: list[torch.nn.Module], seed: int, model: ModelConfig) -> None:
     for chunk in chunks:
-        for item in _walk(chunk.sharded_state_dict()):
+        for item in walk_leaves(chunk.sharded_state_dict()):
             if isinstance(item, ShardedTensorFactory):
-                for sub in _walk(item.build()):
+                for sub in walk_leaves(item.build()):
                     _fill_shard(sub, seed, model)
             elif isinstance(item, ShardedTensor) and item.data.is_floating_point():
                 _fill_shard(item, seed, model)

@@ -110,8 +110,9 @@ def restore(run: Run) -> TrainState:
     """A run's own latest checkpoint first (requeued jobs), else checkpoint.load_dir."""
     ck, dist_opt = run.cfg.checkpoint, run.cfg.parallel.use_distributed_optimizer
     chunks = run.model.unwrapped
-    if ck.auto_resume and find_checkpoint(run.save_dir) is not None:
-        log.info("resuming from %s", find_checkpoint(run.save_dir))
+    own = find_checkpoint(run.save_dir) if ck.auto_resume else None
+    if own is not None:
+        log.info("resuming from %s", own)
         return load_checkpoint(run.save_dir, chunks, run.optimizer, run.scheduler, dist_opt)
     if ck.load_dir is None:
         return TrainState()

@@ -38,6 +38,7 @@ from soft.checkpointing.checkpoint import (
 from soft.config.root import load_config
 from soft.data import ResumableBatchSampler
 from soft.models import shared_head
+from soft.models.gpt import walk_leaves
 from soft.parallel.setup import destroy_distributed
 from soft.training import loop, step
 
@@ -138,17 +139,6 @@ def _config(scenario: Scenario, out: Path, layout: bool, *more: str):
     return load_config(None, overrides + (scenario.layout if layout else []))
 
 
-def _walk(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _walk(v)
-    elif isinstance(tree, list | tuple):
-        for v in tree:
-            yield from _walk(v)
-    else:
-        yield tree
-
-
 def _is_main(replica_id) -> bool:
     return replica_id == 0 if isinstance(replica_id, int) else all(r == 0 for r in replica_id)
 
@@ -167,7 +157,7 @@ def dump_global(chunks, attr: str) -> list[tuple]:
     `attr` = "data" for weights, "main_grad" for gradients."""
     out = []
     for chunk in chunks:
-        for item in _walk(chunk.sharded_state_dict()):
+        for item in walk_leaves(chunk.sharded_state_dict()):
             for sh in _shards(item, attr):
                 sh, tensor = sh if isinstance(sh, tuple) else (sh, sh.data)
                 if _is_main(sh.replica_id):
