@@ -193,7 +193,7 @@ def measure(config: str | None, overrides: list[str], warmup: int, steps: int) -
             times = time_steps(run, warmup, steps)
         peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if gpu else rss.growth_gib
         plan = run.model.plan
-        trained = len(plan.layers) if plan.train_all else 1
+        trained = len(plan.trained_exits)
         seq = cfg.data.seq_length
         row = Row(
             mode=cfg.soft.mode,

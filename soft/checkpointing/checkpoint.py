@@ -17,6 +17,7 @@ keys (see soft.models.shared_head), so one copy is stored.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import shutil
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from soft.config.errors import ConfigError
 LATEST = "latest"
 _MANAGER = None  # the fork-context Manager behind dist_checkpointing's results queue
 FORMAT_VERSION = 1
+_LAYER_KEY_PREFIX = "decoder.layers."
 
 
 @dataclass
@@ -201,15 +203,20 @@ def load_checkpoint(
     scheduler=None,
     use_distributed_optimizer: bool = False,
     strict: bool = True,
+    allow_extract: bool = False,
 ) -> TrainState:
-    """Load model (and, unless fine-tuning, optimizer/scheduler/RNG) into this layout."""
+    """Load model (and, unless fine-tuning, optimizer/scheduler/RNG) into this layout.
+
+    `allow_extract`: the model may have fewer layers than the checkpoint; it gets the first
+    ones (soft.mode=extracted)."""
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise ConfigError(
             f"checkpoint.load_dir '{path}' is not a checkpoint: expected an iter_* folder with "
             f"metadata.json or a folder with a '{LATEST}' file"
         )
-    request = _model_state(chunks)
+    stored = _stored_metadata(ckpt)
+    request, partial = _model_request(ckpt, chunks, stored, allow_extract)
     if optimizer is not None and use_distributed_optimizer:
         _materialise_distributed_optimizer_state(optimizer)
     if optimizer is not None:
@@ -217,7 +224,7 @@ def load_checkpoint(
             request, is_loading=True, metadata=_optimizer_metadata(use_distributed_optimizer)
         )
         request["rng_state"] = _rng_sharded_object(None)
-    loaded = _load_with_rng_fallback(request, ckpt)
+    loaded = _load_with_rng_fallback(request, ckpt, stored, partial)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"model{i}"], strict=strict)
     if optimizer is None:
@@ -244,13 +251,109 @@ def _materialise_distributed_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-def _load_with_rng_fallback(request: dict[str, Any], ckpt: Path) -> dict[str, Any]:
-    """RNG states are per rank; at a different world size they cannot apply and are skipped."""
-    saved_world = _saved_world_size(ckpt)
+def _load_with_rng_fallback(
+    request: dict[str, Any], ckpt: Path, stored: dict[str, Any], partial: bool = False
+) -> dict[str, Any]:
+    """RNG states are per rank; at a different world size they cannot apply and are skipped.
+
+    `partial`: the request reads only part of some tensors (extracted layers), which
+    megatron-core's access check (every shard read exactly once) would reject."""
+    saved_world = _saved_world_size(stored)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if "rng_state" in request and saved_world != world:
         request.pop("rng_state")
-    return dist_checkpointing.load(request, str(ckpt))
+    if not partial:
+        return dist_checkpointing.load(request, str(ckpt))
+    from soft.checkpointing.partial_read import SliceLoadStrategy
+
+    return dist_checkpointing.load(
+        request, str(ckpt), sharded_strategy=SliceLoadStrategy(), validate_access_integrity=False
+    )
+
+
+def _stored_metadata(ckpt: Path) -> dict[str, Any]:
+    """{checkpoint key: sharded metadata (global shape, ...)} of everything the folder holds."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    return load_sharded_metadata(str(ckpt))
+
+
+def _model_request(
+    ckpt: Path, chunks, stored: dict[str, Any], allow_extract: bool
+) -> tuple[dict[str, Any], bool]:
+    """The model part of a load request, adapted to what the checkpoint holds: ict heads it
+    lacks are read from the shared head; a deeper checkpoint gives its first layers (then the
+    second value is True: the request reads part of the checkpoint's layer tensors)."""
+    from soft.models import shared_head
+
+    reader = shared_head.read_separate_heads_from_shared_head(chunks)
+    needs_init = reader.modules and not any(
+        k.startswith(f"{shared_head.SEPARATE_HEADS_NAME}.") for k in stored
+    )
+    if needs_init:
+        logging.getLogger("soft").info(
+            "%s has no separate exit heads: initialising them from its shared head", ckpt
+        )
+        with reader:
+            request = _model_state(chunks)
+    else:
+        request = _model_state(chunks)
+    model_layers = chunks[0].config.num_layers
+    stored_layers = _stored_num_layers(stored)
+    if stored_layers is not None and stored_layers != model_layers:
+        if not (allow_extract and stored_layers > model_layers):
+            raise ConfigError(
+                f"checkpoint '{ckpt}' holds a {stored_layers}-layer model but model.num_layers is "
+                f"{model_layers}; to fine-tune the first {model_layers} layers of a deeper model "
+                "set soft.mode=extracted (with checkpoint.finetune=true)"
+            )
+        _widen_layer_axis(request, model_layers, stored_layers)
+        return request, True
+    return request, False
+
+
+def _stored_num_layers(stored: dict[str, Any]) -> int | None:
+    """Every per-layer key has the layer count as its leading global dimension."""
+    for key, meta in stored.items():
+        if key.startswith(_LAYER_KEY_PREFIX):
+            return int(meta.global_shape[0])
+    return None
+
+
+def _widen_layer_axis(tree: Any, model_layers: int, stored_layers: int) -> Any:
+    """Make a k-layer model's request address layers 0..k-1 of an N-layer checkpoint.
+
+    megatron-core stores every per-layer tensor under one key with the layer as a prepended
+    axis of global size num_layers (TransformerBlock.sharded_state_dict); the request of a
+    shallower model differs only in that size. SwiGLU's fc1 is a ShardedTensorFactory whose
+    sharded tensors are built later, so its build function is wrapped."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            tree[key] = _widen_layer_axis(value, model_layers, stored_layers)
+        return tree
+    if isinstance(tree, list):
+        return [_widen_layer_axis(v, model_layers, stored_layers) for v in tree]
+    if not getattr(tree, "key", "").startswith(_LAYER_KEY_PREFIX):
+        return tree
+    if isinstance(tree, ShardedTensorFactory):
+        build = tree.build_fn
+
+        def widened_build(*args, **kwargs):
+            return _widen_layer_axis(build(*args, **kwargs), model_layers, stored_layers)
+
+        tree.build_fn = widened_build
+    elif isinstance(tree, ShardedObject) or (
+        isinstance(tree, ShardedTensor) and tree.prepend_axis_num > 0
+    ):
+        if tree.global_shape[0] != model_layers:
+            raise RuntimeError(f"'{tree.key}': expected {model_layers} layers on axis 0")
+        tree.global_shape = (stored_layers, *tree.global_shape[1:])
+        fragments = getattr(tree, "axis_fragmentations", None)
+        if fragments is not None:
+            tree.axis_fragmentations = (stored_layers, *fragments[1:])
+    return tree
 
 
 def has_optimizer_state(path: str | Path) -> bool:
@@ -263,13 +366,8 @@ def has_optimizer_state(path: str | Path) -> bool:
     )
 
 
-def _saved_world_size(ckpt: Path) -> int | None:
-    try:
-        from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
-        for key, obj in load_sharded_metadata(str(ckpt)).items():
-            if key.startswith("rng_state"):
-                return obj.global_shape[0]
-    except Exception:  # metadata without RNG states (model-only checkpoints)
-        return None
-    return None
+def _saved_world_size(stored: dict[str, Any]) -> int | None:
+    for key, obj in stored.items():
+        if key.startswith("rng_state"):
+            return obj.global_shape[0]
+    return None  # metadata without RNG states (model-only checkpoints)

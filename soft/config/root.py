@@ -31,11 +31,23 @@ class RootConfig:
         for name in ("model", "soft", "parallel", "data", "train", "checkpoint", "tracking"):
             getattr(self, name).validate(name)
         self.exit_plan()  # raises on a bad plan
+        self._validate_mode()
         self._validate_layout()
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ConfigError(
                 f"config key 'data.seq_length' ({self.data.seq_length}) exceeds "
                 f"'model.max_position_embeddings' ({self.model.max_position_embeddings})"
+            )
+
+    def _validate_mode(self) -> None:
+        """ict and extracted start from another run's weights: without them they mean nothing."""
+        mode = self.soft.mode
+        needs = {"ict": "the SFT checkpoint whose backbone it freezes",
+                 "extracted": "the deeper base checkpoint whose first layers it takes"}  # fmt: skip
+        if mode in needs and not (self.checkpoint.load_dir and self.checkpoint.finetune):
+            raise ConfigError(
+                f"config key 'soft.mode' is '{mode}', which needs 'checkpoint.load_dir' "
+                f"({needs[mode]}) with checkpoint.finetune=true"
             )
 
     def _validate_layout(self) -> None:

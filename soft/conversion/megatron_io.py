@@ -18,12 +18,8 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from torch.distributed._shard._utils import narrow_tensor_by_index
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from soft.checkpointing.partial_read import read_slices
 from soft.config.errors import ConfigError
 from soft.conversion.mapping import LAYER_ROWS, Row, Shapes
 
@@ -101,35 +97,6 @@ def ensure_single_rank_world() -> None:
     init_distributed(ParallelConfig(), seed=0)
 
 
-class _SlicePlanner(DefaultLoadPlanner):
-    """Reads chosen chunks (e.g. one layer of a stacked tensor) into given buffers.
-
-    megatron's own loader cannot read part of a stacked tensor in a one-process world (it places
-    the other chunks on rank (rank + 1) % world_size, i.e. itself), so the export reads the
-    torch_dist files with torch.distributed.checkpoint directly, without any process group.
-    """
-
-    def __init__(self, requests: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> None:
-        super().__init__()
-        self.requests = requests  # checkpoint key -> (global offsets, destination buffer)
-
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for key, (offsets, dest) in self.requests.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
-            items += create_read_items_for_chunk_list(
-                key, self.metadata.state_dict_metadata[key], [chunk]
-            )
-        return LoadPlan(items)
-
-    def resolve_tensor(self, read_item) -> torch.Tensor:
-        dest = self.requests[read_item.dest_index.fqn][1]
-        return narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)
-
-    def commit_tensor(self, read_item, tensor) -> None:
-        pass  # resolve_tensor handed out a view of the destination: nothing to copy back
-
-
 class CheckpointReader:
     """Reads a torch_dist checkpoint one layer at a time, whatever TP/PP layout saved it."""
 
@@ -184,20 +151,16 @@ class CheckpointReader:
         requests, names = {}, {}
         for row, layer in rows:
             key, request = self._request(row, layer, shapes)
-            requests[key] = request
+            requests[key] = [request]
             names[key] = (
                 (row.megatron.replace("*", str(layer)), True)
                 if layer is not None
                 else (row.megatron, False)
             )
-        dcp.load(
-            {},
-            storage_reader=dcp.FileSystemReader(str(self.ckpt)),
-            planner=_SlicePlanner(requests),
-            no_dist=True,
-        )
+        # One process reads its slices directly (see soft.checkpointing.partial_read).
+        read_slices(self.ckpt, requests)
         # Layer requests carry the prepended layer axis (size 1): drop it.
-        return {names[k][0]: buf[0] if names[k][1] else buf for k, (_, buf) in requests.items()}
+        return {names[k][0]: buf[0] if names[k][1] else buf for k, [(_, buf)] in requests.items()}
 
 
 def _backend(ckpt: Path) -> str:

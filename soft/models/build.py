@@ -94,6 +94,8 @@ def build_soft_model(
         chunks = [c.to(device) for c in chunks]
     if init:
         layout_invariant_init(chunks, seed, model_cfg)
+    if plan.separate_heads:  # before DDP, which only buckets parameters that train
+        shared_head.freeze_all_but_separate_heads(chunks)
     if parallel_cfg.overlap_grad_reduce:
         shared_head.give_head_copies_own_buckets(chunks)
     ddp_config = DistributedDataParallelConfig(
@@ -115,7 +117,7 @@ def build_soft_model(
     model = SoftModel(wrapped, plan, config, vocab_size, head_group)
     for w, c in zip(wrapped, chunks, strict=True):
         model.hooks[id(w)] = ExitHooks(
-            c, plan, shared_head.head_of(c), model.record, soft_cfg.loss_chunk_tokens
+            c, plan, shared_head.exit_heads_of(c, plan), model.record, soft_cfg.loss_chunk_tokens
         )
     _wire_schedule_hooks(model, sum_heads_after_dp=parallel_cfg.overlap_grad_reduce)
     return model

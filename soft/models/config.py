@@ -84,10 +84,15 @@ class ModelConfig:
 class SoftConfig:
     """Sorted fine-tuning: which sub-models (exits) are trained and how their losses combine."""
 
-    mode: Literal["soft", "sft"] = option(
+    mode: Literal["soft", "sft", "ict", "extracted"] = option(
         "soft",
         "soft = train every exit (loss = weighted mean of exit CEs); sft = last layer only "
-        "(the paper's baseline; the other exits are still evaluated and logged).",
+        "(the paper's baseline; the other exits are still evaluated and logged); ict = the "
+        "paper's SFT+ICT baseline: freeze the model loaded from checkpoint.load_dir (an SFT "
+        "run) and train one separate head (norm + output layer) per early exit, initialised "
+        "from the shared head; extracted = fine-tune a model.num_layers-deep model made of the "
+        "first layers of the deeper checkpoint in checkpoint.load_dir (the paper's extracted "
+        "sub-model baseline).",
     )
     exit_layers: list[int] | None = option(
         None,

@@ -11,14 +11,17 @@ from soft.config.errors import ConfigError
 class ExitPlan:
     """Sorted exit depths (1-based layer counts, the last layer included) and their weights.
 
-    `trained` is False for every exit but the last in SFT mode: those are evaluated (their
-    loss is logged) but contribute no gradient.
+    Every exit is evaluated and logged; which ones contribute gradient depends on the mode:
+    - soft: all of them (weights normalised over all exits);
+    - sft, extracted: the last only (weight 1; the early exits get weight 0);
+    - ict: the early exits only, each through its own head (weights normalised over the early
+      exits; the frozen full model's loss gets weight 0).
     """
 
     layers: tuple[int, ...]
     weights: tuple[float, ...]
     num_layers: int
-    train_all: bool = True
+    mode: str = "soft"
 
     @classmethod
     def build(
@@ -44,11 +47,26 @@ class ExitPlan:
             raise ConfigError(
                 f"{key}: the last layer ({num_layers}) must be an exit (the full model), got {layers}"
             )
-        if mode == "sft":
+        weights_key = f"config key '{prefix}.exit_weights'"
+        if mode in ("sft", "extracted"):
             norm = [0.0] * (len(layers) - 1) + [1.0]
+        elif mode == "ict":
+            if len(layers) < 2:
+                raise ConfigError(
+                    f"{key}: soft.mode=ict trains a head per early exit, but the only exit is "
+                    f"the last layer ({layers}); list the early exits too"
+                )
+            if weights is not None and len(weights) != len(layers):
+                raise ConfigError(
+                    f"{weights_key}: expected {len(layers)} weights (one per exit), got {len(weights)}"
+                )
+            early = cls._normalise(
+                None if weights is None else weights[:-1], len(layers) - 1, weights_key
+            )
+            norm = [*early, 0.0]
         else:
-            norm = cls._normalise(weights, len(layers), f"config key '{prefix}.exit_weights'")
-        return cls(tuple(layers), tuple(norm), num_layers, train_all=(mode != "sft"))
+            norm = cls._normalise(weights, len(layers), weights_key)
+        return cls(tuple(layers), tuple(norm), num_layers, mode=mode)
 
     @staticmethod
     def _normalise(weights: list[float] | None, n: int, key: str) -> list[float]:
@@ -62,6 +80,20 @@ class ExitPlan:
         if total <= 0:
             raise ConfigError(f"{key}: weights must not all be zero")
         return [w / total for w in weights]
+
+    @property
+    def trains_early_exits(self) -> bool:
+        """Whether the early exits' losses are backpropagated (soft, ict)."""
+        return self.mode in ("soft", "ict")
+
+    @property
+    def separate_heads(self) -> bool:
+        """ict: every early exit has its own head instead of sharing the final one."""
+        return self.mode == "ict"
+
+    @property
+    def trained_exits(self) -> tuple[int, ...]:
+        return tuple(k for k, w in zip(self.layers, self.weights, strict=True) if w > 0)
 
     @property
     def final(self) -> int:

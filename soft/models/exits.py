@@ -119,7 +119,7 @@ class ExitHooks:
         self,
         chunk: torch.nn.Module,
         plan: ExitPlan,
-        head: tuple[torch.nn.Module, torch.nn.Module] | None,  # (final norm, output layer)
+        heads: dict[int, tuple[torch.nn.Module, torch.nn.Module]],  # exit -> (norm, output)
         record: ExitLossRecord,
         chunk_tokens: int,
     ) -> None:
@@ -131,9 +131,10 @@ class ExitHooks:
         self._labels: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self.layers = [layer for layer in chunk.decoder.layers if layer.layer_number in plan.early]
-        if self.layers and head is None:
-            raise RuntimeError("a chunk with early exits needs the shared head (or a replica)")
-        self.norm, self.output_layer = head if head is not None else (None, None)
+        missing = [k for k in self.exit_layers if k not in heads]
+        if missing:
+            raise RuntimeError(f"exits {missing} of this chunk have no head")
+        self.heads = heads
         self._handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
 
     @property
@@ -155,13 +156,15 @@ class ExitHooks:
             return None  # a forward outside training/eval steps (e.g. generation): no exit loss
         hidden, context = output
         k = layer.layer_number
-        trains = self.plan.train_all and torch.is_grad_enabled() and layer.training
-        weight = self.output_layer.weight
+        trains = self.plan.trains_early_exits and torch.is_grad_enabled() and layer.training
+        norm, output_layer = self.heads[k]
+        # ict: the backbone is frozen, so the head's loss must not send gradient into it.
+        exit_input = hidden.detach() if self.plan.separate_heads else hidden
         with torch.set_grad_enabled(trains):
             ce_sum = exit_ce_sum(
-                hidden,
-                self.norm,
-                weight,
+                exit_input,
+                norm,
+                output_layer.weight,
                 self._labels,
                 self._mask,
                 self.chunk_tokens,

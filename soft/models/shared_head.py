@@ -33,12 +33,14 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from soft.models.exit_plan import ExitPlan
 
 REPLICA_NAME = "exit_head"
+SEPARATE_HEADS_NAME = "exit_heads"
 
 
-class SharedHeadReplica(MegatronModule):
-    def __init__(self, config, norm_spec, vocab_size: int, replica_index: int) -> None:
+class ExitHead(MegatronModule):
+    """A final RMSNorm + vocab-parallel output layer, shaped like the model's own head."""
+
+    def __init__(self, config, norm_spec, vocab_size: int) -> None:
         super().__init__(config=config)
-        self.replica_index = replica_index
         self.final_layernorm = build_module(
             norm_spec, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
         )
@@ -51,25 +53,82 @@ class SharedHeadReplica(MegatronModule):
             skip_bias_add=False,
             gather_output=False,
         )
+
+    def head_sharded_state_dict(
+        self, prefix: str, norm_key: str, output_key: str, sharded_offsets, metadata, replica=None
+    ) -> dict:
+        """Entries `prefix + final_layernorm.* / output_layer.*` stored under the checkpoint keys
+        `norm_key.* / output_key.*`; `replica` (when given) replaces the first replica-id axis."""
+        out = {}
+        for name, module, key_prefix in (
+            ("final_layernorm", self.final_layernorm, norm_key),
+            ("output_layer", self.output_layer, output_key),
+        ):
+            sub = sharded_state_dict_default(module, key_prefix, sharded_offsets, metadata)
+            for local_key, sh in sub.items():
+                if name == "output_layer" and local_key.endswith("_extra_state"):
+                    continue  # GPTModel drops the real head's (empty) entry too: gpt_model.py:820
+                if replica is not None and isinstance(sh, ShardedTensor | ShardedObject):
+                    rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+                    sh.replica_id = (replica, *rid[1:])
+                out[f"{prefix}{name}.{local_key[len(key_prefix) :]}"] = sh
+        return out
+
+
+class SharedHeadReplica(ExitHead):
+    def __init__(self, config, norm_spec, vocab_size: int, replica_index: int) -> None:
+        super().__init__(config, norm_spec, vocab_size)
+        self.replica_index = replica_index
         for param in self.parameters():
             param.shared = True
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """The real head's keys, with a replica id that is never the main replica."""
         root = prefix[: -len(f"{REPLICA_NAME}.")] if prefix.endswith(f"{REPLICA_NAME}.") else prefix
+        return self.head_sharded_state_dict(
+            prefix,
+            f"{root}decoder.final_layernorm.",
+            f"{root}output_layer.",
+            sharded_offsets,
+            metadata,
+            replica=self.replica_index + 1,
+        )
+
+
+class SeparateExitHeads(MegatronModule):
+    """ict mode: one trainable head per early exit of a chunk, children named by exit depth.
+
+    Stored under `exit_heads.<k>.final_layernorm.weight` / `exit_heads.<k>.output_layer.weight`.
+    A checkpoint without those keys (the SFT run ict starts from) initialises every head from
+    the shared head: with `read_shared_head` set, the heads request the real head's keys as
+    non-main replicas, exactly like SharedHeadReplica (so any TP/PP layout works).
+    """
+
+    def __init__(self, config, norm_spec, vocab_size: int, layers: list[int]) -> None:
+        super().__init__(config=config)
+        self.read_shared_head = False
+        for k in layers:
+            self.add_module(str(k), ExitHead(config, norm_spec, vocab_size))
+
+    def heads(self) -> dict[int, ExitHead]:
+        return {int(name): head for name, head in self.named_children()}
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        root = prefix[: -len(f"{SEPARATE_HEADS_NAME}.")]
         out = {}
-        for name, module, key_prefix in (
-            ("final_layernorm", self.final_layernorm, f"{root}decoder.final_layernorm."),
-            ("output_layer", self.output_layer, f"{root}output_layer."),
-        ):
-            sub = sharded_state_dict_default(module, key_prefix, sharded_offsets, metadata)
-            for local_key, sh in sub.items():
-                if name == "output_layer" and local_key.endswith("_extra_state"):
-                    continue  # GPTModel drops the real head's (empty) entry too: gpt_model.py:820
-                if isinstance(sh, ShardedTensor | ShardedObject):
-                    rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
-                    sh.replica_id = (self.replica_index + 1, *rid[1:])
-                out[f"{prefix}{name}.{local_key[len(key_prefix) :]}"] = sh
+        for k, head in self.heads().items():
+            own = f"{prefix}{k}."
+            if self.read_shared_head:
+                norm_key, output_key = f"{root}decoder.final_layernorm.", f"{root}output_layer."
+                replica = 1  # load-only view: never the main replica
+            else:
+                norm_key, output_key = f"{own}final_layernorm.", f"{own}output_layer."
+                replica = None
+            out.update(
+                head.head_sharded_state_dict(
+                    own, norm_key, output_key, sharded_offsets, metadata, replica
+                )
+            )
         return out
 
 
@@ -80,17 +139,64 @@ def chunk_exit_layers(chunk: torch.nn.Module, plan: ExitPlan) -> list[int]:
 
 
 def add_head_replica(chunk, plan: ExitPlan, vocab_size: int, replica_index: int) -> None:
-    """Give a chunk that owns early exits but not the real head its replica of the head."""
-    if chunk.post_process or not chunk_exit_layers(chunk, plan):
+    """Give a chunk that owns early exits but not the real head its replica of the head
+    (ict mode: its separate heads instead)."""
+    layers = chunk_exit_layers(chunk, plan)
+    if not layers:
         return
     norm_spec = chunk.decoder.submodules.layer_norm
+    if plan.separate_heads:
+        chunk.add_module(
+            SEPARATE_HEADS_NAME, SeparateExitHeads(chunk.config, norm_spec, vocab_size, layers)
+        )
+        return
+    if chunk.post_process:
+        return
     chunk.add_module(
         REPLICA_NAME, SharedHeadReplica(chunk.config, norm_spec, vocab_size, replica_index)
     )
 
 
+def exit_heads_of(chunk, plan: ExitPlan) -> dict[int, tuple[torch.nn.Module, torch.nn.Module]]:
+    """(norm, output layer) for each early exit of the chunk: its own head in ict mode, else
+    the shared head (the real one or the chunk's replica)."""
+    separate = getattr(chunk, SEPARATE_HEADS_NAME, None)
+    if separate is not None:
+        return {k: (h.final_layernorm, h.output_layer) for k, h in separate.heads().items()}
+    head = head_of(chunk)
+    layers = chunk_exit_layers(chunk, plan)
+    if layers and head is None:
+        raise RuntimeError("a chunk with early exits needs the shared head (or a replica)")
+    return {k: head for k in layers}
+
+
+def freeze_all_but_separate_heads(chunks) -> None:
+    """ict: only the separate exit heads train; the loaded model stays bit-identical."""
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            param.requires_grad = name.startswith(f"{SEPARATE_HEADS_NAME}.")
+
+
+class read_separate_heads_from_shared_head:  # noqa: N801 (used like a function)
+    """Context: separate heads request the shared head's checkpoint keys (initialisation)."""
+
+    def __init__(self, chunks) -> None:
+        self.modules = [
+            m for c in chunks if (m := getattr(c, SEPARATE_HEADS_NAME, None)) is not None
+        ]
+
+    def __enter__(self):
+        for m in self.modules:
+            m.read_shared_head = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.modules:
+            m.read_shared_head = False
+
+
 def head_of(chunk) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """(final norm, output layer) used by this chunk's exits: the real head or the replica."""
+    """(final norm, output layer) shared by this chunk's exits: the real head or the replica."""
     if chunk.post_process:
         return chunk.decoder.final_layernorm, chunk.output_layer
     replica = getattr(chunk, REPLICA_NAME, None)
@@ -108,7 +214,7 @@ def head_params(chunks) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
     out = []
     for chunk in chunks:
         head = head_of(chunk)
-        if head is not None:
+        if head is not None and head[1].weight.requires_grad:  # ict freezes the real head
             out.append((head[0].weight, head[1].weight))
     return out
 

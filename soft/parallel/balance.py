@@ -121,7 +121,7 @@ def stage_costs(counts: list[int], plan: ExitPlan, cost: CostModel) -> tuple[Sta
     for index, n in enumerate(counts):
         end = start + n - 1
         exits = tuple(k for k in plan.layers if start <= k <= end)
-        trained = sum(1 for k in exits if plan.train_all or k == plan.final)
+        trained = sum(1 for k in exits if plan.trains_early_exits or k == plan.final)
         evaluated = len(exits) - trained
         flops_per_token = (
             n * cost.layer + trained * cost.trained_head + evaluated * cost.evaluated_head

@@ -118,7 +118,9 @@ def restore(run: Run) -> TrainState:
         return TrainState()
     if ck.finetune:
         log.info("fine-tuning from the weights in %s", ck.load_dir)
-        load_checkpoint(ck.load_dir, chunks, optimizer=None)
+        load_checkpoint(
+            ck.load_dir, chunks, optimizer=None, allow_extract=run.cfg.soft.mode == "extracted"
+        )
         # Optimizer main params (fp32 copies for bf16) must pick up the loaded weights.
         if hasattr(run.optimizer, "reload_model_params"):
             run.optimizer.reload_model_params()
@@ -179,7 +181,7 @@ class Meter:
         t, m = run.cfg.train, run.cfg.model
         self.run = run
         self.tokens_per_step = t.global_batch_size * run.cfg.data.seq_length
-        trained = len(run.model.plan.layers) if run.model.plan.train_all else 1
+        trained = len(run.model.plan.trained_exits)
         self.flops_per_token = flops.train_flops_per_token(
             m, run.cfg.data.seq_length, run.model.vocab_size, trained
         )
