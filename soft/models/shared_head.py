@@ -60,11 +60,16 @@ class ExitHead(MegatronModule):
         """Entries `prefix + final_layernorm.* / output_layer.*` stored under the checkpoint keys
         `norm_key.* / output_key.*`; `replica` (when given) replaces the first replica-id axis."""
         out = {}
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         for name, module, key_prefix in (
             ("final_layernorm", self.final_layernorm, norm_key),
             ("output_layer", self.output_layer, output_key),
         ):
-            sub = sharded_state_dict_default(module, key_prefix, sharded_offsets, metadata)
+            # The TP group must be explicit: without it the norm's replica id omits the TP rank
+            # (get_pg_rank(None) = 0), so every TP rank would claim the main replica.
+            sub = sharded_state_dict_default(
+                module, key_prefix, sharded_offsets, metadata, tp_group=tp_group
+            )
             for local_key, sh in sub.items():
                 if name == "output_layer" and local_key.endswith("_extra_state"):
                     continue  # GPTModel drops the real head's (empty) entry too: gpt_model.py:820

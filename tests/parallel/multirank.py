@@ -76,7 +76,11 @@ class Scenario:
     exits: str
     extra: list[str] = field(default_factory=list)
     compare_grads: bool = True  # the distributed optimizer leaves each rank one shard of the grads
+    # Fine-tuning modes start from a checkpoint that a 1-rank run of these overrides saves.
+    base: list[str] | None = None
 
+
+FROM_BASE = ["checkpoint.load_dir=../base", "checkpoint.finetune=true"]  # see _config
 
 SCENARIOS = {
     s.name: s
@@ -109,6 +113,24 @@ SCENARIOS = {
             "[1,3,5,8]",
             extra=["train.global_batch_size=8", "train.micro_batch_size=2"],
         ),
+        # ict: separate heads on both stages, the backbone frozen; loaded from an SFT checkpoint
+        Scenario(
+            "ict_tp2_pp2",
+            4,
+            ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+            "[2,3,5,8]",
+            extra=["soft.mode=ict", *FROM_BASE],
+            base=["soft.mode=sft"],
+        ),
+        # extracted: the first 4 layers of an 8-layer checkpoint, each rank reading its slices
+        Scenario(
+            "extracted_tp2_pp2",
+            4,
+            ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+            "null",
+            extra=["soft.mode=extracted", "model.num_layers=4", *FROM_BASE],
+            base=["soft.mode=sft", "soft.exit_layers=[4,8]", "model.num_layers=8"],
+        ),
         Scenario(
             "pp2_uneven",
             2,
@@ -129,14 +151,31 @@ def _free_port() -> int:
 
 
 def _config(scenario: Scenario, out: Path, layout: bool, *more: str):
+    """`checkpoint.load_dir=../base` in a scenario means the base checkpoint beside `out`."""
+    extra = [e.replace("=../base", f"={out.parent / 'base'}") for e in scenario.extra]
     overrides = [
         *BASE,
         f"soft.exit_layers={scenario.exits}",
         f"train.output_dir={out}",
-        *scenario.extra,
+        *extra,
         *more,
     ]
     return load_config(None, overrides + (scenario.layout if layout else []))
+
+
+def base_worker(scenario: Scenario, root: Path) -> dict:
+    """One rank: one SFT step of the base model, saved where fine-tuning scenarios load it."""
+    cfg = load_config(
+        None,
+        [*BASE, f"soft.exit_layers={scenario.exits}", f"train.output_dir={root / 'base_run'}"]
+        + list(scenario.base or []),
+    )
+    run = loop.setup(cfg)
+    _train_steps(run, 1, capture_first=False)
+    save_checkpoint(
+        root / "base", run.model.unwrapped, run.optimizer, run.scheduler, run.state, cfg
+    )
+    return {}
 
 
 def _is_main(replica_id) -> bool:
@@ -145,6 +184,8 @@ def _is_main(replica_id) -> bool:
 
 def _shards(item, attr: str) -> list:
     """The ShardedTensors of one state-dict item, with `attr` of its parameter as data."""
+    if getattr(item, "data", None) is None or getattr(item.data, attr, None) is None:
+        return []  # frozen parameters (ict) have no main_grad
     if isinstance(item, ShardedTensorFactory):
         return list(item.build_fn(item.key, getattr(item.data, attr), item.replica_id, None))
     if isinstance(item, ShardedTensor) and item.data.is_floating_point():
@@ -339,6 +380,8 @@ def compare_losses(got: list[dict], ref: list[dict], what: str) -> float:
 
 
 def check_scenario(scenario: Scenario, root: Path) -> dict:
+    if scenario.base is not None:
+        run_ranks(1, base_worker, (scenario, root), root / "base_run")
     ref = run_ranks(1, scenario_worker, (scenario, root / "ref", False), root / "ref")[0]
     ranks = run_ranks(scenario.world, scenario_worker, (scenario, root / "par", True), root / "par")
     report = {
@@ -382,6 +425,8 @@ def check_reshard(
     `load_as`: another layout of the same model and exits for the loading side."""
     ckpt = root / "ckpt"
     loader = load_as or scenario
+    if scenario.base is not None:
+        run_ranks(1, base_worker, (scenario, root), root / "base_run")
     saved = run_ranks(
         scenario.world if save_parallel else 1,
         reshard_worker,
@@ -412,6 +457,8 @@ RESHARDS = {
     "reshard_tp2pp2_to_tp1pp1": ("tp2_pp2", True, False, None),
     "reshard_tp1pp1_to_tp2pp2": ("tp2_pp2", False, True, None),
     "resume_distopt_dp2pp2": ("dp2_pp2_distopt", True, True, None),
+    # ict checkpoints: separate heads saved once at TP2xPP2 (norms replicated over TP)
+    "reshard_ict_tp2pp2_to_tp1pp1": ("ict_tp2_pp2", True, False, None),
     "reshard_distopt_dp2pp2_to_dp1pp2": ("dp2_pp2_distopt", True, True, DISTOPT_PP2),
 }
 

@@ -2,7 +2,9 @@
 
 One subprocess imports megatron-core once and forks every layout's ranks from it. For each
 layout (TP2xPP2, PP4, DP2xTP2, DP2xPP2 with the distributed optimizer, PP2 interleaved with
-virtual pipeline 2, PP2 with an uneven first stage) and its exit plan (exits inside stages,
+virtual pipeline 2, PP2 with an uneven first stage; and at TP2xPP2 the fine-tuning modes ict
+(frozen backbone, separate heads on both stages, loaded from an SFT checkpoint) and extracted
+(the first 4 layers of an 8-layer checkpoint)) and its exit plan (exits inside stages,
 on a stage boundary, several on one stage, none on some stages, two head replicas on one
 rank), against a 1-rank run of the same config:
 - per-exit losses: rel 1e-5 (observed: equal, or ~1e-7 where data-parallel sums reorder);
@@ -12,7 +14,8 @@ rank), against a 1-rank run of the same config:
 - parameters after 3 Adam steps: rtol 1e-4, atol 2e-6 (observed 2e-7);
 - head replicas on different stages (and chunks) bit-identical after the steps.
 And checkpoints: saved at TP2xPP2 and loaded at TP1xPP1 (and the reverse); with the
-distributed optimizer saved and resumed at DP2xPP2, and resharded to DP1xPP2: the next step's
+distributed optimizer saved and resumed at DP2xPP2, and resharded to DP1xPP2; an ict run saved at
+TP2xPP2 and loaded at TP1xPP1: the next step's
 losses equal the unbroken run's (observed exactly, or 6e-8 where the DP sum reorders).
 """
 
