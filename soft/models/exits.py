@@ -8,6 +8,8 @@ For every early exit k on a model chunk, a forward hook on transformer layer k:
    forward, injecting the loss gradient in backward. megatron-core's unmodified schedules
    (1F1B, interleaved) then backpropagate every exit, with no extra point-to-point traffic.
 The last exit is the model's own output: GPTModel's loss, weighted in the loss function.
+In ict mode each early exit uses its own head (soft.models.shared_head.SeparateExitHeads) on
+a detached hidden state: the backbone is frozen, only the heads receive gradient.
 
 Losses are per-token sums: with `calculate_per_token_loss`, megatron-core's
 `finalize_model_grads` divides every gradient by the global-batch response-token count, so
