@@ -14,6 +14,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from soft.config.errors import ConfigError
 from soft.models.config import ModelConfig
@@ -56,13 +60,7 @@ def use_transformer_engine(model: ModelConfig) -> bool:
 def check_runtime_support(model: ModelConfig, parallel: ParallelConfig) -> bool:
     """Choices the config alone cannot validate (they depend on TE and the GPU). Returns
     whether the Transformer Engine spec is used."""
-    te = use_transformer_engine(model)
-    if parallel.sequence_parallel and not te:
-        raise ConfigError(
-            "config key 'parallel.sequence_parallel' needs the Transformer Engine layer spec (a GPU "
-            "with TE installed): megatron-core's local-spec norm does not support sequence parallelism"
-        )
-    return te
+    return use_transformer_engine(model)
 
 
 def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
@@ -128,14 +126,35 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(model: ModelConfig):
+class LocalRMSNorm(torch.nn.RMSNorm):
+    """The local spec's norm (megatron-core's WrappedTorchNorm builds a plain torch.nn.RMSNorm),
+    made usable with sequence parallelism. Each TP rank then normalises its own sequence shard,
+    so the weight's gradient is partial per rank; marking the weight `sequence_parallel` makes
+    megatron-core's finalize_model_grads sum it over TP (finalize_model_grads.py:354), exactly
+    as Transformer Engine's norms are marked. WrappedTorchNorm asserts instead."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True
+
+
+def stage_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | None):
+    """Transformer Engine's layer spec, or megatron-core's local spec with LocalRMSNorm for
+    every norm (the layers' and the block's final one; shared-head replicas reuse the latter)."""
     if use_transformer_engine(model):
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.input_layernorm = LocalRMSNorm
+    layer.submodules.pre_mlp_layernorm = LocalRMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=LocalRMSNorm,
+    )
 
 
 def build_stage_model(
@@ -149,7 +168,7 @@ def build_stage_model(
     """One pipeline stage (or virtual chunk): Megatron-Bridge's `provide(pre, post)`."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model),
+        transformer_layer_spec=stage_spec(model, config, vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

@@ -23,7 +23,8 @@ class ParallelConfig:
         None, "Uneven pipeline: layers on the last stage (it also holds the LM head and the loss)."
     )
     sequence_parallel: bool = option(
-        False, "Sequence parallelism for norms/dropout (needs TP > 1)."
+        False,
+        "Sequence parallelism: norms and residuals hold s/TP positions per rank (needs TP > 1).",
     )
     use_distributed_optimizer: bool = option(
         False, "Shard optimizer state over data-parallel ranks (ZeRO-1)."

@@ -92,6 +92,17 @@ SCENARIOS = {
             ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
             "[2,3,5,8]",
         ),
+        # sequence parallel: exits gather the sequence shards; norm grads summed over TP
+        Scenario(
+            "tp2_pp2_sp",
+            4,
+            [
+                "parallel.tensor_model_parallel_size=2",
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.sequence_parallel=true",
+            ],
+            "[2,3,5,8]",
+        ),
         # an exit on a stage boundary (layer 2 ends stage 0); stages 1 and 2 own no exit
         Scenario("pp4", 4, ["parallel.pipeline_model_parallel_size=4"], "[2,8]"),
         Scenario("dp2_tp2", 4, ["parallel.tensor_model_parallel_size=2"], "[1,4,8]"),

@@ -1,7 +1,7 @@
 """Parallel layouts equal the single-rank run (the harness is tests/parallel/multirank.py).
 
 One subprocess imports megatron-core once and forks every layout's ranks from it. For each
-layout (TP2xPP2, PP4, DP2xTP2, DP2xPP2 with the distributed optimizer, PP2 interleaved with
+layout (TP2xPP2, TP2xPP2 with sequence parallelism, PP4, DP2xTP2, DP2xPP2 with the distributed optimizer, PP2 interleaved with
 virtual pipeline 2, PP2 with an uneven first stage; and at TP2xPP2 the fine-tuning modes ict
 (frozen backbone, separate heads on both stages, loaded from an SFT checkpoint) and extracted
 (the first 4 layers of an 8-layer checkpoint)) and its exit plan (exits inside stages,
