@@ -115,8 +115,16 @@ def _model_state(chunks) -> dict[str, Any]:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _optimizer_metadata(use_distributed_optimizer: bool) -> dict[str, Any] | None:
-    return {"distrib_optim_sharding_type": "dp_reshardable"} if use_distributed_optimizer else None
+def _optimizer_metadata(use_distributed_optimizer: bool, fmt: str) -> dict[str, Any] | None:
+    """How megatron-core lays out distributed-optimizer state in the checkpoint: see
+    CheckpointConfig.optimizer_format."""
+    return {"distrib_optim_sharding_type": fmt} if use_distributed_optimizer else None
+
+
+def _stored_optimizer_format(ckpt: Path) -> str:
+    """The distributed-optimizer layout a checkpoint was saved with (its common state)."""
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    return (common.get("optimizer") or {}).get("param_state_sharding_type", "dp_reshardable")
 
 
 def save_checkpoint(
@@ -128,6 +136,7 @@ def save_checkpoint(
     config: Any,
     use_distributed_optimizer: bool = False,
     keep_last: int = 0,
+    optimizer_format: str = "fully_reshardable",
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     _use_fork_results_queue()
@@ -142,7 +151,7 @@ def save_checkpoint(
     sharded = _model_state(chunks)
     if optimizer is not None:  # it finds its parameters' keys in the model entries
         sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded, metadata=_optimizer_metadata(use_distributed_optimizer)
+            sharded, metadata=_optimizer_metadata(use_distributed_optimizer, optimizer_format)
         )
     sharded["rng_state"] = _rng_sharded_object(_rng_state())
     sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
@@ -220,8 +229,9 @@ def load_checkpoint(
     if optimizer is not None and use_distributed_optimizer:
         _materialise_distributed_optimizer_state(optimizer)
     if optimizer is not None:
+        fmt = _stored_optimizer_format(ckpt) if use_distributed_optimizer else ""
         request["optimizer"] = optimizer.sharded_state_dict(
-            request, is_loading=True, metadata=_optimizer_metadata(use_distributed_optimizer)
+            request, is_loading=True, metadata=_optimizer_metadata(use_distributed_optimizer, fmt)
         )
         request["rng_state"] = _rng_sharded_object(None)
     loaded = _load_with_rng_fallback(request, ckpt, stored, partial)
@@ -231,12 +241,53 @@ def load_checkpoint(
         return TrainState()
     with torch.no_grad():  # fp32 distributed-optimizer shards are views of the parameters
         optimizer.load_state_dict(loaded["optimizer"])
+    if use_distributed_optimizer:
+        _restore_adam_steps(optimizer, loaded["optimizer"])
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
     ts = loaded["train_state"]
     return TrainState(iteration=int(ts["iteration"]), consumed_samples=int(ts["consumed_samples"]))
+
+
+def _saved_adam_steps(tree: Any) -> set[float]:
+    """Every `step` recorded in the param groups of a loaded (distributed) optimizer state."""
+    steps: set[float] = set()
+    if isinstance(tree, dict):
+        for group in (
+            tree.get("param_groups", []) if isinstance(tree.get("param_groups"), list) else []
+        ):
+            if isinstance(group, dict) and "step" in group:
+                steps.add(float(group["step"]))
+        for value in tree.values():
+            steps |= _saved_adam_steps(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            steps |= _saved_adam_steps(value)
+    return steps
+
+
+def _restore_adam_steps(optimizer, loaded_state: Any) -> None:
+    """Give every parameter its own, correct Adam `step` tensor after a load.
+
+    With torch's Adam (no Apex/TE), megatron-core 0.16.1's distributed optimizer keeps the step
+    count in the param groups of its checkpoint and, on load:
+    - assigns ONE step tensor to every parameter's state (distrib_optimizer.py:822-825), which
+      torch's Adam then increments once per parameter: bias correction goes wrong from the
+      first step after loading;
+    - with dp_reshardable, copies the pre-load (dummy) per-parameter step back over it
+      (load_parameter_state_from_dp_reshardable, line 1804).
+    Checked by the resume tests, which compare the second step after loading."""
+    steps = _saved_adam_steps(loaded_state)
+    if len(steps) != 1:
+        return  # not a torch-Adam distributed-optimizer state: nothing to repair
+    (step,) = steps
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = torch.tensor(step, dtype=state["step"].dtype)
 
 
 def _materialise_distributed_optimizer_state(optimizer) -> None:

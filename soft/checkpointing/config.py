@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from soft.config.core import option
 from soft.config.errors import ConfigError
@@ -26,6 +27,12 @@ class CheckpointConfig:
         True, "Resume from the latest checkpoint in save_dir when one exists (requeued jobs)."
     )
     keep_last: int = option(2, "Keep this many newest checkpoints (0 = keep all).")
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = option(
+        "fully_reshardable",
+        "Distributed-optimizer state in checkpoints: fully_reshardable loads at any TP/PP/DP "
+        "layout; dp_reshardable saves with less communication but reloads only at the same "
+        "TP/PP (any DP). Loading reads whichever format the checkpoint holds.",
+    )
 
     def validate(self, prefix: str = "checkpoint") -> None:
         if self.save_interval < 0 or self.keep_last < 0:

@@ -61,7 +61,7 @@ class Run:
 
 
 def setup(cfg: RootConfig) -> Run:
-    check_runtime_support(cfg.model, cfg.parallel)  # FP8/TE/SP where they cannot run: fail first
+    check_runtime_support(cfg.model, cfg.parallel)  # FP8/TE where they cannot run: fail first
     topo = init_distributed(cfg.parallel, cfg.train.seed)
     output_dir = Path(cfg.train.output_dir)
     if topo.is_logging_rank:
@@ -263,6 +263,7 @@ def _save(run: Run) -> None:
         run.cfg,
         run.cfg.parallel.use_distributed_optimizer,
         ck.keep_last,
+        ck.optimizer_format,
     )
     if run.topo.is_logging_rank:
         log.info("saved checkpoint %s", path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from soft.models.build import SoftModel
@@ -31,9 +32,36 @@ def build_optimizer(
         overlap_param_gather=parallel.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(config, model.chunks)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer):
+            _keep_torch_adam_step_on_reshardable_load(opt)
     # The schedule multiplies the main loss by this before backward; exits use the same scale.
     model.config.grad_scale_func = optimizer.scale_loss
     return optimizer
+
+
+def _keep_torch_adam_step_on_reshardable_load(optimizer: DistributedOptimizer) -> None:
+    """Let megatron-core 0.16.1 load `fully_reshardable` optimizer state into torch's Adam.
+
+    Without Apex/TE (FusedAdam keeps `step` per param group), torch's Adam holds `step` in
+    every parameter's state. `load_state_dict` restores it from the param groups
+    (distrib_optimizer.py:817-825), then `load_parameter_state_from_fully_reshardable` skips
+    `step` in the tensors it passes on (line 2101, "handle step separately") while
+    `_set_main_param_and_optimizer_states` copies every key of the destination state,
+    `step` included: KeyError. Copy only what was given (this instance only)."""
+    original = optimizer._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        if "step" in tensors or optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(model_param, tensors)
+        group_index, group_order = optimizer.model_param_group_index_map[model_param]
+        main_param = optimizer.optimizer.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **optimizer.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            destination[key].copy_(value)
+        return None
+
+    optimizer._set_main_param_and_optimizer_states = set_states
 
 
 def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:

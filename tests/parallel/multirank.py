@@ -267,13 +267,20 @@ def scenario_worker(scenario: Scenario, out: Path, layout: bool) -> dict:
 
 
 def reshard_worker(scenario: Scenario, out: Path, layout: bool, ckpt: Path, save: bool) -> dict:
-    """save=True: 2 steps, save, 1 more step. save=False: load that checkpoint, 1 step."""
+    """save=True: 2 steps, save, 2 more steps. save=False: load that checkpoint, 2 steps."""
     run = loop.setup(_config(scenario, out, layout))
     dist_opt = run.cfg.parallel.use_distributed_optimizer
     if save:
         _train_steps(run, 2, capture_first=False)
         save_checkpoint(
-            ckpt, run.model.unwrapped, run.optimizer, run.scheduler, run.state, run.cfg, dist_opt
+            ckpt,
+            run.model.unwrapped,
+            run.optimizer,
+            run.scheduler,
+            run.state,
+            run.cfg,
+            dist_opt,
+            optimizer_format=run.cfg.checkpoint.optimizer_format,
         )
     else:
         run.state = load_checkpoint(
@@ -282,7 +289,7 @@ def reshard_worker(scenario: Scenario, out: Path, layout: bool, ckpt: Path, save
         assert run.state == TrainState(
             iteration=2, consumed_samples=2 * run.cfg.train.global_batch_size
         ), run.state
-    return _train_steps(run, 1, capture_first=False)
+    return _train_steps(run, 2, capture_first=False)  # the 2nd step uses the loaded Adam state
 
 
 def _child(rank: int, world: int, port: int, target, args, result_file: Path) -> None:
@@ -431,8 +438,9 @@ def check_reshard(
     load_parallel: bool,
     load_as: Scenario | None = None,
 ) -> dict:
-    """Save at one layout, load at another (or the same): the next step's losses equal the
-    unbroken run's. Exact resume of Adam's state (moments and step count) is what this checks.
+    """Save at one layout, load at another (or the same): the next two steps' losses equal the
+    unbroken run's. The first checks the weights; the second, taken after an Adam update from
+    the loaded moments and step count, checks the optimizer state.
     `load_as`: another layout of the same model and exits for the loading side."""
     ckpt = root / "ckpt"
     loader = load_as or scenario
@@ -464,13 +472,29 @@ DISTOPT_PP2 = Scenario(
     "[4,6,8]",
 )
 
+# fully_reshardable (the default format) also reshards over TP and PP.
+DISTOPT_DP2_TP2 = Scenario(
+    "dp2_tp2_distopt",
+    4,
+    ["parallel.tensor_model_parallel_size=2", "parallel.use_distributed_optimizer=true"],
+    "[4,6,8]",
+)
+DISTOPT_ONE_RANK = Scenario("distopt_1", 1, ["parallel.use_distributed_optimizer=true"], "[4,6,8]")
+# dp_reshardable: less communication at save, reshards over DP only.
+DP_RESHARDABLE = ["checkpoint.optimizer_format=dp_reshardable"]
+DISTOPT_DPRS = Scenario(
+    "dp2_pp2_distopt_dprs", 4, DISTOPT_PP2.layout, "[4,6,8]", extra=DP_RESHARDABLE
+)
+
 RESHARDS = {
     "reshard_tp2pp2_to_tp1pp1": ("tp2_pp2", True, False, None),
     "reshard_tp1pp1_to_tp2pp2": ("tp2_pp2", False, True, None),
     "resume_distopt_dp2pp2": ("dp2_pp2_distopt", True, True, None),
     # ict checkpoints: separate heads saved once at TP2xPP2 (norms replicated over TP)
     "reshard_ict_tp2pp2_to_tp1pp1": ("ict_tp2_pp2", True, False, None),
-    "reshard_distopt_dp2pp2_to_dp1pp2": ("dp2_pp2_distopt", True, True, DISTOPT_PP2),
+    "reshard_distopt_dp2pp2_to_dp2tp2": ("dp2_pp2_distopt", True, True, DISTOPT_DP2_TP2),
+    "reshard_distopt_dp2pp2_to_1rank": ("dp2_pp2_distopt", True, True, DISTOPT_ONE_RANK),
+    "reshard_dp_reshardable_dp2pp2_to_dp1pp2": (DISTOPT_DPRS, True, True, DISTOPT_PP2),
 }
 
 
@@ -482,9 +506,8 @@ def main(argv: list[str]) -> int:
         try:
             if name in RESHARDS:
                 base, save_parallel, load_parallel, load_as = RESHARDS[name]
-                result = check_reshard(
-                    out / name, SCENARIOS[base], save_parallel, load_parallel, load_as
-                )
+                scenario = SCENARIOS[base] if isinstance(base, str) else base
+                result = check_reshard(out / name, scenario, save_parallel, load_parallel, load_as)
             else:
                 result = check_scenario(SCENARIOS[name], out / name)
             report[name] = {"ok": True, **result}
