@@ -14,6 +14,13 @@ Vocabulary rows (`vocab=True`) are padded with zero rows to megatron's padded vo
 import and cut back on export (see soft.conversion.vocab).
 
 `CONFIG_PAIRS` maps ModelConfig fields to HF config.json keys, also in both directions.
+
+ICT heads (`soft.mode=ict`, the paper's SFT+ICT baseline): each early exit k has its own
+norm + output layer, stored in the checkpoint under plain keys `exit_heads.<k>.final_layernorm
+.weight` [hidden] and `exit_heads.<k>.output_layer.weight` [padded_vocab, hidden]. On export
+they go to a separate `exit_heads.safetensors` (so the HF weight files stay exactly
+LlamaForCausalLM's) as `exit_heads.<k>.norm.weight` / `exit_heads.<k>.lm_head.weight`, and
+config.json lists the exits under `soft_exit_heads`; see `exit_head_rows`.
 """
 
 from __future__ import annotations
@@ -187,6 +194,29 @@ LAYER_ROWS: tuple[Row, ...] = (
 FINAL_NORM = Row("decoder.final_layernorm.weight", "model.norm.weight")
 OUTPUT_LAYER = Row("output_layer.weight", "lm_head.weight", vocab=True)
 TABLE: tuple[Row, ...] = (EMBEDDING, *LAYER_ROWS, FINAL_NORM, OUTPUT_LAYER)
+
+# ICT heads in an exported folder (read back by soft.evaluation.model_io, which spells the same
+# names itself so that evaluation does not import the megatron side).
+EXIT_HEADS_FILE = "exit_heads.safetensors"
+EXIT_HEADS_CONFIG_KEY = "soft_exit_heads"
+
+
+def exit_head_rows(k: int, as_final: bool = False) -> tuple[Row, Row]:
+    """(norm row, output-layer row) of exit k's ICT head.
+
+    `as_final`: named as the HF model's own `model.norm` / `lm_head`, for the standalone
+    k-layer sub-model, whose head after ICT is exactly this one.
+    """
+    norm_hf, head_hf = (
+        (FINAL_NORM.hf, OUTPUT_LAYER.hf)
+        if as_final
+        else (f"exit_heads.{k}.norm.weight", f"exit_heads.{k}.lm_head.weight")
+    )
+    return (
+        Row(f"exit_heads.{k}.final_layernorm.weight", norm_hf),
+        Row(f"exit_heads.{k}.output_layer.weight", head_hf, vocab=True),
+    )
+
 
 # ModelConfig field <-> HF LlamaConfig key (rotary_base and params_dtype are special-cased in
 # hf_io because HF moved rope_theta into rope_parameters and spells dtypes differently).

@@ -7,6 +7,13 @@ standalone sub-model of SoFT: the first K layers, the model's own final norm and
 config.json records the exit plan the model was trained with (`soft_exit_layers`,
 `soft_exit_weights`, `soft_exit_mode`); a sub-model export also records
 `soft_source_exit_layer: K` and keeps the exits <= K with their trained weights.
+
+ICT checkpoints (`soft.mode=ict`: frozen SFT backbone, one trained norm + head per early exit)
+also get `exit_heads.safetensors` beside HF's own files (which stay plain LlamaForCausalLM
+weights): `exit_heads.<k>.norm.weight` [hidden] and `exit_heads.<k>.lm_head.weight`
+[vocab, hidden] per early exit k, listed in config.json as `soft_exit_heads: [k, ...]`.
+A sub-model export at K keeps the heads of exits k < K; if K has a head, the K-layer model's
+own `model.norm` / `lm_head` ARE that head (that is what sub-model K is after ICT).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from soft.checkpointing.checkpoint import find_checkpoint
@@ -24,7 +32,16 @@ from soft.config.errors import ConfigError
 from soft.config.root import RootConfig, load_config
 from soft.conversion import hf_io, megatron_io
 from soft.conversion.hf_to_megatron import shapes_of
-from soft.conversion.mapping import EMBEDDING, FINAL_NORM, LAYER_ROWS, OUTPUT_LAYER, Row
+from soft.conversion.mapping import (
+    EMBEDDING,
+    EXIT_HEADS_CONFIG_KEY,
+    EXIT_HEADS_FILE,
+    FINAL_NORM,
+    LAYER_ROWS,
+    OUTPUT_LAYER,
+    Row,
+    exit_head_rows,
+)
 from soft.conversion.output import atomic_output_dir
 
 log = logging.getLogger("soft.conversion")
@@ -102,18 +119,62 @@ def _hf_name_tensors(
 
 
 def _export_weights(
-    reader, writer, shapes, num_layers: int, dtype: torch.dtype, progress: bool
+    reader,
+    writer,
+    shapes,
+    num_layers: int,
+    dtype: torch.dtype,
+    progress: bool,
+    final_head: tuple[Row, Row] = (FINAL_NORM, OUTPUT_LAYER),
 ) -> None:
-    """Embedding, then one layer per load, then the final norm and head, each written at once."""
+    """Embedding, then one layer per load, then the final norm and head, each written at once.
+
+    `final_head`: the rows written as `model.norm` / `lm_head` (an ICT exit's own head for a
+    sub-model export at that exit)."""
     groups: list[list[tuple[Row, int | None]]] = [[(EMBEDDING, None)]]
     groups += [[(row, layer) for row in LAYER_ROWS] for layer in range(num_layers)]
-    groups.append([(FINAL_NORM, None), (OUTPUT_LAYER, None)])
+    groups.append([(row, None) for row in final_head])
     for group in tqdm(groups, desc="megatron -> HF", unit="group", disable=not progress):
-        loaded = reader.read(group, shapes)
-        for row, layer in group:
-            param = row.megatron.replace("*", str(layer)) if layer is not None else row.megatron
-            for name, tensor in _hf_name_tensors(row, layer, loaded.pop(param), shapes, dtype):
-                writer.add(name, tensor)
+        for name, tensor in _read_hf(reader, group, shapes, dtype):
+            writer.add(name, tensor)
+
+
+def _read_hf(
+    reader, group: list[tuple[Row, int | None]], shapes, dtype: torch.dtype
+) -> list[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of one group of rows, read from the checkpoint in one load."""
+    loaded = reader.read(group, shapes)
+    out = []
+    for row, layer in group:
+        param = row.megatron.replace("*", str(layer)) if layer is not None else row.megatron
+        out += _hf_name_tensors(row, layer, loaded.pop(param), shapes, dtype)
+    return out
+
+
+def ict_head_exits(cfg: RootConfig) -> tuple[int, ...]:
+    """Exits whose ICT head the checkpoint holds: every early exit in ict mode, else none."""
+    return cfg.exit_plan().early if cfg.soft.mode == "ict" else ()
+
+
+def _check_heads_present(reader, ckpt: Path, heads: tuple[int, ...]) -> None:
+    """Fail before writing anything when an ICT checkpoint lacks a head (e.g. a run saved
+    before its heads were added)."""
+    for k in heads:
+        for row in exit_head_rows(k):
+            if row.megatron not in reader.metadata:
+                raise ConfigError(
+                    f"checkpoint '{ckpt}' (soft.mode=ict) has no tensor '{row.megatron}': an ICT "
+                    f"checkpoint holds one head per early exit {list(heads)}"
+                )
+
+
+def _export_exit_heads(reader, out: Path, shapes, heads: list[int], dtype: torch.dtype) -> None:
+    """exit_heads.safetensors: the ICT heads, vocabulary rows cut back like lm_head's."""
+    tensors: dict[str, torch.Tensor] = {}
+    for k in heads:
+        for name, tensor in _read_hf(reader, [(r, None) for r in exit_head_rows(k)], shapes, dtype):
+            tensors[name] = tensor.contiguous()
+    save_file(tensors, str(out / EXIT_HEADS_FILE), metadata={"format": "pt"})
 
 
 def convert_megatron_to_hf(req: ExportRequest) -> Path:
@@ -143,17 +204,28 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
         raise ConfigError(
             f"--dtype: expected auto or one of {sorted(hf_io.TORCH_DTYPES)}, got '{req.dtype}'"
         )
+    all_heads = ict_head_exits(cfg)
+    _check_heads_present(reader, ckpt, all_heads)
+    heads = [k for k in all_heads if k < num_layers]
+    final_head = exit_head_rows(num_layers, as_final=True) if num_layers in all_heads else None
+    torch_dtype = hf_io.TORCH_DTYPES[dtype_name]
     with atomic_output_dir(Path(req.out_dir), req.overwrite) as tmp:
         writer = hf_io.ShardedSafetensorsWriter(tmp, req.max_shard_bytes)
-        _export_weights(
-            reader, writer, shapes, num_layers, hf_io.TORCH_DTYPES[dtype_name], req.progress
-        )
+        head = final_head or (FINAL_NORM, OUTPUT_LAYER)
+        _export_weights(reader, writer, shapes, num_layers, torch_dtype, req.progress, head)
         writer.finish()
+        if heads:
+            _export_exit_heads(reader, tmp, shapes, heads, torch_dtype)
         hf_io.write_tokenizer(tokenizer, tmp, model.max_position_embeddings)
-        _write_configs(tmp, cfg, vocab, num_layers, dtype_name, tokenizer, req.exit_layer)
+        extra = {EXIT_HEADS_CONFIG_KEY: heads} if heads else {}
+        _write_configs(tmp, cfg, vocab, num_layers, dtype_name, tokenizer, req.exit_layer, extra)
     log.info(
         "wrote %s (%d of %d layers, %s)", req.out_dir, num_layers, model.num_layers, dtype_name
     )
+    if heads:
+        log.info("ICT heads of exits %s written to %s", heads, EXIT_HEADS_FILE)
+    if final_head:
+        log.info("model.norm / lm_head are exit %d's ICT head", num_layers)
     return Path(req.out_dir).absolute()
 
 
@@ -169,6 +241,7 @@ def _write_configs(
     dtype: str,
     tokenizer: Path,
     exit_layer: int | None,
+    extra_fields: dict[str, Any] | None = None,
 ) -> None:
     from transformers import GenerationConfig
 
@@ -179,6 +252,7 @@ def _write_configs(
         "bos_token_id": tok.bos_id,
         "eos_token_id": tok.eos_id,
         **exit_plan_fields(cfg, exit_layer),
+        **(extra_fields or {}),
     }
     config = hf_io.hf_config_from_model(cfg.model, vocab, num_layers, dtype, extra)
     config.save_pretrained(out)

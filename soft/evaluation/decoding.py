@@ -2,16 +2,19 @@
 
 A SoFT sub-model with exit k is "embed -> layers[:k] -> model.norm -> lm_head" of the same
 module: nothing is copied, and each generation keeps its own `DynamicCache` (layers that a
-sub-model never runs simply stay empty in it).
+sub-model never runs simply stay empty in it). An ICT export gives some early exits their own
+norm + head (`ExportedModel.exit_heads`); `LayerRunner.logits` picks the exit's head, so every
+decoding mode uses the head that exit was trained with.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM
 
 
@@ -33,7 +36,7 @@ class GenerationResult:
 
 
 class LayerRunner:
-    """Runs embeddings, any range of decoder layers, and the shared norm + head of one model.
+    """Runs embeddings, any range of decoder layers, and the exit heads of one model.
 
     Every call processes a contiguous chunk of positions `first_pos .. first_pos + q - 1` at
     one layer whose cache must hold exactly positions `0 .. first_pos - 1`; the causal mask is
@@ -41,11 +44,16 @@ class LayerRunner:
     lengths, which HF's `create_causal_mask` (it reads layer 0's length) cannot express.
     """
 
-    def __init__(self, model: LlamaForCausalLM):
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        exit_heads: Mapping[int, tuple[nn.Module, nn.Module]] | None = None,
+    ):
         self.model = model
         self.base = model.model
         self.num_layers = int(model.config.num_hidden_layers)
         self.device = model.lm_head.weight.device
+        self.exit_heads = dict(exit_heads or {})  # exit k -> (norm, lm_head) of its ICT head
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
@@ -95,9 +103,11 @@ class LayerRunner:
             )
         return hidden
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The shared exit head: the model's own final RMSNorm, then lm_head."""
-        return self.model.lm_head(self.base.norm(hidden))
+    def logits(self, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
+        """Exit `exit_layer`'s logits: its own ICT head when it has one, else the shared head
+        (the model's own final RMSNorm, then lm_head)."""
+        norm, lm_head = self.exit_heads.get(exit_layer, (self.base.norm, self.model.lm_head))
+        return lm_head(norm(hidden))
 
     def crop(self, cache: DynamicCache, length: int, layers: Iterable[int] | None = None) -> None:
         """Keep only positions `0 .. length - 1` in the given layers' caches (rollback)."""
@@ -144,7 +154,7 @@ def greedy_generate(
     pending, pos = prompt, 0
     while len(new) < max_new_tokens:
         hidden = runner.run_layers(runner.embed(pending), 0, k, cache, pos)
-        token = int(runner.logits(hidden[:, -1:]).argmax(-1).item())
+        token = int(runner.logits(hidden[:, -1:], k).argmax(-1).item())
         new.append(token)
         pos += len(pending)
         pending = [token]

@@ -6,6 +6,9 @@ always emits. Since a probability never exceeds 1.0, thresholds of 1.0 mean "nev
 early" (output = full model), and thresholds of 0.0 mean "always take the first exit"
 (output = that sub-model's greedy output).
 
+Confidence is that of the exit's own logits (its ICT head when it has one, see
+`LayerRunner.logits`).
+
 KV cache of skipped layers: lazy RECOMPUTE (exact, no state copying). A token that exits at
 depth k leaves layers k.. without its K/V. We keep each position's latest hidden state; when
 a later token goes deeper than k, every pending position is pushed through each deeper layer
@@ -91,7 +94,7 @@ def dynamic_generate(
                     states[:, first : pos + 1], layer, layer + 1, cache, first
                 )
             depth = exit_layer
-            logits = runner.logits(states[:, pos : pos + 1]).float()
+            logits = runner.logits(states[:, pos : pos + 1], exit_layer).float()
             if (
                 exit_index == len(exits) - 1
                 or logits.softmax(-1).max().item() > thresholds[exit_index]

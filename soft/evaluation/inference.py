@@ -1,4 +1,5 @@
-"""One entry point for the four greedy decoding modes of an exported SoFT model."""
+"""One entry point for the four greedy decoding modes of an exported SoFT model (an ICT
+export's early exits decode through their own heads)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def generate_ids(
         raise ConfigError(f"--mode: expected one of {', '.join(MODES)}, got '{options.mode}'")
     if options.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: expected >= 1, got {options.max_new_tokens}")
-    runner = LayerRunner(exported.model)
+    runner = LayerRunner(exported.model, exported.exit_heads)
     stops = stop_ids(exported.tokenizer, options.stop_at_newline)
     n = options.max_new_tokens
     if options.mode == "full":

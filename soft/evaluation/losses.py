@@ -1,12 +1,14 @@
-"""Per-exit loss on response tokens from ONE forward pass with all hidden states."""
+"""Per-exit loss on response tokens from ONE forward pass with all hidden states (each early
+exit through its own ICT head when it has one, else through the shared norm + head)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import LlamaForCausalLM
 
 from soft.data.tokenizer import Tokenizer
@@ -36,14 +38,20 @@ def tokenize_example(tokenizer: Tokenizer, example: EvalExample) -> TokenizedExa
 
 @torch.inference_mode()
 def exit_nll(
-    model: LlamaForCausalLM, loss_ids: Sequence[int], num_target: int, exits: Sequence[int]
+    model: LlamaForCausalLM,
+    loss_ids: Sequence[int],
+    num_target: int,
+    exits: Sequence[int],
+    exit_heads: Mapping[int, tuple[nn.Module, nn.Module]] | None = None,
 ) -> dict[int, tuple[float, int]]:
     """Summed NLL and token count of the last `num_target` ids, for every exit.
 
     Exit k < L: HF's `hidden_states[k]` (output of decoder layer k, pre-norm) through
-    `model.model.norm` and `lm_head`. Exit L: transformers 5.x returns `hidden_states[-1]`
-    already normed (the same tensor the head saw), so the model's own logits are used.
+    `exit_heads[k]` = (norm, lm_head) when given (ICT), else `model.model.norm` and `lm_head`.
+    Exit L: transformers 5.x returns `hidden_states[-1]` already normed (the same tensor the
+    head saw), so the model's own logits are used.
     """
+    heads = exit_heads or {}
     num_layers = int(model.config.num_hidden_layers)
     device = model.lm_head.weight.device
     ids = torch.as_tensor(list(loss_ids), dtype=torch.long, device=device)[None]
@@ -57,7 +65,8 @@ def exit_nll(
             logits = out.logits[0, :-1]
         else:
             hidden = out.hidden_states[k][0, -num_target - 1 : -1]
-            logits = model.lm_head(model.model.norm(hidden))
+            norm, lm_head = heads.get(k, (model.model.norm, model.lm_head))
+            logits = lm_head(norm(hidden))
         nll = F.cross_entropy(logits.float(), labels, reduction="sum").item()
         result[k] = (nll, num_target)
     return result

@@ -1,29 +1,46 @@
-"""Loading exported Hugging Face LLaMA folders and resolving which exits to use."""
+"""Loading exported Hugging Face LLaMA folders and resolving which exits to use.
+
+An ICT export (`soft_exit_heads: [k, ...]` in config.json) also has `exit_heads.safetensors`
+with `exit_heads.<k>.norm.weight` [hidden] and `exit_heads.<k>.lm_head.weight` [vocab, hidden]
+per listed early exit k: exit k's logits then come from its own head, not the shared one. The
+names are those soft.conversion.mapping writes; they are spelled here too so that evaluation
+does not import the megatron side.
+"""
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from torch import nn
 from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from soft.config.errors import ConfigError
 from soft.data.tokenizer import Tokenizer
 
 EXIT_LAYERS_KEY = "soft_exit_layers"
+EXIT_HEADS_KEY = "soft_exit_heads"
+EXIT_HEADS_FILE = "exit_heads.safetensors"
+
+# One exit's own head (ICT): RMSNorm, then a bias-free vocabulary projection.
+ExitHead = tuple[nn.Module, nn.Module]
 
 
 @dataclass
 class ExportedModel:
-    """A loaded export: the HF model, its tokenizer and the exits recorded at training time."""
+    """A loaded export: the HF model, its tokenizer, the exits recorded at training time and
+    the ICT heads of early exits that have their own (empty: every exit uses the shared head)."""
 
     model: LlamaForCausalLM
     tokenizer: Tokenizer
     recorded_exits: list[int] | None
     path: Path
+    exit_heads: dict[int, ExitHead] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -115,6 +132,98 @@ def resolve_exits(
     return list(range(1, exported.num_layers + 1))
 
 
+def exit_head_names(k: int) -> tuple[str, str]:
+    """Tensor names of exit k's head in exit_heads.safetensors: (norm, lm_head)."""
+    return f"exit_heads.{k}.norm.weight", f"exit_heads.{k}.lm_head.weight"
+
+
+def _listed_heads(config: dict, path: Path) -> list[int]:
+    """`soft_exit_heads`, checked: heads exist only for early exits 1..num_layers-1."""
+    listed = config.get(EXIT_HEADS_KEY)
+    num_layers = int(config["num_hidden_layers"])
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError(
+            f"'{path}': config.json '{EXIT_HEADS_KEY}' must be a non-empty list of exits, "
+            f"got {listed!r}"
+        )
+    for k in listed:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < num_layers:
+            raise ConfigError(
+                f"'{path}': config.json '{EXIT_HEADS_KEY}' lists exit {k!r}; ICT heads exist only "
+                f"for early exits 1..{num_layers - 1} (the model has {num_layers} layers)"
+            )
+    return sorted(set(listed))
+
+
+def read_exit_heads(model_dir: Path, config: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """{k: {"norm": [hidden], "lm_head": [vocab, hidden]}} from exit_heads.safetensors, every
+    tensor present with the model's shape and nothing else in the file; {} for a plain export."""
+    path = model_dir / EXIT_HEADS_FILE
+    if EXIT_HEADS_KEY not in config:
+        if path.exists():
+            raise ConfigError(
+                f"'{path}' exists but config.json has no '{EXIT_HEADS_KEY}': which exits it "
+                "serves is unknown (re-export the checkpoint)"
+            )
+        return {}
+    heads = _listed_heads(config, path)
+    if not path.is_file():
+        raise ConfigError(f"'{path}' is missing (config.json lists ICT heads {heads})")
+    hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise ConfigError(f"cannot read '{path}' ({exc})") from exc
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for k in heads:
+        norm, lm_head = exit_head_names(k)
+        out[k] = {
+            "norm": _head_tensor(stored, norm, (hidden,), path),
+            "lm_head": _head_tensor(stored, lm_head, (vocab, hidden), path),
+        }
+    if stored:
+        raise ConfigError(
+            f"'{path}' has tensors for exits not listed in config.json '{EXIT_HEADS_KEY}' "
+            f"{heads}: {sorted(stored)}"
+        )
+    return out
+
+
+def _head_tensor(
+    stored: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], path: Path
+) -> torch.Tensor:
+    """Pop `name` from the file's tensors, checking its shape against config.json."""
+    if name not in stored:
+        raise ConfigError(f"'{path}' has no tensor '{name}' (config.json lists its exit)")
+    tensor = stored.pop(name)
+    if tuple(tensor.shape) != shape:
+        raise ConfigError(
+            f"'{path}': tensor '{name}' has shape {tuple(tensor.shape)}, expected {shape} "
+            "from config.json"
+        )
+    return tensor
+
+
+def build_exit_heads(
+    model: LlamaForCausalLM, tensors: dict[int, dict[str, torch.Tensor]]
+) -> dict[int, ExitHead]:
+    """Norm + head modules beside `model`'s own: same eps, dtype and device, inference mode."""
+    config = model.config
+    weight = model.lm_head.weight
+    heads: dict[int, ExitHead] = {}
+    place = {"device": weight.device, "dtype": weight.dtype}
+    for k, pair in tensors.items():
+        norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(**place)
+        # Built in place: no fp32 CPU copy of a vocabulary-sized matrix per head.
+        lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **place)
+        with torch.no_grad():
+            norm.weight.copy_(pair.pop("norm"))
+            lm_head.weight.copy_(pair.pop("lm_head"))
+        heads[k] = (norm.eval().requires_grad_(False), lm_head.eval().requires_grad_(False))
+    return heads
+
+
 def _is_megatron_checkpoint(path: Path) -> bool:
     from soft.checkpointing.checkpoint import find_checkpoint
 
@@ -132,8 +241,8 @@ def _export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
 def load_exported_model(
     model_dir: str | Path, device: str = "auto", dtype: str = "auto"
 ) -> ExportedModel:
-    """Load an exported LlamaForCausalLM folder (config.json + safetensors + tokenizer.model),
-    or a megatron checkpoint of a training run, converted on the fly to a temporary HF folder
+    """Load an exported LlamaForCausalLM folder (config.json + safetensors + tokenizer.model,
+    + exit_heads.safetensors for ICT), or a megatron checkpoint of a training run, converted on the fly to a temporary HF folder
     by the conversion code (the same export `tools/convert_megatron_to_hf.py` writes)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file() and _is_megatron_checkpoint(model_dir):
@@ -144,6 +253,7 @@ def load_exported_model(
             return loaded
     config = read_model_config(model_dir)
     exits = recorded_exit_layers(config, f"'{model_dir / 'config.json'}'")
+    head_tensors = read_exit_heads(model_dir, config)  # checked before the (big) model loads
     tokenizer_path = model_dir / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise ConfigError(f"--model-dir '{model_dir}' has no tokenizer.model (SentencePiece)")
@@ -155,4 +265,10 @@ def load_exported_model(
         model_dir, dtype=pick_dtype(dtype, torch_device), attn_implementation="sdpa"
     )
     model.to(torch_device).eval()
-    return ExportedModel(model=model, tokenizer=tokenizer, recorded_exits=exits, path=model_dir)
+    return ExportedModel(
+        model=model,
+        tokenizer=tokenizer,
+        recorded_exits=exits,
+        path=model_dir,
+        exit_heads=build_exit_heads(model, head_tensors),
+    )

@@ -1,4 +1,13 @@
-"""Evaluating every SoFT exit of an exported model: loss, perplexity, exact match, speed."""
+"""Evaluating every SoFT exit of an exported model: loss, perplexity, exact match, speed.
+
+Exits with an ICT head (`ExportedModel.exit_heads`) are scored through it. When exact match is
+scored, each example's case-sensitive hit (1/0) per exit is kept too (`per_example`), so that
+two models or exits can be compared prompt by prompt (win rates), not only on the mean.
+
+Results JSON: {"params": {..., "exit_heads": [k, ...]}, "exits": [one ExitRecord per exit],
+"per_example": {"<layer>": [1 or 0 per example, in order]}} ("per_example" only when exact
+match is scored).
+"""
 
 from __future__ import annotations
 
@@ -50,21 +59,41 @@ def stop_ids(tokenizer: Tokenizer, at_newline: bool) -> set[int]:
     return stops
 
 
+@dataclass
+class ExitEvaluation:
+    """`records`: one per exit, shallowest first. `per_example`: exit -> exact-match hit (1/0)
+    of every example in order, or None when exact match was not scored."""
+
+    records: list[ExitRecord]
+    per_example: dict[int, list[int]] | None
+
+
 class _ExitTally:
-    """Running sums for one exit."""
+    """Running sums for one exit (and its per-example exact-match hits)."""
 
     def __init__(self) -> None:
         self.nll = 0.0
         self.tokens = 0
-        self.hits = 0
+        self.hits_per_example: list[int] = []
         self.hits_normalized = 0
-        self.answered = 0
         self.gen_tokens = 0
         self.gen_seconds = 0.0
+
+    @property
+    def hits(self) -> int:
+        return sum(self.hits_per_example)
+
+    @property
+    def answered(self) -> int:
+        return len(self.hits_per_example)
 
     def record(self, generated_tokens: int, seconds: float) -> None:
         self.gen_tokens += generated_tokens
         self.gen_seconds += seconds
+
+    def score(self, answer: str, aliases: Sequence[str]) -> None:
+        self.hits_per_example.append(int(exact_match(answer, aliases)))
+        self.hits_normalized += exact_match(answer, aliases, normalized=True)
 
 
 def _record(layer: int, tally: _ExitTally, scored_em: bool) -> ExitRecord:
@@ -92,15 +121,16 @@ def evaluate_exits(
     score_exact_match: bool = False,
     stop_at_newline: bool = False,
     progress: bool = True,
-) -> list[ExitRecord]:
-    """Per-exit records. The full model is always included: it is the speed-up reference.
+) -> ExitEvaluation:
+    """Per-exit records (+ per-example exact match when scored). The full model is always
+    included: it is the speed-up reference.
 
     Generation for all exits is interleaved per example, so load drift on a shared machine
     affects every exit alike; each exit runs as a truncated model with its own KV cache.
     """
     num_layers = exported.num_layers
     exits = sorted(set(exits) | {num_layers})
-    runner = LayerRunner(exported.model)
+    runner = LayerRunner(exported.model, exported.exit_heads)
     tokenizer = exported.tokenizer
     stops = stop_ids(tokenizer, stop_at_newline)
     tallies = {k: _ExitTally() for k in exits}
@@ -109,7 +139,7 @@ def evaluate_exits(
             greedy_generate(runner, examples[0].prompt_ids, 2, exit_layer=k, stop_ids=stops)
     for example in tqdm(examples, desc="eval exits", unit="example", disable=not progress):
         for k, (nll, count) in exit_nll(
-            exported.model, example.loss_ids, example.num_target, exits
+            exported.model, example.loss_ids, example.num_target, exits, exported.exit_heads
         ).items():
             tallies[k].nll += nll
             tallies[k].tokens += count
@@ -120,15 +150,15 @@ def evaluate_exits(
             tallies[k].record(len(result.token_ids), result.elapsed_s)
             if score_exact_match:
                 answer = tokenizer.decode([t for t in result.token_ids if t not in stops])
-                tallies[k].answered += 1
-                tallies[k].hits += exact_match(answer, example.answers)
-                tallies[k].hits_normalized += exact_match(answer, example.answers, normalized=True)
+                tallies[k].score(answer, example.answers)
     records = [_record(k, tallies[k], score_exact_match) for k in exits]
     full = records[-1]
     for record in records:
         if record.ms_per_token and full.ms_per_token:
             record.speedup = full.ms_per_token / record.ms_per_token
-    return records
+    scored = score_exact_match and max_new_tokens > 0
+    per_example = {k: tallies[k].hits_per_example for k in exits} if scored else None
+    return ExitEvaluation(records, per_example)
 
 
 def run_eval_exits(
@@ -144,7 +174,8 @@ def run_eval_exits(
     dtype: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """The whole eval_exits job: returns {"records", "table", "json", "plot", "mlflow_run_id"}."""
+    """The whole eval_exits job: returns {"records", "per_example", "table", "json", "plot",
+    "mlflow_run_id"}; `per_example` is {"<layer>": [1/0 per example]} or None (EM not scored)."""
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens: expected >= 0, got {max_new_tokens}")
     raw = load_eval_examples(data, fmt, limit)  # cheap checks of the data before the model loads
@@ -152,19 +183,28 @@ def run_eval_exits(
     chosen = resolve_exits(exits, exported)
     examples = [tokenize_example(exported.tokenizer, e) for e in raw]
     is_qa = fmt == "triviaqa"
-    records = evaluate_exits(
+    evaluation = evaluate_exits(
         exported, examples, chosen, max_new_tokens,
         score_exact_match=fmt in ("triviaqa", "alpaca"), stop_at_newline=is_qa, progress=progress,
     )  # fmt: skip
-    rows = [asdict(r) for r in records]
+    rows = [asdict(r) for r in evaluation.records]
+    per_example = (
+        None
+        if evaluation.per_example is None
+        else {str(k): hits for k, hits in evaluation.per_example.items()}
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     params = {
         "model_dir": str(model_dir), "data": str(data), "format": fmt, "exits": chosen,
         "num_examples": len(examples), "max_new_tokens": max_new_tokens,
         "device": str(exported.model.lm_head.weight.device), "dtype": str(exported.model.dtype),
+        "exit_heads": sorted(k for k in exported.exit_heads if k in {r["layer"] for r in rows}),
     }  # fmt: skip
-    out.write_text(json.dumps({"params": params, "exits": rows}, indent=2) + "\n")
+    results: dict = {"params": params, "exits": rows}
+    if per_example is not None:
+        results["per_example"] = per_example
+    out.write_text(json.dumps(results, indent=2) + "\n")
     plot = plot_exits(
         rows, out.with_suffix(".png"), title=f"{Path(model_dir).name} on {Path(data).name}"
     )
@@ -180,4 +220,11 @@ def run_eval_exits(
             [out, plot, table_path],
             artifact_root=out.parent / "mlartifacts",
         )
-    return {"records": rows, "table": table, "json": out, "plot": plot, "mlflow_run_id": run_id}
+    return {
+        "records": rows,
+        "per_example": per_example,
+        "table": table,
+        "json": out,
+        "plot": plot,
+        "mlflow_run_id": run_id,
+    }

@@ -5,6 +5,7 @@ layers' cache exactly as the full model would; verification reuses those k-layer
 states and runs only layers k.. over all drafted positions in one chunk. After accepting
 the longest agreeing prefix plus the full model's own next token, every layer is cropped
 back to the accepted positions. The output is by construction the full model's greedy output.
+Drafts come from the draft exit's own head (its ICT head when it has one).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _draft(
     for i in range(n):
         hidden = runner.run_layers(runner.embed([token]), 0, draft_exit, cache, pos + i)
         hiddens.append(hidden)
-        token = int(runner.logits(hidden).argmax(-1).item())
+        token = int(runner.logits(hidden, draft_exit).argmax(-1).item())
         drafts.append(token)
     return drafts, hiddens
 
@@ -59,7 +60,7 @@ def speculative_generate(
     drafted = accepted = rounds = 0
     if max_new_tokens > 0:
         hidden = runner.run_layers(runner.embed(prompt), 0, num_layers, cache, 0)
-        new.append(int(runner.logits(hidden[:, -1:]).argmax(-1).item()))
+        new.append(int(runner.logits(hidden[:, -1:], num_layers).argmax(-1).item()))
     # Loop invariant: the cache holds every position before new[-1], which is not fed yet.
     while new and len(new) < max_new_tokens and new[-1] not in stops:
         pos = len(prompt) + len(new) - 1
@@ -68,7 +69,7 @@ def speculative_generate(
         # Verify: d_n through the first k layers, then all n + 1 positions through the rest.
         hiddens.append(runner.run_layers(runner.embed(drafts[-1:]), 0, draft_exit, cache, pos + n))
         hidden = runner.run_layers(torch.cat(hiddens, dim=1), draft_exit, num_layers, cache, pos)
-        targets = runner.logits(hidden).argmax(-1)[0].tolist()  # full model's token after each
+        targets = runner.logits(hidden, num_layers).argmax(-1)[0].tolist()  # full model's next
         m = 0
         while m < n and drafts[m] == targets[m]:
             m += 1

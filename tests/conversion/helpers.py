@@ -115,3 +115,52 @@ def megatron_logits_and_exits(
         for h in handles:
             h.remove()
     return logits[..., :vocab], exits
+
+
+def make_ict_checkpoint(
+    hf_dir: Path,
+    out_dir: Path,
+    exit_layers: list[int],
+    *,
+    seed: int = 0,
+    skip: str | None = None,
+    tokenizer: Path = BUILTIN_TOKENIZER,
+) -> dict[str, torch.Tensor]:
+    """An fp32 `soft.mode=ict` checkpoint like the ICT trainer saves: the HF model converted,
+    plus an own head per early exit under `exit_heads.<k>.final_layernorm.weight` [hidden] and
+    `exit_heads.<k>.output_layer.weight` [padded_vocab, hidden] (padding rows random, so a
+    missing vocabulary cut shows). `skip` leaves one key out. Returns {key: tensor}."""
+    from soft.checkpointing.checkpoint import TrainState, save_checkpoint
+    from soft.config.root import RootConfig
+    from soft.conversion import hf_io, megatron_io
+    from soft.conversion.hf_to_megatron import build_sharded_state, shapes_of
+    from soft.conversion.vocab import stable_divisor
+
+    config = hf_io.read_hf_config(hf_dir)
+    vocab = int(config["vocab_size"])
+    divisor, padded = stable_divisor(vocab)
+    model = hf_io.model_config_from_hf(config, "fp32", divisor)
+    megatron_io.ensure_single_rank_world()
+    source = hf_io.HFTensorSource(hf_dir)
+    sharded = build_sharded_state(
+        source, model, shapes_of(model, vocab, padded), torch.float32, False
+    )
+    gen = torch.Generator().manual_seed(seed)
+    heads: dict[str, torch.Tensor] = {}
+    for k in exit_layers[:-1]:
+        heads[f"exit_heads.{k}.final_layernorm.weight"] = 1.0 + 0.3 * torch.randn(
+            model.hidden_size, generator=gen
+        )
+        heads[f"exit_heads.{k}.output_layer.weight"] = (
+            torch.randn(padded, model.hidden_size, generator=gen) / model.hidden_size**0.5
+        )
+    for key, tensor in heads.items():
+        if key != skip:
+            sharded[key] = megatron_io.sharded_tensor(key, tensor, model.num_layers)
+    root = RootConfig(model=model)
+    root.soft.mode = "ict"
+    root.soft.exit_layers = list(exit_layers)
+    root.data.tokenizer_path = str(tokenizer)
+    root.checkpoint.load_dir, root.checkpoint.finetune = str(hf_dir), True  # ict starts from SFT
+    save_checkpoint(out_dir, [megatron_io.ModelOnly(sharded)], None, None, TrainState(), root)
+    return heads

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from soft.config.errors import ConfigError
 from soft.conversion import ExportRequest, convert_hf_to_megatron, convert_megatron_to_hf
-from tests.conversion.helpers import BUILTIN_TOKENIZER, make_hf_model
+from tests.conversion.helpers import BUILTIN_TOKENIZER, make_hf_model, make_ict_checkpoint
 
 
 @pytest.fixture
@@ -91,3 +91,15 @@ def test_exit_layer_out_of_range(hf_dir, tmp_path, k):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="is not a checkpoint"):
         convert_megatron_to_hf(ExportRequest(tmp_path, tmp_path / "out"))
+
+
+def test_ict_checkpoint_without_a_head(hf_dir, tmp_path):
+    """soft.mode=ict promises one head per early exit: a missing one fails before any output."""
+    key = "exit_heads.1.output_layer.weight"
+    make_ict_checkpoint(hf_dir, tmp_path / "meg", [1, 2], skip=key)
+    out = tmp_path / "hf_out"
+    with pytest.raises(
+        ConfigError, match=rf"checkpoint '.*iter_0000000' \(soft.mode=ict\) has no tensor '{key}'"
+    ):
+        convert_megatron_to_hf(ExportRequest(tmp_path / "meg", out, progress=False))
+    assert not out.exists() and not out.with_name("hf_out.tmp").exists()
