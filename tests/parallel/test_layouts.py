@@ -13,10 +13,11 @@ rank), against a 1-rank run of the same config:
 - the clipped global gradient norm (the shared head counted once): rel 1e-5;
 - parameters after 3 Adam steps: rtol 1e-4, atol 2e-6 (observed 2e-7);
 - head replicas on different stages (and chunks) bit-identical after the steps.
-And checkpoints: saved at TP2xPP2 and loaded at TP1xPP1 (and the reverse); with the
-distributed optimizer saved and resumed at DP2xPP2, and resharded to DP1xPP2; an ict run saved at
-TP2xPP2 and loaded at TP1xPP1: the next step's
-losses equal the unbroken run's (observed exactly, or 6e-8 where the DP sum reorders).
+And checkpoints: saved at TP2xPP2 and loaded at TP1xPP1 (and the reverse); an ict run saved at
+TP2xPP2 and loaded at TP1xPP1; with the distributed optimizer (fully_reshardable, the default)
+resumed at DP2xPP2 and resharded to DP2xTP2 and to one rank, and (dp_reshardable) to DP1xPP2:
+the next two steps' losses equal the unbroken run's (observed exactly, or 6e-8 where the DP sum
+reorders). The second step follows an Adam update from the loaded moments and step count.
 """
 
 from __future__ import annotations
