@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import random
 import string
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from soft.config.errors import ConfigError
@@ -161,15 +161,13 @@ def tokenizer_corpus(
     return lines
 
 
-def train_builtin_tokenizer(
-    out_path: str | Path = BUILTIN_TOKENIZER_PATH, vocab_size: int = TOKENIZER_VOCAB_SIZE
-) -> Path:
-    """Train the small BPE tokenizer shipped with the project and write it to `out_path`.
+def train_sentencepiece(lines: Iterable[str], out_path: str | Path, vocab_size: int) -> Path:
+    """Train a small BPE SentencePiece model on `lines` and write it atomically to `out_path`.
 
     LLaMA-2-like settings (BPE, byte fallback, digits split, identity normalisation so that
     decode(encode(x)) == x, unk=0 bos=1 eos=2, no pad piece); one thread and no sampling or
-    shuffling of the input, so the result is reproducible.
-    """
+    shuffling of the input, so the result is reproducible. Used for the shipped tokenizer and
+    for the tokenizers experiments train (soft.experiments)."""
     import sentencepiece as spm
 
     out_path = Path(out_path)
@@ -177,27 +175,37 @@ def train_builtin_tokenizer(
     # model_writer rather than model_prefix: the prefix would be stored in the model's
     # trainer spec, so the file's bytes would depend on a temporary path.
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tokenizer_corpus()),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            split_digits=True,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:  # e.g. a vocabulary larger than the text supports
+        raise ConfigError(f"training a SentencePiece tokenizer failed: {exc}") from exc
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_bytes(model.getvalue())
-    tmp.replace(out_path)  # atomic: never a half-written model in the package
+    tmp.replace(out_path)  # atomic: never a half-written model
     return out_path
+
+
+def train_builtin_tokenizer(
+    out_path: str | Path = BUILTIN_TOKENIZER_PATH, vocab_size: int = TOKENIZER_VOCAB_SIZE
+) -> Path:
+    """Train the small tokenizer shipped with the project (see train_sentencepiece)."""
+    return train_sentencepiece(tokenizer_corpus(), out_path, vocab_size)

@@ -1,0 +1,11 @@
+"""Experiments built from the project's own tools: the SoFT paper's comparison at small scale.
+
+`reproduce(Options(...))` pretrains a base model on a text corpus, fine-tunes it with SoFT, SFT,
+SFT+ICT and as extracted sub-models (each a launcher subprocess), evaluates every exit and
+writes the comparison (tables, win rates, plot, MLflow). CLI: tools/reproduce_paper.py.
+"""
+
+from soft.experiments.reproduce import DEFAULT_CORPUS, Options, reproduce
+from soft.experiments.settings import Settings, make_settings
+
+__all__ = ["DEFAULT_CORPUS", "Options", "Settings", "make_settings", "reproduce"]
