@@ -17,6 +17,7 @@ keys (see soft.models.shared_head), so one copy is stored.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import shutil
@@ -253,19 +254,17 @@ def load_checkpoint(
 
 def _saved_adam_steps(tree: Any) -> set[float]:
     """Every `step` recorded in the param groups of a loaded (distributed) optimizer state."""
-    steps: set[float] = set()
-    if isinstance(tree, dict):
-        for group in (
-            tree.get("param_groups", []) if isinstance(tree.get("param_groups"), list) else []
-        ):
-            if isinstance(group, dict) and "step" in group:
-                steps.add(float(group["step"]))
-        for value in tree.values():
-            steps |= _saved_adam_steps(value)
-    elif isinstance(tree, list):
-        for value in tree:
-            steps |= _saved_adam_steps(value)
-    return steps
+    if isinstance(tree, list):
+        return set().union(*(_saved_adam_steps(v) for v in tree))
+    if not isinstance(tree, dict):
+        return set()
+    groups = tree.get("param_groups")
+    steps = (
+        {float(g["step"]) for g in groups if isinstance(g, dict) and "step" in g}
+        if isinstance(groups, list)
+        else set()
+    )
+    return steps.union(*(_saved_adam_steps(v) for v in tree.values()))
 
 
 def _restore_adam_steps(optimizer, loaded_state: Any) -> None:
@@ -337,17 +336,15 @@ def _model_request(
     second value is True: the request reads part of the checkpoint's layer tensors)."""
     from soft.models import shared_head
 
-    reader = shared_head.read_separate_heads_from_shared_head(chunks)
-    needs_init = reader.modules and not any(
+    needs_init = shared_head.has_separate_heads(chunks) and not any(
         k.startswith(f"{shared_head.SEPARATE_HEADS_NAME}.") for k in stored
     )
     if needs_init:
         logging.getLogger("soft").info(
             "%s has no separate exit heads: initialising them from its shared head", ckpt
         )
-        with reader:
-            request = _model_state(chunks)
-    else:
+    reading = shared_head.separate_heads_read_shared_head if needs_init else contextlib.nullcontext
+    with reading(chunks):
         request = _model_state(chunks)
     model_layers = chunks[0].config.num_layers
     stored_layers = _stored_num_layers(stored)
@@ -409,12 +406,8 @@ def _widen_layer_axis(tree: Any, model_layers: int, stored_layers: int) -> Any:
 
 def has_optimizer_state(path: str | Path) -> bool:
     """False for weights-only checkpoints (HF imports, model-only saves)."""
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
     ckpt = find_checkpoint(path)
-    return ckpt is not None and any(
-        k.startswith("optimizer.") for k in load_sharded_metadata(str(ckpt))
-    )
+    return ckpt is not None and any(k.startswith("optimizer.") for k in _stored_metadata(ckpt))
 
 
 def _saved_world_size(stored: dict[str, Any]) -> int | None:

@@ -22,6 +22,8 @@ When the copies' gradients are summed depends on when the data-parallel reductio
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -182,21 +184,21 @@ def freeze_all_but_separate_heads(chunks) -> None:
             param.requires_grad = name.startswith(f"{SEPARATE_HEADS_NAME}.")
 
 
-class read_separate_heads_from_shared_head:  # noqa: N801 (used like a function)
-    """Context: separate heads request the shared head's checkpoint keys (initialisation)."""
+def has_separate_heads(chunks) -> bool:
+    return any(getattr(c, SEPARATE_HEADS_NAME, None) is not None for c in chunks)
 
-    def __init__(self, chunks) -> None:
-        self.modules = [
-            m for c in chunks if (m := getattr(c, SEPARATE_HEADS_NAME, None)) is not None
-        ]
 
-    def __enter__(self):
-        for m in self.modules:
-            m.read_shared_head = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for m in self.modules:
+@contextlib.contextmanager
+def separate_heads_read_shared_head(chunks):
+    """Within the block, separate heads request the shared head's checkpoint keys (their
+    initialisation from a checkpoint that has no separate heads)."""
+    modules = [m for c in chunks if (m := getattr(c, SEPARATE_HEADS_NAME, None)) is not None]
+    for m in modules:
+        m.read_shared_head = True
+    try:
+        yield
+    finally:
+        for m in modules:
             m.read_shared_head = False
 
 
