@@ -270,11 +270,14 @@ def _save(run: Run) -> None:
 
 
 def _record(result: StepResult, iteration: int) -> dict:
-    return {
+    record = {
         "iteration": iteration,
         "loss": result.loss,
         **{f"exit_{k}": v for k, v in result.exit_losses.items()},
     }
+    if result.grad_norm is not None:
+        record["grad_norm"] = result.grad_norm
+    return record
 
 
 def _validate(run: Run, tracker: Tracker, result: RunResult) -> None:

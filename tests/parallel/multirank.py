@@ -41,6 +41,7 @@ from soft.models import shared_head
 from soft.models.gpt import walk_leaves
 from soft.parallel.setup import destroy_distributed
 from soft.training import loop, step
+from tests.training import golden
 
 BASE = [
     "model.num_layers=8",
@@ -498,13 +499,33 @@ RESHARDS = {
 }
 
 
+def golden_worker(out: Path) -> list[dict]:
+    """One rank of the golden-curve job at TP2 x PP2 (tests/training/golden.py)."""
+    from soft.tracking import NullTracker
+
+    run = loop.setup(golden.golden_config(out, *golden.TP2_PP2))
+    return golden.curve(loop.train(run, NullTracker()).train_history)
+
+
+def check_golden(root: Path) -> dict:
+    """The default tiny job at TP2 x PP2 reproduces the golden loss curve."""
+    ranks = run_ranks(4, golden_worker, (root / "run",), root / "ranks")
+    assert all(r == ranks[0] for r in ranks), "ranks disagree on the per-step losses"
+    return {"golden_rel": golden.compare(ranks[0], golden.TP2_PP2_RTOL)}
+
+
+GOLDEN = {"golden_tp2_pp2": check_golden}
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[0])
-    names = argv[1:] or [*SCENARIOS, *RESHARDS]
+    names = argv[1:] or [*SCENARIOS, *RESHARDS, *GOLDEN]
     report = {}
     for name in names:
         try:
-            if name in RESHARDS:
+            if name in GOLDEN:
+                result = GOLDEN[name](out / name)
+            elif name in RESHARDS:
                 base, save_parallel, load_parallel, load_as = RESHARDS[name]
                 scenario = SCENARIOS[base] if isinstance(base, str) else base
                 result = check_reshard(out / name, scenario, save_parallel, load_parallel, load_as)

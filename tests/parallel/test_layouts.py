@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.parallel.multirank import RESHARDS, SCENARIOS
+from tests.parallel.multirank import GOLDEN, RESHARDS, SCENARIOS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ def report(tmp_path_factory) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("name", [*SCENARIOS, *RESHARDS])
+@pytest.mark.parametrize("name", [*SCENARIOS, *RESHARDS, *GOLDEN])
 def test_layout_matches_single_rank(report, name):
     result = report[name]
     assert result["ok"], result.get("error")
