@@ -1,27 +1,22 @@
-"""Distributed checkpoints (megatron-core dist_checkpointing, torch_dist format).
+"""Distributed checkpoints: `save`, `resume` and `load_weights` over megatron-core's
+dist_checkpointing (torch_dist format).
 
-Layout of a checkpoint directory:
-
-    <save_dir>/iter_0000020/      one complete checkpoint (model, optimizer, scheduler,
-                                  data position, RNG states, config.yaml)
-    <save_dir>/latest             the name of the newest complete checkpoint
-
-A checkpoint is written to `iter_N.tmp`, renamed to `iter_N` once every rank has finished,
-and only then is `latest` replaced (write + rename). A crash or kill mid-save leaves a `.tmp`
-folder that is never read, and the previous checkpoint stays loadable.
+How a save becomes visible and which checkpoint a run continues from is the directory
+protocol (soft.checkpointing.directory); the checksums that loading verifies are the manifest
+(soft.checkpointing.manifest); fitting a load request to what a checkpoint holds (shape
+checks, ict heads, extracted layers) is soft.checkpointing.requests.
 
 Model tensors are stored by their global (layout-free) keys, so a checkpoint saved at one
 TP/PP/DP layout loads at another; the head replicas of exit stages map onto the real head's
 keys (see soft.models.shared_head), so one copy is stored.
+
+Every function here is collective: every rank of the job calls it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import multiprocessing as mp
-import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +25,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from soft.checkpointing import directory, manifest
+from soft.checkpointing.directory import CheckpointDamaged, CheckpointError
+from soft.checkpointing.requests import model_request, model_state
+from soft.compat import checkpoint_queue, optimizer_state
 from soft.config.core import save_yaml
-from soft.config.errors import ConfigError
+from soft.failpoints import failpoint
 
-LATEST = "latest"
-_MANAGER = None  # the fork-context Manager behind dist_checkpointing's results queue
-FORMAT_VERSION = 1
-_LAYER_KEY_PREFIX = "decoder.layers."
+log = logging.getLogger("soft")
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -45,33 +42,20 @@ class TrainState:
 
     iteration: int = 0
     consumed_samples: int = 0
+    skipped_steps: int = 0  # optimizer updates skipped (fp16 overflow, non-finite policy 'skip')
 
 
-def _use_fork_results_queue() -> None:
-    """dist_checkpointing collects writer results through a spawn-context Manager
-    (`strategies/filesystem_async.py:_get_write_results_queue`), whose start-up re-imports
-    `__main__` and took ~19 s a save on CPU. A fork-context Manager gives the same queue
-    without the re-import (0.3 s). CPU runs only: GPU runs keep megatron-core's default."""
-    if torch.cuda.is_available():
-        return
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    global _MANAGER
-    if filesystem_async._results_queue is None:
-        _MANAGER = mp.get_context("fork").Manager()
-        filesystem_async._results_queue = _MANAGER.Queue()
+class NonFiniteCheckpointError(RuntimeError):
+    """Refused to save: some parameter or optimizer state is NaN or infinite."""
 
 
-def shutdown_writer_processes() -> None:
-    """Stop the results-queue Manager process (also done at interpreter exit; processes that
-    leave through os._exit, like forked test ranks, must call this)."""
-    global _MANAGER
-    if _MANAGER is not None:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
+# ----------------------------------------------------------------------------- ranks
 
-        _MANAGER.shutdown()
-        _MANAGER = None
-        filesystem_async._results_queue = None
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _barrier() -> None:
@@ -79,12 +63,56 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def _gather_to_all(value: Any) -> list[Any]:
+    _, world = _rank_world()
+    if world == 1:
+        return [value]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
 
 
-def iter_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    )
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _local_tensors(chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter of this rank and the optimizer state it holds (fp32 master weights and
+    Adam moments included: a bf16 run's master weights can go bad before the bf16 copy)."""
+    named = [(name, p) for chunk in chunks for name, p in chunk.named_parameters()]
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer] if optimizer else []):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            named += [("optimizer main param", p) for p in group["params"]]
+        for state in getattr(inner, "state", {}).values():
+            named += [(f"optimizer {k}", v) for k, v in state.items() if torch.is_tensor(v)]
+    return named
+
+
+def ensure_finite(chunks, optimizer, iteration: int) -> None:
+    """Refuse (on every rank) to save a state with a NaN or infinite value anywhere."""
+    bad = next(
+        (name for name, t in _local_tensors(chunks, optimizer)
+         if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+        None,
+    )  # fmt: skip
+    if _any_rank(bad is not None):
+        where = f" (on this rank: {bad})" if bad else " (on another rank)"
+        raise NonFiniteCheckpointError(
+            f"refusing to save the checkpoint of iteration {iteration}: parameters or optimizer "
+            f"state are not finite{where}; the existing checkpoints are left as they are"
+        )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -107,307 +135,121 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _rng_sharded_object(state: Any) -> ShardedObject:
     """One RNG state per rank; restored only when the layout is unchanged."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = _rank_world()
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
-def _model_state(chunks) -> dict[str, Any]:
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
-
-
-def _optimizer_metadata(use_distributed_optimizer: bool, fmt: str) -> dict[str, Any] | None:
+def _optimizer_metadata(optimizer, fmt: str) -> dict[str, Any] | None:
     """How megatron-core lays out distributed-optimizer state in the checkpoint: see
     CheckpointConfig.optimizer_format."""
-    return {"distrib_optim_sharding_type": fmt} if use_distributed_optimizer else None
+    return {"distrib_optim_sharding_type": fmt} if _distributed(optimizer) else None
 
 
-def _stored_optimizer_format(ckpt: Path) -> str:
-    """The distributed-optimizer layout a checkpoint was saved with (its common state)."""
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    return (common.get("optimizer") or {}).get("param_state_sharding_type", "dp_reshardable")
+def _distributed(optimizer) -> bool:
+    return bool(getattr(getattr(optimizer, "config", None), "use_distributed_optimizer", False))
 
 
-def save_checkpoint(
+def save(
     save_dir: str | Path,
     chunks,
-    optimizer,
-    scheduler,
     state: TrainState,
     config: Any,
-    use_distributed_optimizer: bool = False,
-    keep_last: int = 0,
-    optimizer_format: str = "fully_reshardable",
-) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
-    _use_fork_results_queue()
-    save_dir = Path(save_dir)
-    final = save_dir / iter_name(state.iteration)
-    tmp = save_dir / f"{final.name}.tmp"
-    if _is_rank0():
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a previous attempt died mid-save
-        tmp.mkdir(parents=True)
-    _barrier()
-    sharded = _model_state(chunks)
-    if optimizer is not None:  # it finds its parameters' keys in the model entries
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded, metadata=_optimizer_metadata(use_distributed_optimizer, optimizer_format)
-        )
-    sharded["rng_state"] = _rng_sharded_object(_rng_state())
-    sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-    sharded["train_state"] = {
-        "iteration": state.iteration,
-        "consumed_samples": state.consumed_samples,
-    }
-    sharded["format_version"] = FORMAT_VERSION
-    dist_checkpointing.save(sharded, str(tmp))
-    _barrier()
-    if _is_rank0():
-        save_yaml(config, tmp / "config.yaml")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _write_latest(save_dir, final.name)
-        _prune(save_dir, keep_last)
-    _barrier()
-    return final
-
-
-def _write_latest(save_dir: Path, name: str) -> None:
-    tmp = save_dir / f"{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    tmp.replace(save_dir / LATEST)
-
-
-def _prune(save_dir: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    complete = sorted(
-        p for p in save_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
-    )
-    for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint folder from `path`: an iter_* folder itself, or a save dir's `latest`."""
-    path = Path(path)
-    if (path / "metadata.json").is_file():
-        return path
-    pointer = path / LATEST
-    if pointer.is_file():
-        target = path / pointer.read_text().strip()
-        if not (target / "metadata.json").is_file():
-            raise ConfigError(
-                f"checkpoint pointer '{pointer}' names '{target.name}', which is not a complete checkpoint"
-            )
-        return target
-    return None
-
-
-def load_checkpoint(
-    path: str | Path,
-    chunks,
+    *,
     optimizer=None,
     scheduler=None,
-    use_distributed_optimizer: bool = False,
-    strict: bool = True,
-    allow_extract: bool = False,
-) -> TrainState:
-    """Load model (and, unless fine-tuning, optimizer/scheduler/RNG) into this layout.
+    keep_last: int = 0,
+    optimizer_format: str = "fully_reshardable",
+    identity: dict[str, Any] | None = None,
+) -> Path:
+    """Write iter_N (model; with `optimizer`, also optimizer, scheduler, RNG and data
+    position), then make it `latest` and prune. Returns the checkpoint folder.
 
-    `allow_extract`: the model may have fewer layers than the checkpoint; it gets the first
-    ones (soft.mode=extracted)."""
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise ConfigError(
-            f"checkpoint.load_dir '{path}' is not a checkpoint: expected an iter_* folder with "
-            f"metadata.json or a folder with a '{LATEST}' file"
+    `identity` goes into the manifest (e.g. the tokenizer's checksum) for later loads to check.
+    Nothing in `save_dir` changes when the state is not finite or the save fails."""
+    save_dir = Path(save_dir)
+    ensure_finite(chunks, optimizer, state.iteration)
+    checkpoint_queue.apply()
+    rank, world = _rank_world()
+    tmp = save_dir / f"{directory.iter_name(state.iteration)}{directory.TMP_SUFFIX}"
+    if rank == 0:
+        directory.begin_save(save_dir, state.iteration)
+    _barrier()
+    sharded = model_state(chunks)
+    if optimizer is not None:  # it finds its parameters' keys in the model entries
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded, metadata=_optimizer_metadata(optimizer, optimizer_format)
         )
-    stored = _stored_metadata(ckpt)
-    request, partial = _model_request(ckpt, chunks, stored, allow_extract)
-    if optimizer is not None and use_distributed_optimizer:
-        _materialise_distributed_optimizer_state(optimizer)
-    if optimizer is not None:
-        fmt = _stored_optimizer_format(ckpt) if use_distributed_optimizer else ""
-        request["optimizer"] = optimizer.sharded_state_dict(
-            request, is_loading=True, metadata=_optimizer_metadata(use_distributed_optimizer, fmt)
+        sharded["rng_state"] = _rng_sharded_object(_rng_state())
+        sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    sharded["train_state"] = asdict(state)
+    sharded["format_version"] = FORMAT_VERSION
+    try:
+        dist_checkpointing.save(sharded, str(tmp))
+    except OSError as exc:  # e.g. a full disk: the previous checkpoint stays `latest`
+        raise CheckpointError(
+            f"saving checkpoint '{tmp.name.removesuffix(directory.TMP_SUFFIX)}' in '{save_dir}' "
+            f"failed ({exc}); the previous checkpoint is untouched and the unfinished "
+            f"'{tmp.name}' is removed at the next start"
+        ) from exc
+    if rank == 0:
+        save_yaml(config, tmp / directory.CONFIG)
+    _barrier()
+    failpoint("save:files_written")
+    hashes = _gather_to_all(manifest.hash_share(tmp, rank, world))
+    if rank == 0:
+        files = {name: digest for part in hashes for name, digest in part.items()}
+        extra = {"world_size": world, "weights_only": optimizer is None, **(identity or {})}
+        manifest.write_manifest(tmp, files, state.iteration, extra)
+        failpoint("save:manifest_written")
+        directory.commit_save(tmp, keep_last)
+    _barrier()
+    return save_dir / directory.iter_name(state.iteration)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def verify(ckpt: Path) -> None:
+    """Check every file against the manifest, the work split over the ranks; a mismatch
+    anywhere is a CheckpointError on every rank, naming the files."""
+    expected = manifest.read_manifest(ckpt)
+    if expected is None:
+        log.warning(
+            "checkpoint %s has no manifest (written before checksums existed): not verified", ckpt
         )
-        request["rng_state"] = _rng_sharded_object(None)
-    loaded = _load_with_rng_fallback(request, ckpt, stored, partial)
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"model{i}"], strict=strict)
-    if optimizer is None:
-        return TrainState()
-    with torch.no_grad():  # fp32 distributed-optimizer shards are views of the parameters
-        optimizer.load_state_dict(loaded["optimizer"])
-    if use_distributed_optimizer:
-        _restore_adam_steps(optimizer, loaded["optimizer"])
-    if scheduler is not None and loaded.get("scheduler") is not None:
-        scheduler.load_state_dict(loaded["scheduler"])
-    if loaded.get("rng_state") is not None:
-        _set_rng_state(loaded["rng_state"])
-    ts = loaded["train_state"]
-    return TrainState(iteration=int(ts["iteration"]), consumed_samples=int(ts["consumed_samples"]))
-
-
-def _saved_adam_steps(tree: Any) -> set[float]:
-    """Every `step` recorded in the param groups of a loaded (distributed) optimizer state."""
-    if isinstance(tree, list):
-        return set().union(*(_saved_adam_steps(v) for v in tree))
-    if not isinstance(tree, dict):
-        return set()
-    groups = tree.get("param_groups")
-    steps = (
-        {float(g["step"]) for g in groups if isinstance(g, dict) and "step" in g}
-        if isinstance(groups, list)
-        else set()
-    )
-    return steps.union(*(_saved_adam_steps(v) for v in tree.values()))
-
-
-def _restore_adam_steps(optimizer, loaded_state: Any) -> None:
-    """Give every parameter its own, correct Adam `step` tensor after a load.
-
-    With torch's Adam (no Apex/TE), megatron-core 0.16.1's distributed optimizer keeps the step
-    count in the param groups of its checkpoint and, on load:
-    - assigns ONE step tensor to every parameter's state (distrib_optimizer.py:822-825), which
-      torch's Adam then increments once per parameter: bias correction goes wrong from the
-      first step after loading;
-    - with dp_reshardable, copies the pre-load (dummy) per-parameter step back over it
-      (load_parameter_state_from_dp_reshardable, line 1804).
-    Checked by the resume tests, which compare the second step after loading."""
-    steps = _saved_adam_steps(loaded_state)
-    if len(steps) != 1:
-        return  # not a torch-Adam distributed-optimizer state: nothing to repair
-    (step,) = steps
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for state in getattr(inner, "state", {}).values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = torch.tensor(step, dtype=state["step"].dtype)
-
-
-def _materialise_distributed_optimizer_state(optimizer) -> None:
-    """megatron-core 0.16.1's DistributedOptimizer.sharded_state_dict(is_loading=True) first
-    calls state_dict(), which with torch's Adam (no Apex/TE: CPU runs) asserts that every
-    parameter has the same 'step' (distrib_optimizer.py:642) and fails on a fresh optimizer
-    with no state. Its own remedy, `_init_optimizer_states_with_dummy_values` (line 1137), runs
-    only after that assert; run it first. The dummy values are overwritten by the load (checked
-    by the exact-resume test)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
-
-
-def _load_with_rng_fallback(
-    request: dict[str, Any], ckpt: Path, stored: dict[str, Any], partial: bool = False
-) -> dict[str, Any]:
-    """RNG states are per rank; at a different world size they cannot apply and are skipped.
-
-    `partial`: the request reads only part of some tensors (extracted layers), which
-    megatron-core's access check (every shard read exactly once) would reject."""
-    saved_world = _saved_world_size(stored)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if "rng_state" in request and saved_world != world:
-        request.pop("rng_state")
-    if not partial:
-        return dist_checkpointing.load(request, str(ckpt))
-    from soft.checkpointing.partial_read import SliceLoadStrategy
-
-    return dist_checkpointing.load(
-        request, str(ckpt), sharded_strategy=SliceLoadStrategy(), validate_access_integrity=False
-    )
+        return
+    rank, world = _rank_world()
+    problems = [p for part in _gather_to_all(manifest.verify_share(ckpt, expected, rank, world))
+                for p in part]  # fmt: skip
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise CheckpointDamaged(f"checkpoint '{ckpt}' is damaged: {shown}")
 
 
 def _stored_metadata(ckpt: Path) -> dict[str, Any]:
     """{checkpoint key: sharded metadata (global shape, ...)} of everything the folder holds."""
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    return load_sharded_metadata(str(ckpt))
+    return _reading(ckpt, load_sharded_metadata, str(ckpt))
 
 
-def _model_request(
-    ckpt: Path, chunks, stored: dict[str, Any], allow_extract: bool
-) -> tuple[dict[str, Any], bool]:
-    """The model part of a load request, adapted to what the checkpoint holds: ict heads it
-    lacks are read from the shared head; a deeper checkpoint gives its first layers (then the
-    second value is True: the request reads part of the checkpoint's layer tensors)."""
-    from soft.models import shared_head
-
-    needs_init = shared_head.has_separate_heads(chunks) and not any(
-        k.startswith(f"{shared_head.SEPARATE_HEADS_NAME}.") for k in stored
-    )
-    if needs_init:
-        logging.getLogger("soft").info(
-            "%s has no separate exit heads: initialising them from its shared head", ckpt
-        )
-    reading = shared_head.separate_heads_read_shared_head if needs_init else contextlib.nullcontext
-    with reading(chunks):
-        request = _model_state(chunks)
-    model_layers = chunks[0].config.num_layers
-    stored_layers = _stored_num_layers(stored)
-    if stored_layers is not None and stored_layers != model_layers:
-        if not (allow_extract and stored_layers > model_layers):
-            raise ConfigError(
-                f"checkpoint '{ckpt}' holds a {stored_layers}-layer model but model.num_layers is "
-                f"{model_layers}; to fine-tune the first {model_layers} layers of a deeper model "
-                "set soft.mode=extracted (with checkpoint.finetune=true)"
-            )
-        _widen_layer_axis(request, model_layers, stored_layers)
-        return request, True
-    return request, False
+def _reading(ckpt: Path, fn, *args, **kwargs):
+    """Run a megatron read; a damaged or foreign folder becomes an error that names it."""
+    try:
+        return fn(*args, **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointDamaged(
+            f"checkpoint '{ckpt}' could not be read ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
-def _stored_num_layers(stored: dict[str, Any]) -> int | None:
-    """Every per-layer key has the layer count as its leading global dimension."""
-    for key, meta in stored.items():
-        if key.startswith(_LAYER_KEY_PREFIX):
-            return int(meta.global_shape[0])
-    return None
-
-
-def _widen_layer_axis(tree: Any, model_layers: int, stored_layers: int) -> Any:
-    """Make a k-layer model's request address layers 0..k-1 of an N-layer checkpoint.
-
-    megatron-core stores every per-layer tensor under one key with the layer as a prepended
-    axis of global size num_layers (TransformerBlock.sharded_state_dict); the request of a
-    shallower model differs only in that size. SwiGLU's fc1 is a ShardedTensorFactory whose
-    sharded tensors are built later, so its build function is wrapped."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            tree[key] = _widen_layer_axis(value, model_layers, stored_layers)
-        return tree
-    if isinstance(tree, list):
-        return [_widen_layer_axis(v, model_layers, stored_layers) for v in tree]
-    if not getattr(tree, "key", "").startswith(_LAYER_KEY_PREFIX):
-        return tree
-    if isinstance(tree, ShardedTensorFactory):
-        build = tree.build_fn
-
-        def widened_build(*args, **kwargs):
-            return _widen_layer_axis(build(*args, **kwargs), model_layers, stored_layers)
-
-        tree.build_fn = widened_build
-    elif isinstance(tree, ShardedObject) or (
-        isinstance(tree, ShardedTensor) and tree.prepend_axis_num > 0
-    ):
-        if tree.global_shape[0] != model_layers:
-            raise RuntimeError(f"'{tree.key}': expected {model_layers} layers on axis 0")
-        tree.global_shape = (stored_layers, *tree.global_shape[1:])
-        fragments = getattr(tree, "axis_fragmentations", None)
-        if fragments is not None:
-            tree.axis_fragmentations = (stored_layers, *fragments[1:])
-    return tree
-
-
-def has_optimizer_state(path: str | Path) -> bool:
+def has_optimizer_state(ckpt: Path) -> bool:
     """False for weights-only checkpoints (HF imports, model-only saves)."""
-    ckpt = find_checkpoint(path)
-    return ckpt is not None and any(k.startswith("optimizer.") for k in _stored_metadata(ckpt))
+    return any(k.startswith("optimizer.") for k in _stored_metadata(ckpt))
 
 
 def _saved_world_size(stored: dict[str, Any]) -> int | None:
@@ -415,3 +257,72 @@ def _saved_world_size(stored: dict[str, Any]) -> int | None:
         if key.startswith("rng_state"):
             return obj.global_shape[0]
     return None  # metadata without RNG states (model-only checkpoints)
+
+
+def _load(ckpt: Path, request: dict[str, Any], partial: bool) -> dict[str, Any]:
+    """`partial`: the request reads only part of some tensors (extracted layers), which
+    megatron-core's access check (every shard read exactly once) would reject."""
+    if not partial:
+        return _reading(ckpt, dist_checkpointing.load, request, str(ckpt))
+    from soft.checkpointing.partial_read import SliceLoadStrategy
+
+    return _reading(
+        ckpt,
+        dist_checkpointing.load,
+        request,
+        str(ckpt),
+        sharded_strategy=SliceLoadStrategy(),
+        validate_access_integrity=False,
+    )
+
+
+def _load_model(loaded: dict[str, Any], chunks) -> None:
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+
+
+def load_weights(ckpt: Path, chunks, extract: bool = False) -> None:
+    """Model weights only (fine-tuning starts at step 0 with a fresh optimizer).
+
+    `extract`: the model may have fewer layers than the checkpoint; it gets the first ones
+    (soft.mode=extracted)."""
+    verify(ckpt)
+    stored = _stored_metadata(ckpt)
+    request, partial = model_request(ckpt, chunks, stored, extract)
+    _load_model(_load(ckpt, request, partial), chunks)
+
+
+def resume(ckpt: Path, chunks, optimizer, scheduler) -> TrainState:
+    """Everything a run needs to continue where the checkpoint stopped: weights, optimizer
+    and scheduler state, RNG states (at the same world size) and the data position."""
+    verify(ckpt)
+    stored = _stored_metadata(ckpt)
+    request, _ = model_request(ckpt, chunks, stored, extract=False)
+    distributed = _distributed(optimizer)
+    if distributed:
+        optimizer_state.materialise_state(optimizer)
+    fmt = _stored_optimizer_format(ckpt) if distributed else ""
+    request["optimizer"] = optimizer.sharded_state_dict(
+        request, is_loading=True, metadata=_optimizer_metadata(optimizer, fmt)
+    )
+    _, world = _rank_world()
+    if _saved_world_size(stored) == world:  # RNG states are per rank: only at the same world size
+        request["rng_state"] = _rng_sharded_object(None)
+    loaded = _load(ckpt, request, partial=False)
+    _load_model(loaded, chunks)
+    with torch.no_grad():  # fp32 distributed-optimizer shards are views of the parameters
+        optimizer.load_state_dict(loaded["optimizer"])
+    if distributed:
+        optimizer_state.restore_adam_steps(optimizer, loaded["optimizer"])
+    if scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if loaded.get("rng_state") is not None:
+        _set_rng_state(loaded["rng_state"])
+    saved = loaded["train_state"]
+    return TrainState(**{k: int(saved.get(k, 0)) for k in asdict(TrainState())})
+
+
+def _stored_optimizer_format(ckpt: Path) -> str:
+    """The distributed-optimizer layout a checkpoint was saved with (its common state)."""
+    common = _reading(ckpt, dist_checkpointing.load_common_state_dict, str(ckpt))
+    return (common.get("optimizer") or {}).get("param_state_sharding_type", "dp_reshardable")

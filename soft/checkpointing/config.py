@@ -24,7 +24,20 @@ class CheckpointConfig:
         "(e.g. from tools/convert_hf_to_megatron.py output).",
     )
     auto_resume: bool = option(
-        True, "Resume from the latest checkpoint in save_dir when one exists (requeued jobs)."
+        True,
+        "Resume from the latest checkpoint in save_dir when one exists (requeued jobs). false: "
+        "a save_dir with checkpoints is an error (see start_over), never trained over.",
+    )
+    start_over: bool = option(
+        False,
+        "Move an earlier run's checkpoints and logs in this output_dir aside (to "
+        "<output_dir>/previous/<time>/; nothing is deleted) and train from step 1. A job "
+        "requeued with the same config resumes its own checkpoints.",
+    )
+    on_corrupt: Literal["error", "previous"] = option(
+        "error",
+        "A checkpoint whose files fail their checksums: error = stop with the file named; "
+        "previous = move it aside (iter_N.damaged) and resume from the newest older one.",
     )
     keep_last: int = option(2, "Keep this many newest checkpoints (0 = keep all).")
     optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = option(

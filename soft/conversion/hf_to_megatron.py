@@ -23,13 +23,14 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from soft.checkpointing.checkpoint import TrainState, save_checkpoint
+from soft.checkpointing.checkpoint import TrainState, save
 from soft.config.errors import ConfigError
 from soft.config.root import RootConfig
 from soft.conversion import hf_io, megatron_io
 from soft.conversion.mapping import LAYER_ROWS, Shapes, check_shape, iter_rows
 from soft.conversion.output import atomic_output_dir
 from soft.conversion.vocab import DEFAULT_MAX_TP, stable_divisor
+from soft.data.tokenizer import Tokenizer
 from soft.models.config import ModelConfig
 
 log = logging.getLogger("soft.conversion")
@@ -105,14 +106,18 @@ def convert_hf_to_megatron(
     tokenizer = hf_dir / "tokenizer.model"
     final_tokenizer = out_dir / "tokenizer.model" if tokenizer.is_file() else None
     megatron_io.ensure_single_rank_world()
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[hf_dir]) as tmp:
         sharded = build_sharded_state(source, model, shapes, hf_io.TORCH_DTYPES[dtype], progress)
         source.close()
         root = RootConfig(model=model)
         if final_tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
             root.data.tokenizer_path = str(final_tokenizer)
-        save_checkpoint(tmp, [megatron_io.ModelOnly(sharded)], None, None, TrainState(), root)
+        identity = None
+        if final_tokenizer is not None:  # fine-tuning runs check they use this tokenizer
+            identity = {"tokenizer": Tokenizer.from_file(tmp / "tokenizer.model").identity()}
+            identity["tokenizer"]["path"] = str(final_tokenizer)
+        save(tmp, [megatron_io.ModelOnly(sharded)], TrainState(), root, identity=identity)
         del sharded
         text = yaml.safe_dump(model_yaml(model, final_tokenizer), sort_keys=False)
         header = (

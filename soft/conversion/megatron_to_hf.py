@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from soft.checkpointing.checkpoint import find_checkpoint
+from soft.checkpointing.checkpoint import verify
+from soft.checkpointing.directory import find_checkpoint
 from soft.config.errors import ConfigError
 from soft.config.root import RootConfig, load_config
 from soft.conversion import hf_io, megatron_io
@@ -178,12 +179,16 @@ def _export_exit_heads(reader, out: Path, shapes, heads: list[int], dtype: torch
 
 
 def convert_megatron_to_hf(req: ExportRequest) -> Path:
-    ckpt = find_checkpoint(req.checkpoint_dir)
-    if ckpt is None:
+    found = find_checkpoint(req.checkpoint_dir)
+    if found is None:
         raise ConfigError(
             f"--checkpoint-dir '{req.checkpoint_dir}' is not a checkpoint: expected an iter_* folder "
             "or a checkpoints folder with a 'latest' file"
         )
+    if found.note:
+        log.warning("--checkpoint-dir: %s", found.note)
+    ckpt = found.path
+    verify(ckpt)  # a damaged file is an error naming it, not an export of wrong weights
     cfg = read_run_config(ckpt)
     model = cfg.model
     num_layers = model.num_layers if req.exit_layer is None else req.exit_layer
@@ -209,7 +214,8 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
     heads = [k for k in all_heads if k < num_layers]
     final_head = exit_head_rows(num_layers, as_final=True) if num_layers in all_heads else None
     torch_dtype = hf_io.TORCH_DTYPES[dtype_name]
-    with atomic_output_dir(Path(req.out_dir), req.overwrite) as tmp:
+    inputs = [Path(req.checkpoint_dir), ckpt]
+    with atomic_output_dir(Path(req.out_dir), req.overwrite, inputs=inputs) as tmp:
         writer = hf_io.ShardedSafetensorsWriter(tmp, req.max_shard_bytes)
         head = final_head or (FINAL_NORM, OUTPUT_LAYER)
         _export_weights(reader, writer, shapes, num_layers, torch_dtype, req.progress, head)

@@ -5,15 +5,31 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from soft.config.errors import ConfigError
 
 
+def _overlaps(out_dir: Path, source: Path) -> bool:
+    """out_dir is source, contains it, or lies inside it."""
+    out_dir, source = out_dir.resolve(), source.resolve()
+    return out_dir == source or out_dir in source.parents or source in out_dir.parents
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    out_dir: Path, overwrite: bool = False, inputs: Sequence[Path] = ()
+) -> Iterator[Path]:
+    """`inputs`: what the conversion reads. An output that is, contains or lies inside one of
+    them is refused, --overwrite or not: replacing it would delete the tool's own input."""
     out_dir = out_dir.absolute()
+    for source in inputs:
+        if _overlaps(out_dir, Path(source)):
+            raise ConfigError(
+                f"--out-dir '{out_dir}' overlaps the input '{source}' (it is, contains or lies "
+                "inside it); writing there could delete the input: choose another --out-dir"
+            )
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"--out-dir '{out_dir}' already exists; remove it or pass --overwrite")
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
@@ -45,6 +47,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records to recognise this tokenizer later (wherever its file is):
+        the sha256 of the serialised SentencePiece model and the vocabulary size."""
+        digest = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+        return {"sha256": digest, "vocab_size": self.vocab_size, "path": self.path}
 
     @property
     def bos_id(self) -> int:

@@ -225,7 +225,7 @@ def build_exit_heads(
 
 
 def _is_megatron_checkpoint(path: Path) -> bool:
-    from soft.checkpointing.checkpoint import find_checkpoint
+    from soft.checkpointing.directory import find_checkpoint
 
     return path.is_dir() and find_checkpoint(path) is not None
 

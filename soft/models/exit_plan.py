@@ -92,6 +92,11 @@ class ExitPlan:
         return self.mode == "ict"
 
     @property
+    def extracts_layers(self) -> bool:
+        """extracted: the model's weights are the first layers of a deeper checkpoint."""
+        return self.mode == "extracted"
+
+    @property
     def trained_exits(self) -> tuple[int, ...]:
         return tuple(k for k, w in zip(self.layers, self.weights, strict=True) if w > 0)
 

@@ -1,13 +1,13 @@
 """SLURM support: the exit-status contract between the training loop and the batch script,
 and the job's SLURM environment. The batch scripts live in launchers/slurm/."""
 
-from soft.slurm.env import in_slurm_job, slurm_job_info
-from soft.slurm.exit_status import (
+from soft.runs.status import (
     EXIT_STATUS_FILE,
     clear_exit_status,
     read_exit_reason,
     write_exit_status,
 )
+from soft.slurm.env import in_slurm_job, slurm_job_info
 
 __all__ = [
     "EXIT_STATUS_FILE",

@@ -1,7 +1,7 @@
 """Helpers for launchers/slurm/*.sbatch (bash cannot parse the config or JSON).
 
 python -m soft.slurm output-dir [--config FILE] [key=value ...]  print the absolute train.output_dir
-python -m soft.slurm exit-reason OUTPUT_DIR    print signal|exit_interval|finished|missing|invalid
+python -m soft.slurm exit-reason OUTPUT_DIR    print the reason (soft.runs.status), missing or invalid
 python -m soft.slurm clear-exit-status OUTPUT_DIR              remove a previous job's status
 """
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from soft.config.errors import ConfigError
-from soft.slurm.exit_status import clear_exit_status, read_exit_reason
+from soft.runs.status import clear_exit_status, read_exit_reason
 
 
 def _output_dir(config: str | None, overrides: list[str]) -> str:

@@ -7,6 +7,8 @@ from soft.tracking.mlflow_tracker import (
     Tracker,
     build_tracker,
     exit_status,
+    mark_abandoned_run,
+    relocate_artifacts,
 )
 from soft.tracking.plots import plot_exit_losses
 
@@ -17,5 +19,7 @@ __all__ = [
     "TrackingConfig",
     "build_tracker",
     "exit_status",
+    "mark_abandoned_run",
     "plot_exit_losses",
+    "relocate_artifacts",
 ]

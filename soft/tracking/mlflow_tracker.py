@@ -24,6 +24,7 @@ seen (including those recorded before a resume) to `exit_losses.png` and logs it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -107,8 +108,64 @@ def param_value(value: Any) -> str:
     return text
 
 
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+
 def default_tracking_uri(output_dir: Path) -> str:
-    return f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
+    return f"sqlite:///{output_dir.resolve() / DB_FILE}"
+
+
+def relocate_artifacts(output_dir: Path) -> None:
+    """Keep the run folder's own MLflow store pointing at its own artifacts after the folder
+    was moved or copied.
+
+    MLflow stores absolute artifact locations (an experiment's artifact_location and each
+    run's artifact_uri; a relative path is made absolute at creation), so a moved run folder
+    would read its plots from, and write new ones to, the old place. For the default store
+    (mlflow.db inside the run folder, artifacts in mlartifacts/ beside it) those locations are
+    rewritten to the folder's current path. Other tracking URIs are left alone."""
+    import sqlite3
+
+    db = output_dir / DB_FILE
+    if not db.is_file():
+        return
+    here = (output_dir.resolve() / ARTIFACTS_DIR).as_uri()
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        rows = con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall()
+        for experiment_id, old in rows:
+            if not old or old == here or not old.rstrip("/").endswith(f"/{ARTIFACTS_DIR}"):
+                continue
+            con.execute(
+                "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                (here, experiment_id),
+            )
+            con.execute(
+                "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                (here, len(old) + 1, experiment_id, len(old), old),
+            )
+            log.info("MLflow artifacts of %s: %s -> %s (the run folder moved)", db, old, here)
+
+
+def mark_abandoned_run(cfg: TrackingConfig, output_dir: Path) -> None:
+    """The job that held `output_dir` died without closing its MLflow run (SIGKILL, a lost
+    node): mark that run KILLED. A job that resumes it reopens it as RUNNING."""
+    if not cfg.enabled or not (output_dir / RUN_ID_FILE).is_file():
+        return
+    if cfg.tracking_uri is None and not (output_dir / DB_FILE).is_file():
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri or default_tracking_uri(output_dir))
+    run_id = (output_dir / RUN_ID_FILE).read_text().strip()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+            log.warning("MLflow run %s was left RUNNING by a job that died: marked KILLED", run_id)
+    except MlflowException as exc:
+        log.warning("MLflow run %s could not be marked KILLED: %s", run_id, exc)
 
 
 def build_tracker(
@@ -118,6 +175,8 @@ def build_tracker(
     if not cfg.enabled or rank != 0:
         return NullTracker()
     output_dir = Path(output_dir)
+    if cfg.tracking_uri is None:
+        relocate_artifacts(output_dir)
     return MlflowTracker(
         tracking_uri=cfg.tracking_uri or default_tracking_uri(output_dir),
         experiment=cfg.experiment,
@@ -198,7 +257,7 @@ class MlflowTracker(Tracker):
         artifact_location = None
         if tracking_uri.startswith("sqlite:///"):
             db_path = Path(tracking_uri.removeprefix("sqlite:///"))
-            artifact_location = (db_path.resolve().parent / "mlartifacts").as_uri()
+            artifact_location = (db_path.resolve().parent / ARTIFACTS_DIR).as_uri()
         return self._client.create_experiment(name, artifact_location=artifact_location)
 
     # -- logging -----------------------------------------------------------------------------

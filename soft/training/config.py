@@ -40,6 +40,23 @@ class TrainConfig:
     loss_scale: float | None = option(
         None, "fp16 only: static loss scale; null = dynamic loss scaling."
     )
+    initial_loss_scale: float = option(
+        2.0**16,
+        "fp16 dynamic loss scaling: the scale to start from (halved at each overflow; as torch's "
+        "GradScaler. megatron's 2**32 overflows the first ~20 steps here, because exit losses are "
+        "per-token sums).",
+    )
+    on_nonfinite: Literal["stop", "skip"] = option(
+        "stop",
+        "A NaN/inf loss (any exit) or gradient norm: stop = end the run at that step with an "
+        "error, without saving anything after the last good checkpoint; skip = drop that step's "
+        "update and go on (see max_consecutive_skips).",
+    )
+    max_consecutive_skips: int = option(
+        20,
+        "Stop the run with an error when this many optimizer updates in a row were skipped "
+        "(fp16 loss-scale overflow, or on_nonfinite=skip); 0 = never.",
+    )
 
     def validate(self, prefix: str = "train") -> None:
         for name in (
@@ -67,8 +84,12 @@ class TrainConfig:
                 f"config key '{prefix}.lr_warmup_iters' ({self.lr_warmup_iters}): expected "
                 f"0 <= value < train.train_iters ({self.train_iters})"
             )
-        if self.exit_interval < 0:
-            raise ConfigError(f"config key '{prefix}.exit_interval': expected >= 0")
+        if self.exit_interval < 0 or self.max_consecutive_skips < 0:
+            raise ConfigError(
+                f"config keys '{prefix}.exit_interval/max_consecutive_skips': expected >= 0"
+            )
+        if self.initial_loss_scale <= 0:
+            raise ConfigError(f"config key '{prefix}.initial_loss_scale': expected > 0")
         if self.eval_interval < 0 or self.clip_grad < 0 or self.weight_decay < 0:
             raise ConfigError(
                 f"config keys '{prefix}.eval_interval/clip_grad/weight_decay': expected >= 0"

@@ -1,9 +1,10 @@
-"""The training run: set up, resume, train with periodic logging / validation / checkpoints."""
+"""The training loop: steps with periodic logging, validation and checkpoints, and the ways a
+run ends (finished, stopped by a signal or exit_interval, halted by a bad step)."""
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -12,27 +13,30 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from soft.checkpointing.checkpoint import (
-    TrainState,
-    find_checkpoint,
-    has_optimizer_state,
-    load_checkpoint,
-    save_checkpoint,
-)
-from soft.config.core import flatten, save_yaml, to_dict
-from soft.config.errors import ConfigError
+from soft.checkpointing.checkpoint import NonFiniteCheckpointError, TrainState, save
+from soft.compat import checkpoint_queue
+from soft.config.core import flatten, to_dict
 from soft.config.root import RootConfig
-from soft.data import ResumableBatchSampler, SFTDataset, build_datasets
-from soft.models.build import SoftModel, build_soft_model
-from soft.models.gpt import check_runtime_support, padded_vocab_size
-from soft.parallel.setup import Topology, init_distributed
+from soft.data import ResumableBatchSampler, SFTDataset
+from soft.failpoints import failpoint
+from soft.runs import TRAIN_LOG, VALID_LOG
 from soft.tracking import Tracker, build_tracker
 from soft.training import flops
-from soft.training.optim import build_optimizer, build_scheduler
+from soft.training.run import Run, restore, setup
 from soft.training.signals import StopRequest
 from soft.training.step import Batch, StepResult, eval_step, train_step
 
+__all__ = ["Run", "RunResult", "TrainingHalted", "restore", "run_training", "setup", "train"]
+
 log = logging.getLogger("soft")
+
+
+class TrainingHalted(RuntimeError):
+    """A step went bad and the configured policy is to stop (nothing was saved after it)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -42,95 +46,6 @@ class RunResult:
     train_history: list[dict] = field(default_factory=list)  # one record per step run here
     valid_history: list[dict] = field(default_factory=list)
     stopped_by_signal: bool = False
-
-
-@dataclass
-class Run:
-    """Everything a training run holds; built once by `setup`."""
-
-    cfg: RootConfig
-    topo: Topology
-    model: SoftModel
-    optimizer: object
-    scheduler: object
-    train_data: SFTDataset
-    valid_data: SFTDataset | None
-    state: TrainState
-    output_dir: Path
-    save_dir: Path
-
-
-def setup(cfg: RootConfig) -> Run:
-    check_runtime_support(cfg.model, cfg.parallel)  # FP8/TE where they cannot run: fail first
-    topo = init_distributed(cfg.parallel, cfg.train.seed)
-    output_dir = Path(cfg.train.output_dir)
-    if topo.is_logging_rank:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, output_dir / "config.yaml")
-    train_data, valid_data, tokenizer = build_datasets(cfg.data, cfg.train.seed)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    if vocab < tokenizer.vocab_size:
-        raise ConfigError(
-            f"config key 'model.vocab_size' ({vocab}) is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size}, {cfg.data.tokenizer_path or 'built-in tokenizer'})"
-        )
-    tp = cfg.parallel.tensor_model_parallel_size
-    model = build_soft_model(
-        cfg.model,
-        cfg.parallel,
-        cfg.soft,
-        cfg.exit_plan(),
-        padded_vocab_size(vocab, cfg.model, tp),
-        cfg.train.seed,
-    )
-    optimizer = build_optimizer(model, cfg.train, cfg.model, cfg.parallel)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    save_dir = Path(cfg.checkpoint.save_dir or output_dir / "checkpoints")
-    run = Run(
-        cfg,
-        topo,
-        model,
-        optimizer,
-        scheduler,
-        train_data,
-        valid_data,
-        TrainState(),
-        output_dir,
-        save_dir,
-    )
-    run.state = restore(run)
-    if topo.is_logging_rank:
-        log.info(train_data.describe())
-        if valid_data is not None:
-            log.info(valid_data.describe())
-    return run
-
-
-def restore(run: Run) -> TrainState:
-    """A run's own latest checkpoint first (requeued jobs), else checkpoint.load_dir."""
-    ck, dist_opt = run.cfg.checkpoint, run.cfg.parallel.use_distributed_optimizer
-    chunks = run.model.unwrapped
-    own = find_checkpoint(run.save_dir) if ck.auto_resume else None
-    if own is not None:
-        log.info("resuming from %s", own)
-        return load_checkpoint(run.save_dir, chunks, run.optimizer, run.scheduler, dist_opt)
-    if ck.load_dir is None:
-        return TrainState()
-    if ck.finetune:
-        log.info("fine-tuning from the weights in %s", ck.load_dir)
-        load_checkpoint(
-            ck.load_dir, chunks, optimizer=None, allow_extract=run.cfg.soft.mode == "extracted"
-        )
-        # Optimizer main params (fp32 copies for bf16) must pick up the loaded weights.
-        if hasattr(run.optimizer, "reload_model_params"):
-            run.optimizer.reload_model_params()
-        return TrainState()
-    if find_checkpoint(ck.load_dir) is not None and not has_optimizer_state(ck.load_dir):
-        raise ConfigError(
-            f"checkpoint.load_dir '{ck.load_dir}' holds model weights only (e.g. a converted HF "
-            "model): set checkpoint.finetune=true to start training from them"
-        )
-    return load_checkpoint(ck.load_dir, chunks, run.optimizer, run.scheduler, dist_opt)
 
 
 def microbatches(
@@ -174,8 +89,26 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _record(result: StepResult, iteration: int) -> dict:
+    """One train_log/valid_log line (and what the Meter averages)."""
+    record = {
+        "iteration": iteration,
+        "loss": result.loss,
+        **{f"exit_{k}": v for k, v in result.exit_losses.items()},
+    }
+    if result.grad_norm is not None:
+        record["grad_norm"] = result.grad_norm
+    if result.lr is not None:
+        record["lr"] = result.lr
+    if result.skipped is not None:
+        record["skipped"] = result.skipped
+    return record
+
+
 class Meter:
-    """Averages step results over a log interval and formats the console line."""
+    """Averages the step records of one log interval and formats the console line. After a
+    resume it starts from the records of the interval's earlier steps (train_log.jsonl), so
+    the logged averages equal an uninterrupted run's."""
 
     def __init__(self, run: Run) -> None:
         t, m = run.cfg.train, run.cfg.model
@@ -187,29 +120,28 @@ class Meter:
         )
         self.peak = flops.device_peak_tflops()
         self.start = time.perf_counter()
-        self.steps_done = 0
-        self.reset()
+        self.records: list[dict] = []
+        it, interval = run.state.iteration, t.log_interval
+        if run.topo.is_logging_rank and it % interval:
+            window = it - it % interval
+            self.records = [r for r in run.run_dir.read_log(TRAIN_LOG) if r["iteration"] > window]
 
-    def reset(self) -> None:
-        self.results: list[StepResult] = []
-        self.time = 0.0
-
-    def add(self, result: StepResult, seconds: float) -> None:
-        self.results.append(result)
-        self.time += seconds
-        self.steps_done += 1
+    def add(self, record: dict) -> None:
+        self.records.append(record)
 
     def metrics(self) -> dict[str, float]:
-        n = len(self.results)
-        out = {"train/loss": sum(r.loss for r in self.results) / n}
+        n = len(self.records)
+        out = {"train/loss": sum(r["loss"] for r in self.records) / n}
         for k in self.run.model.plan.layers:
-            out[f"train/loss/exit_{k}"] = sum(r.exit_losses[k] for r in self.results) / n
-        step_time = self.time / n
-        tokens_per_s = self.tokens_per_step / step_time
+            out[f"train/loss/exit_{k}"] = sum(r[f"exit_{k}"] for r in self.records) / n
+        times = [r["step_time_s"] for r in self.records if "step_time_s" in r]
+        step_time = sum(times) / max(len(times), 1)
+        tokens_per_s = self.tokens_per_step / step_time if step_time else 0.0
         out.update(
             {
-                "train/lr": self.results[-1].lr or 0.0,
+                "train/lr": self.records[-1].get("lr", 0.0),
                 "train/step_time_s": step_time,
+                "train/skipped_steps": float(self.run.state.skipped_steps),
                 "perf/tokens_per_s": tokens_per_s,
                 "perf/model_tflops_per_device": tokens_per_s
                 * self.flops_per_token
@@ -218,11 +150,15 @@ class Meter:
                 "memory/peak_gb": _memory_gb(),
             }
         )
-        norms = [r.grad_norm for r in self.results if r.grad_norm is not None]
+        norms = [r["grad_norm"] for r in self.records if "grad_norm" in r]
         if norms:
             out["train/grad_norm"] = sum(norms) / len(norms)
         if self.peak:
             out["perf/mfu"] = out["perf/model_tflops_per_device"] / self.peak
+        scale = getattr(self.run.optimizer, "get_loss_scale", None)
+        if self.run.cfg.model.params_dtype == "fp16" and scale is not None:
+            out["train/loss_scale"] = float(scale())
+        self.records = []
         return out
 
     def line(self, iteration: int, metrics: dict[str, float]) -> str:
@@ -232,52 +168,43 @@ class Meter:
         exits = " ".join(
             f"exit_{k} {metrics[f'train/loss/exit_{k}']:.4f}" for k in self.run.model.plan.layers
         )
+        extra = ""
+        if "train/loss_scale" in metrics:
+            extra += f" | loss scale {metrics['train/loss_scale']:.3g}"
+        if self.run.state.skipped_steps:
+            extra += f" | skipped steps {self.run.state.skipped_steps}"
         return (
             f"step {iteration}/{total} | loss {metrics['train/loss']:.4f} | {exits} | "
             f"lr {metrics['train/lr']:.3g} | grad {metrics.get('train/grad_norm', float('nan')):.3f} | "
-            f"{metrics['perf/tokens_per_s']:.0f} tok/s | elapsed {_fmt_time(elapsed)} | eta {_fmt_time(eta)}"
+            f"{metrics['perf/tokens_per_s']:.0f} tok/s{extra} | elapsed {_fmt_time(elapsed)} | "
+            f"eta {_fmt_time(eta)}"
         )
 
 
-def _write_status(run: Run, reason: str) -> None:
-    if run.topo.is_logging_rank:
-        tmp = run.output_dir / "exit_status.json.tmp"
-        tmp.write_text(json.dumps({"reason": reason, "iteration": run.state.iteration}))
-        tmp.replace(run.output_dir / "exit_status.json")
-
-
-def _append_history(run: Run, name: str, record: dict) -> None:
-    if run.topo.is_logging_rank:
-        with open(run.output_dir / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _save(run: Run) -> None:
+def _save(run: Run) -> float:
+    """Save the current state unless this iteration is saved already; returns seconds taken."""
+    if run.saved_iteration == run.state.iteration:
+        return 0.0
+    started = time.perf_counter()
     ck = run.cfg.checkpoint
-    path = save_checkpoint(
-        run.save_dir,
-        run.model.unwrapped,
-        run.optimizer,
-        run.scheduler,
-        run.state,
-        run.cfg,
-        run.cfg.parallel.use_distributed_optimizer,
-        ck.keep_last,
-        ck.optimizer_format,
-    )
+    try:
+        path = save(
+            run.save_dir,
+            run.model.unwrapped,
+            run.state,
+            run.cfg,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            keep_last=ck.keep_last,
+            optimizer_format=ck.optimizer_format,
+            identity=run.tokenizer,
+        )
+    except NonFiniteCheckpointError as exc:
+        raise TrainingHalted("nonfinite", str(exc)) from exc
+    run.saved_iteration = run.state.iteration
     if run.topo.is_logging_rank:
         log.info("saved checkpoint %s", path)
-
-
-def _record(result: StepResult, iteration: int) -> dict:
-    record = {
-        "iteration": iteration,
-        "loss": result.loss,
-        **{f"exit_{k}": v for k, v in result.exit_losses.items()},
-    }
-    if result.grad_norm is not None:
-        record["grad_norm"] = result.grad_norm
-    return record
+    return time.perf_counter() - started
 
 
 def _validate(run: Run, tracker: Tracker, result: RunResult) -> None:
@@ -291,17 +218,73 @@ def _validate(run: Run, tracker: Tracker, result: RunResult) -> None:
     tracker.log(metrics, run.state.iteration)
     record = _record(valid, run.state.iteration)
     result.valid_history.append(record)
-    _append_history(run, "valid_log.jsonl", record)
     if run.topo.is_logging_rank:
+        run.run_dir.append(VALID_LOG, record)
         exits = " ".join(f"exit_{k} {v:.4f}" for k, v in valid.exit_losses.items())
         log.info("validation at step %d | loss %.4f | %s", run.state.iteration, valid.loss, exits)
 
 
+def _bad_values(step: StepResult) -> str:
+    values = {"loss": step.loss, **{f"exit_{k}": v for k, v in step.exit_losses.items()}}
+    if step.grad_norm is not None:
+        values["grad norm"] = step.grad_norm
+    bad = [f"{name} = {v}" for name, v in values.items() if not math.isfinite(v)]
+    return ", ".join(bad) or "the gradient norm could not be computed"
+
+
+class SkipGuard:
+    """Applies train.on_nonfinite and train.max_consecutive_skips to each step's outcome."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.in_a_row: list[str] = []
+
+    def check(self, step: StepResult, iteration: int) -> None:
+        t = self.run.cfg.train
+        if step.skipped is None:
+            self.in_a_row = []
+            return
+        if step.skipped == "nonfinite" and t.on_nonfinite == "stop":
+            raise TrainingHalted(
+                "nonfinite",
+                f"step {iteration}: non-finite training values ({_bad_values(step)}); stopped "
+                "without applying the update or saving (train.on_nonfinite=stop). The last "
+                "checkpoint is the last good state: resume from it with a lower train.lr, or "
+                "set train.on_nonfinite=skip to drop such steps",
+            )
+        self.run.state.skipped_steps += 1
+        self.in_a_row.append(step.skipped)
+        what = "fp16 loss-scale overflow" if step.skipped == "overflow" else _bad_values(step)
+        log.warning("step %d: update skipped (%s)", iteration, what)
+        limit = t.max_consecutive_skips
+        if limit and len(self.in_a_row) >= limit:
+            kinds = ", ".join(sorted(set(self.in_a_row)))
+            raise TrainingHalted(
+                "nonfinite",
+                f"steps {iteration - limit + 1}-{iteration}: {limit} optimizer updates in a row "
+                f"were skipped ({kinds}); stopped (train.max_consecutive_skips={limit}). With "
+                "fp16, lower train.initial_loss_scale or use bf16; otherwise lower train.lr",
+            )
+
+
 def _stop(run: Run, result: RunResult, reason: str) -> RunResult:
     _save(run)
-    _write_status(run, reason)
+    if run.topo.is_logging_rank:
+        run.run_dir.write_status(reason, run.state.iteration)
     result.stopped_by_signal = reason == "signal"
     return result
+
+
+def _watchdog_cleanups(run: Run, tracker: Tracker, stop: StopRequest) -> None:
+    """What a rank does when it must leave without finishing the stop (see signals.py)."""
+    if run.topo.is_logging_rank:
+        stop.add_cleanup(
+            lambda: run.run_dir.write_status(
+                "killed", run.state.iteration, "stop signal, but a peer rank was gone"
+            )
+        )
+        stop.add_cleanup(lambda: tracker.close("KILLED"))
+    stop.add_cleanup(checkpoint_queue.restore)
 
 
 def train(run: Run, tracker: Tracker) -> RunResult:
@@ -309,10 +292,15 @@ def train(run: Run, tracker: Tracker) -> RunResult:
     sampler = ResumableBatchSampler(len(run.train_data), t.global_batch_size, t.seed)
     result = RunResult(run.output_dir, run.state)
     meter = Meter(run)
+    guard = SkipGuard(run)
     stop = StopRequest()
+    _watchdog_cleanups(run, tracker, stop)
     first_iteration = run.state.iteration
+    if first_iteration == t.train_iters:
+        log.info("the run in %s is at train.train_iters=%d already", run.output_dir, t.train_iters)
     try:
         while run.state.iteration < t.train_iters:
+            started = time.perf_counter()
             mb = microbatches(
                 run.train_data,
                 sampler,
@@ -320,27 +308,30 @@ def train(run: Run, tracker: Tracker) -> RunResult:
                 t.micro_batch_size,
                 run.topo.device,
             )
-            started = time.perf_counter()
             step = train_step(run.model, run.optimizer, run.scheduler, mb)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # honest step times: wait for the GPU
-            meter.add(step, time.perf_counter() - started)
+            step_time = time.perf_counter() - started
+            failpoint("train:step_done")
+            guard.check(step, run.state.iteration + 1)
             run.state.iteration += 1
             run.state.consumed_samples += t.global_batch_size
-            record = _record(step, run.state.iteration)
-            result.train_history.append(record)
-            _append_history(run, "train_log.jsonl", record)
             it = run.state.iteration
+            record = {**_record(step, it), "step_time_s": step_time}
+            result.train_history.append(record)
+            meter.add(record)
+            if run.topo.is_logging_rank:
+                run.run_dir.append(TRAIN_LOG, record)
             if it % t.log_interval == 0 or it == t.train_iters:
                 metrics = meter.metrics()
                 tracker.log(metrics, it)
                 if run.topo.is_logging_rank:
                     log.info(meter.line(it, metrics))
-                meter.reset()
             if t.eval_interval and it % t.eval_interval == 0 and it != t.train_iters:
                 _validate(run, tracker, result)
             if ck.save_interval and it % ck.save_interval == 0 and it != t.train_iters:
-                _save(run)
+                step_time += _save(run)
+            stop.observed(step_time)
             if stop.agreed(run.topo.device):
                 log.warning(
                     "stop requested (signal %s): saving at step %d and exiting", stop.received, it
@@ -349,19 +340,42 @@ def train(run: Run, tracker: Tracker) -> RunResult:
             if t.exit_interval and it - first_iteration >= t.exit_interval and it != t.train_iters:
                 log.info("exit_interval reached: saving at step %d and exiting", it)
                 return _stop(run, result, "exit_interval")
-        _validate(run, tracker, result)
-        _save(run)
-        _write_status(run, "finished")
-        return result
+        if first_iteration < t.train_iters:
+            _validate(run, tracker, result)
+        return _stop(run, result, "finished")
+    except TrainingHalted as exc:
+        if run.topo.is_logging_rank:
+            run.run_dir.write_status(exc.reason, run.state.iteration, str(exc))
+        raise
     finally:
         stop.restore()
 
 
 def run_training(cfg: RootConfig) -> RunResult:
     run = setup(cfg)
-    tracker = build_tracker(cfg.tracking, run.output_dir, run.topo.rank, run.output_dir.name)
-    with tracker:
-        tracker.log_params(flatten(to_dict(cfg)))
-        if run.topo.is_logging_rank:
-            tracker.log_artifact(run.output_dir / "config.yaml")
+    try:
+        tracker = build_tracker(cfg.tracking, run.output_dir, run.topo.rank, run.output_dir.name)
+        with tracker:
+            tracker.log_params(flatten(to_dict(cfg)))
+            if run.topo.is_logging_rank:
+                tracker.log_artifact(run.run_dir.config_path)
+            result = _train_reporting_failures(run, tracker)
+            if result.stopped_by_signal:
+                tracker.close("KILLED")  # stopped from outside, not finished (it may be requeued)
+            return result
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train_reporting_failures(run: Run, tracker: Tracker) -> RunResult:
+    try:
         return train(run, tracker)
+    except (TrainingHalted, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if run.topo.is_logging_rank:
+            run.run_dir.write_status(
+                "failed", run.state.iteration, f"{type(exc).__name__}: {exc}"[:2000]
+            )
+        raise

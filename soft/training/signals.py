@@ -1,24 +1,89 @@
-"""Stop requests (SLURM preemption / time limit): finish the step, save, exit cleanly."""
+"""Stop requests: finish the step, save, stop; and a deadline for when that cannot happen.
+
+SIGUSR1 (SLURM's advance warning: the batch script asks for it before the time limit),
+SIGTERM (scancel, a preemption, torchrun tearing the job down) and SIGINT (Ctrl-C) set a flag
+on the rank that got them; every rank agrees on it after each step (one all-reduce) and then
+all save together and stop.
+
+A stop cannot happen when a peer rank is gone: the survivors sit in a collective that never
+completes (gloo and NCCL notice a dead peer only at their timeout, minutes away), and their
+Python signal handlers cannot run while they wait. torchrun answers a dead rank by sending
+SIGTERM to the others and SIGKILL 30 s later, which would leave MLflow showing RUNNING and the
+checkpoint helpers orphaned. So SIGTERM and SIGINT also start a watchdog thread: a rank that
+has not stopped within the deadline (a few times the longest step plus save seen so far, at
+least MIN_GRACE_S) runs the cleanups it was given (mark the MLflow run KILLED, write
+exit_status.json, stop helper processes) and leaves with exit status 128 + signal. A second
+SIGINT gives up at once. SIGUSR1 is a request made in advance and has no deadline.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger("soft")
+MIN_GRACE_S = 5.0
+GRACE_FACTOR = 3.0
+
 
 class StopRequest:
-    """SIGUSR1/SIGTERM on any rank set a flag; all ranks agree on it after each step."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    URGENT = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._cleanups: list[Callable[[], None]] = []
+        self._longest_s = 0.0
+        self._timer: threading.Timer | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
+    # -- the loop reports progress and registers what must happen if it never stops ---------
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        self._cleanups.append(fn)
+
+    def observed(self, seconds: float) -> None:
+        """The duration of a step (+ save) just done: the deadline scales with it."""
+        self._longest_s = max(self._longest_s, seconds)
+
+    @property
+    def grace_s(self) -> float:
+        return max(MIN_GRACE_S, GRACE_FACTOR * self._longest_s)
+
+    # -- signals -----------------------------------------------------------------------------
+
     def _handle(self, signum, frame) -> None:
+        again = self.received == signal.SIGINT and signum == signal.SIGINT
         self.received = signum
+        if again:
+            self._give_up(signum, "a second SIGINT")
+        elif signum in self.URGENT and self._timer is None:
+            self._timer = threading.Timer(self.grace_s, self._give_up, (signum, None))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _give_up(self, signum: int, why: str | None) -> None:
+        why = why or (
+            f"not stopped {self.grace_s:.0f} s after {signal.Signals(signum).name}: a peer rank "
+            "is gone or stuck"
+        )
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        log.error(
+            "rank %d: %s; leaving without a checkpoint (the last one stays latest)", rank, why
+        )
+        for cleanup in self._cleanups:
+            try:
+                cleanup()
+            except Exception as exc:  # each cleanup is best effort; the exit must happen
+                log.error("cleanup %s failed: %s", getattr(cleanup, "__name__", cleanup), exc)
+        logging.shutdown()
+        os._exit(128 + signum)
 
     def agreed(self, device: torch.device) -> bool:
         """Collective: True on every rank when any rank was signalled."""
@@ -28,5 +93,9 @@ class StopRequest:
         return bool(flag.item() > 0)
 
     def restore(self) -> None:
+        """The loop has ended (stopped, finished or raised): cancel the deadline and put the
+        previous handlers back."""
+        if self._timer is not None:
+            self._timer.cancel()
         for s, handler in self._previous.items():
             signal.signal(s, handler)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from soft.models.build import SoftModel
@@ -23,7 +26,16 @@ class StepResult:
     num_tokens: int
     grad_norm: float | None = None
     lr: float | None = None
-    skipped: bool = False
+    # Why the optimizer update was not applied: fp16 loss-scale overflow, or a NaN/inf loss or
+    # gradient norm (the loop's train.on_nonfinite policy decides what happens next).
+    skipped: Literal["overflow", "nonfinite"] | None = None
+
+    @property
+    def finite(self) -> bool:
+        values = [self.loss, *self.exit_losses.values()]
+        if self.grad_norm is not None:
+            values.append(self.grad_norm)
+        return all(math.isfinite(v) for v in values)
 
 
 _MASKS: dict[tuple[int, str], torch.Tensor] = {}
@@ -102,6 +114,32 @@ def _objective(model: SoftModel, exit_losses: dict[int, float]) -> float:
     return sum(model.plan.weight(k) * v for k, v in exit_losses.items())
 
 
+@torch.no_grad()
+def guarded_update(optimizer, losses_finite: bool) -> tuple[str | None, float | None]:
+    """megatron-core's optimizer.step(), split so that nothing is applied unless the step is
+    sound: (why it was skipped or None, grad norm). Same operations and order as
+    MegatronOptimizer/ChainedOptimizer.step() in 0.16 (prepare, norm, clip, step), so the
+    numerics are unchanged; the norm is always computed (also with clip_grad=0) because it is
+    what shows a gradient went bad. Every rank decides alike: the losses were all-reduced over
+    the world and the norm over every rank that holds distinct gradients."""
+    if optimizer.prepare_grads():  # fp16: overflow found (over the model-parallel group)
+        return "overflow", None
+    grad_norm = float(optimizer.get_grad_norm())
+    if not (losses_finite and math.isfinite(grad_norm)):
+        return "nonfinite", grad_norm
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if opt.config.clip_grad > 0.0 and params:
+            clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=opt.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    optimizer.step_with_ready_grads()
+    return None, grad_norm
+
+
 def train_step(model: SoftModel, optimizer, scheduler, microbatches: list[Batch]) -> StepResult:
     model.train(True)
     for chunk in model.chunks:
@@ -109,17 +147,19 @@ def train_step(model: SoftModel, optimizer, scheduler, microbatches: list[Batch]
     optimizer.zero_grad()
     model.record.clear()
     _run_schedule(model, microbatches, forward_only=False)
-    update_ok, grad_norm, _ = optimizer.step()
-    if update_ok:
-        scheduler.step(increment=1)
     exit_losses, tokens = reduce_exit_losses(model)
+    loss = _objective(model, exit_losses)
+    losses_finite = all(math.isfinite(v) for v in (loss, *exit_losses.values()))
+    skipped, grad_norm = guarded_update(optimizer, losses_finite)
+    if skipped is None:
+        scheduler.step(increment=1)
     return StepResult(
         exit_losses=exit_losses,
-        loss=_objective(model, exit_losses),
+        loss=loss,
         num_tokens=tokens,
-        grad_norm=float(grad_norm) if grad_norm is not None else None,
+        grad_norm=grad_norm,
         lr=optimizer.param_groups[0]["lr"],
-        skipped=not update_ok,
+        skipped=skipped,
     )
 
 

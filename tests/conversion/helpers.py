@@ -70,8 +70,9 @@ def hf_logits_and_exits(
 
 
 def megatron_reference(checkpoint: Path, config_file: Path, overrides: list[str] | None = None):
-    """A TP1/PP1 GPTModel with the checkpoint loaded by the project's own load_checkpoint."""
-    from soft.checkpointing.checkpoint import load_checkpoint
+    """A TP1/PP1 GPTModel with the checkpoint loaded by the project's own load_weights."""
+    from soft.checkpointing.checkpoint import load_weights
+    from soft.checkpointing.directory import find_checkpoint
     from soft.config.root import load_config
     from soft.data import build_tokenizer
     from soft.models.gpt import build_stage_model, padded_vocab_size, transformer_config
@@ -84,7 +85,7 @@ def megatron_reference(checkpoint: Path, config_file: Path, overrides: list[str]
     gpt = build_stage_model(
         cfg.model, transformer_config(cfg.model, cfg.parallel), padded, True, True
     )
-    load_checkpoint(checkpoint, [gpt])
+    load_weights(find_checkpoint(checkpoint).path, [gpt])
     return gpt.eval(), vocab
 
 
@@ -130,7 +131,7 @@ def make_ict_checkpoint(
     plus an own head per early exit under `exit_heads.<k>.final_layernorm.weight` [hidden] and
     `exit_heads.<k>.output_layer.weight` [padded_vocab, hidden] (padding rows random, so a
     missing vocabulary cut shows). `skip` leaves one key out. Returns {key: tensor}."""
-    from soft.checkpointing.checkpoint import TrainState, save_checkpoint
+    from soft.checkpointing.checkpoint import TrainState, save
     from soft.config.root import RootConfig
     from soft.conversion import hf_io, megatron_io
     from soft.conversion.hf_to_megatron import build_sharded_state, shapes_of
@@ -162,5 +163,5 @@ def make_ict_checkpoint(
     root.soft.exit_layers = list(exit_layers)
     root.data.tokenizer_path = str(tokenizer)
     root.checkpoint.load_dir, root.checkpoint.finetune = str(hf_dir), True  # ict starts from SFT
-    save_checkpoint(out_dir, [megatron_io.ModelOnly(sharded)], None, None, TrainState(), root)
+    save(out_dir, [megatron_io.ModelOnly(sharded)], TrainState(), root)
     return heads

@@ -29,12 +29,9 @@ import torch
 # Everything heavy is imported before forking.
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-from soft.checkpointing.checkpoint import (
-    TrainState,
-    load_checkpoint,
-    save_checkpoint,
-    shutdown_writer_processes,
-)
+from soft.checkpointing.checkpoint import TrainState, resume, save
+from soft.checkpointing.directory import find_checkpoint
+from soft.compat import checkpoint_queue
 from soft.config.root import load_config
 from soft.data import ResumableBatchSampler
 from soft.models import shared_head
@@ -184,8 +181,13 @@ def base_worker(scenario: Scenario, root: Path) -> dict:
     )
     run = loop.setup(cfg)
     _train_steps(run, 1, capture_first=False)
-    save_checkpoint(
-        root / "base", run.model.unwrapped, run.optimizer, run.scheduler, run.state, cfg
+    save(
+        root / "base",
+        run.model.unwrapped,
+        run.state,
+        cfg,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
     )
     return {}
 
@@ -267,25 +269,25 @@ def scenario_worker(scenario: Scenario, out: Path, layout: bool) -> dict:
     return record
 
 
-def reshard_worker(scenario: Scenario, out: Path, layout: bool, ckpt: Path, save: bool) -> dict:
-    """save=True: 2 steps, save, 2 more steps. save=False: load that checkpoint, 2 steps."""
+def reshard_worker(
+    scenario: Scenario, out: Path, layout: bool, ckpt: Path, save_first: bool
+) -> dict:
+    """save_first: 2 steps, save, 2 more steps. Else: load that checkpoint, 2 steps."""
     run = loop.setup(_config(scenario, out, layout))
-    dist_opt = run.cfg.parallel.use_distributed_optimizer
-    if save:
+    if save_first:
         _train_steps(run, 2, capture_first=False)
-        save_checkpoint(
+        save(
             ckpt,
             run.model.unwrapped,
-            run.optimizer,
-            run.scheduler,
             run.state,
             run.cfg,
-            dist_opt,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
             optimizer_format=run.cfg.checkpoint.optimizer_format,
         )
     else:
-        run.state = load_checkpoint(
-            ckpt, run.model.unwrapped, run.optimizer, run.scheduler, dist_opt
+        run.state = resume(
+            find_checkpoint(ckpt).path, run.model.unwrapped, run.optimizer, run.scheduler
         )
         assert run.state == TrainState(
             iteration=2, consumed_samples=2 * run.cfg.train.global_batch_size
@@ -311,7 +313,7 @@ def _child(rank: int, world: int, port: int, target, args, result_file: Path) ->
         code = 1
     finally:
         try:
-            shutdown_writer_processes()
+            checkpoint_queue.restore()
             destroy_distributed()
         except Exception:
             pass

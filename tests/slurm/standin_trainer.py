@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from soft.slurm.exit_status import write_exit_status
+from soft.runs.status import write_exit_status
 
 STEP_SECONDS = 0.2
 stop_requested = False

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from soft.slurm.exit_status import EXIT_STATUS_FILE
+from soft.runs.status import EXIT_STATUS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SBATCH_SCRIPT = REPO_ROOT / "launchers" / "slurm" / "pretrain_soft.sbatch"

@@ -52,7 +52,7 @@ def test_resume_continues_the_loss_curve(tmp_path, dtype):
     a, b = _losses(tmp_path / "a/train_log.jsonl"), _losses(tmp_path / "b/train_log.jsonl")
     assert [r["iteration"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b, strict=True):
-        for key in ra:
+        for key in set(ra) - {"step_time_s"}:
             assert rb[key] == pytest.approx(ra[key], rel=1e-6), (ra["iteration"], key)
     va, vb = _losses(tmp_path / "a/valid_log.jsonl"), _losses(tmp_path / "b/valid_log.jsonl")
     assert vb[-1] == pytest.approx(va[-1], rel=1e-6)
@@ -60,7 +60,7 @@ def test_resume_continues_the_loss_curve(tmp_path, dtype):
 
 def test_interrupted_save_leaves_last_checkpoint_loadable(tmp_path):
     """A save killed mid-write leaves iter_N.tmp; `latest` still names the good checkpoint."""
-    from soft.checkpointing.checkpoint import find_checkpoint
+    from soft.checkpointing.directory import find_checkpoint
 
     _run(tmp_path / "c", "train.train_iters=3")
     ckpts = tmp_path / "c/checkpoints"
@@ -81,13 +81,13 @@ def test_bad_load_dir_is_a_clear_error(tmp_path):
 
 def test_weights_only_checkpoint_needs_finetune_flag(tmp_path):
     """A model-only checkpoint (like a converted HF model) cannot be resumed, only fine-tuned."""
-    from soft.checkpointing.checkpoint import TrainState, save_checkpoint
+    from soft.checkpointing.checkpoint import TrainState, save
     from soft.config.errors import ConfigError
     from soft.training.loop import setup
 
     single_rank_world()
     run = setup(tiny_config(f"train.output_dir={tmp_path / 'src'}", "tracking.enabled=false"))
-    save_checkpoint(tmp_path / "weights", run.model.unwrapped, None, None, TrainState(), run.cfg)
+    save(tmp_path / "weights", run.model.unwrapped, TrainState(), run.cfg)
     with pytest.raises(ConfigError, match="checkpoint.finetune=true"):
         _run(tmp_path / "e", f"checkpoint.load_dir={tmp_path / 'weights'}")
     tuned = _run(
@@ -109,5 +109,7 @@ def test_bf16_exit_losses_track_fp32(tmp_path):
         "train.lr_warmup_iters=1",
         "model.params_dtype=bf16",
     )
-    for key, value in fp32.train_history[0].items():
-        assert bf16.train_history[0][key] == pytest.approx(value, rel=1e-2), key
+    losses = [k for k in fp32.train_history[0] if k == "loss" or k.startswith("exit_")]
+    assert len(losses) == 5
+    for key in losses:
+        assert bf16.train_history[0][key] == pytest.approx(fp32.train_history[0][key], rel=1e-2)
