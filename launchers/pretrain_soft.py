@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from soft.config.errors import ConfigError
@@ -27,6 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _error(message: str) -> None:
+    """Every rank fails alike; one copy of the message is enough."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -39,16 +46,19 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     from soft.parallel.setup import destroy_distributed
-    from soft.training.loop import run_training
+    from soft.training.loop import TrainingHalted, run_training
 
     try:
         run_training(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # bad input: config, data, checkpoint, a busy run folder
+        _error(str(exc))
         return 2
+    except TrainingHalted as exc:  # a NaN/inf step or too many skipped updates
+        _error(str(exc))
+        return 1
     finally:
         destroy_distributed()
     return 0

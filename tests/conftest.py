@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,48 @@ def shared_data() -> Path:
 def llama2_tokenizer(shared_data: Path) -> Path:
     """Meta's LLaMA-2 SentencePiece model (32000 pieces, bos=1, eos=2)."""
     return shared_data / "llama2-tokenizer" / "tokenizer.model"
+
+
+# ----------------------------------------------------------------------------- hermetic tests
+# Tests write only under their own temporary folders. A test that wrote into the checkout
+# (runs/default is where a user's default job lives) would fail, or overwrite, the user's run;
+# the session fails when the checkout's untracked or ignored files (outside caches and the
+# virtual environment) changed while the tests ran.
+
+_EPHEMERAL = (".venv/", ".pytest_cache/", ".ruff_cache/", "__pycache__/", ".egg-info/")
+
+
+def checkout_files() -> set[str]:
+    """Untracked and ignored files of the checkout, caches and .venv left out."""
+    proc = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        return set()  # not a git checkout: nothing to compare
+    out = set()
+    for line in proc.stdout.splitlines():
+        path = line[3:]
+        if line[:2] in ("??", "!!") and not any(part in path for part in _EPHEMERAL):
+            full = REPO_ROOT / path
+            out.add(f"{path} {full.stat().st_mtime_ns if full.exists() else 0}")
+    return out
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_BEFORE] = checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = session.config.stash.get(_BEFORE, None)
+    if before is None:
+        return
+    changed = sorted(checkout_files() ^ before)
+    if changed:
+        print("\nerror: tests wrote into the checkout (use tmp_path):\n  " + "\n  ".join(changed))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_BEFORE = pytest.StashKey[set]()

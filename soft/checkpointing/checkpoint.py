@@ -15,7 +15,9 @@ Every function here is collective: every rank of the job calls it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -185,12 +187,10 @@ def save(
     sharded["format_version"] = FORMAT_VERSION
     try:
         dist_checkpointing.save(sharded, str(tmp))
-    except OSError as exc:  # e.g. a full disk: the previous checkpoint stays `latest`
-        raise CheckpointError(
-            f"saving checkpoint '{tmp.name.removesuffix(directory.TMP_SUFFIX)}' in '{save_dir}' "
-            f"failed ({exc}); the previous checkpoint is untouched and the unfinished "
-            f"'{tmp.name}' is removed at the next start"
-        ) from exc
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # e.g. a full disk: the previous checkpoint stays `latest`
+        raise CheckpointError(_save_failure(save_dir, tmp, exc)) from exc
     if rank == 0:
         save_yaml(config, tmp / directory.CONFIG)
     _barrier()
@@ -204,6 +204,21 @@ def save(
         directory.commit_save(tmp, keep_last)
     _barrier()
     return save_dir / directory.iter_name(state.iteration)
+
+
+def _save_failure(save_dir: Path, tmp: Path, exc: BaseException) -> str:
+    """torch reports a full disk as e.g. 'unexpected pos 704 vs 598': say what matters."""
+    free = ""
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage(save_dir)
+        free = f"; {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB there"
+        if usage.free < 2**20 or "No space left" in _summary(exc):
+            free += " (No space left on device)"
+    return (
+        f"saving checkpoint '{tmp.name.removesuffix(directory.TMP_SUFFIX)}' in '{save_dir}' "
+        f"failed ({_summary(exc)}{free}); the previous checkpoint is untouched and the "
+        f"unfinished '{tmp.name}' is removed at the next start"
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -235,16 +250,25 @@ def _stored_metadata(ckpt: Path) -> dict[str, Any]:
     return _reading(ckpt, load_sharded_metadata, str(ckpt))
 
 
+def _summary(exc: BaseException) -> str:
+    """One line for an error of megatron/torch checkpoint code. torch's CheckpointException
+    (a BaseException) carries each failed rank's exception with a full traceback."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, inner = next(iter(failures.items()))
+        inner = getattr(inner, "exc", inner)  # torch wraps it with its traceback
+        return f"rank {rank}: {type(inner).__name__}: {inner}".strip()
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
 def _reading(ckpt: Path, fn, *args, **kwargs):
     """Run a megatron read; a damaged or foreign folder becomes an error that names it."""
     try:
         return fn(*args, **kwargs)
-    except CheckpointError:
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as exc:
-        raise CheckpointDamaged(
-            f"checkpoint '{ckpt}' could not be read ({type(exc).__name__}: {exc})"
-        ) from exc
+    except BaseException as exc:
+        raise CheckpointDamaged(f"checkpoint '{ckpt}' could not be read ({_summary(exc)})") from exc
 
 
 def has_optimizer_state(ckpt: Path) -> bool:

@@ -61,10 +61,16 @@ def read_records(path: str | Path) -> list[RawRecord]:
 
 
 def _read_json(path: Path) -> list[RawRecord]:
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"data file '{path}' is not UTF-8 text ({exc})") from exc
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"data file '{path}', line {line}, column {column}: not UTF-8 text "
+            f"(byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
+        ) from exc
     if path.suffix.lower() == ".json":
         # A .json file is a JSON list when it starts with '['; a broken list is reported as
         # such instead of being misread as JSON Lines.

@@ -110,6 +110,10 @@ def seed_everything(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    """End of a job: process groups, and the helper processes started for checkpoints."""
+    from soft.compat import checkpoint_queue
+
+    checkpoint_queue.restore()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -287,13 +287,20 @@ def _watchdog_cleanups(run: Run, tracker: Tracker, stop: StopRequest) -> None:
     stop.add_cleanup(checkpoint_queue.restore)
 
 
-def train(run: Run, tracker: Tracker) -> RunResult:
+def train(run: Run, tracker: Tracker, stop: StopRequest | None = None) -> RunResult:
+    """`stop`: the job's stop request (run_training keeps it until the tracker is closed);
+    None = one of its own for this loop."""
+    if stop is None:
+        stop = StopRequest()
+        try:
+            return train(run, tracker, stop)
+        finally:
+            stop.restore()
     t, ck = run.cfg.train, run.cfg.checkpoint
     sampler = ResumableBatchSampler(len(run.train_data), t.global_batch_size, t.seed)
     result = RunResult(run.output_dir, run.state)
     meter = Meter(run)
     guard = SkipGuard(run)
-    stop = StopRequest()
     _watchdog_cleanups(run, tracker, stop)
     first_iteration = run.state.iteration
     if first_iteration == t.train_iters:
@@ -347,30 +354,37 @@ def train(run: Run, tracker: Tracker) -> RunResult:
         if run.topo.is_logging_rank:
             run.run_dir.write_status(exc.reason, run.state.iteration, str(exc))
         raise
+
+
+def run_training(cfg: RootConfig) -> RunResult:
+    # Stop signals are handled from the start to the end of the job, the tracker's closing
+    # included: a SIGTERM that torchrun sends while a failing job closes MLflow must not kill
+    # it halfway (that left runs RUNNING).
+    stop = StopRequest()
+    try:
+        run = setup(cfg)
+        try:
+            tracker = build_tracker(
+                cfg.tracking, run.output_dir, run.topo.rank, run.output_dir.name
+            )
+            with tracker:
+                tracker.log_params(flatten(to_dict(cfg)))
+                if run.topo.is_logging_rank:
+                    tracker.log_artifact(run.run_dir.config_path)
+                result = _train_reporting_failures(run, tracker, stop)
+                if result.stopped_by_signal:
+                    tracker.close("KILLED")  # stopped from outside (it may be requeued)
+                return result
+        finally:
+            if run.lock is not None:
+                run.lock.release()
     finally:
         stop.restore()
 
 
-def run_training(cfg: RootConfig) -> RunResult:
-    run = setup(cfg)
+def _train_reporting_failures(run: Run, tracker: Tracker, stop: StopRequest) -> RunResult:
     try:
-        tracker = build_tracker(cfg.tracking, run.output_dir, run.topo.rank, run.output_dir.name)
-        with tracker:
-            tracker.log_params(flatten(to_dict(cfg)))
-            if run.topo.is_logging_rank:
-                tracker.log_artifact(run.run_dir.config_path)
-            result = _train_reporting_failures(run, tracker)
-            if result.stopped_by_signal:
-                tracker.close("KILLED")  # stopped from outside, not finished (it may be requeued)
-            return result
-    finally:
-        if run.lock is not None:
-            run.lock.release()
-
-
-def _train_reporting_failures(run: Run, tracker: Tracker) -> RunResult:
-    try:
-        return train(run, tracker)
+        return train(run, tracker, stop)
     except (TrainingHalted, KeyboardInterrupt):
         raise
     except Exception as exc:

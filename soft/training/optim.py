@@ -39,14 +39,19 @@ def build_optimizer(
     return optimizer
 
 
-def apply_optimizer_hyperparameters(optimizer, train: TrainConfig) -> None:
-    """After a resume: torch's load_state_dict restores each param group's betas and eps from
-    the checkpoint, silently dropping new values given for this job. Set them from the config
-    (lr and weight decay are set by the scheduler at every step)."""
+def apply_optimizer_hyperparameters(optimizer, train: TrainConfig, scheduler) -> None:
+    """After a resume: torch's load_state_dict restores each param group's hyperparameters
+    from the checkpoint, silently dropping new values given for this job: Adam's betas and eps,
+    and the per-group `max_lr`/`min_lr` that megatron-core's scheduler reads before its own
+    (optimizer_param_scheduler.py:223). Set them from the config, then let the scheduler set
+    this step's lr and weight decay."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         for group in getattr(getattr(opt, "optimizer", None), "param_groups", []):
             group["betas"] = (train.adam_beta1, train.adam_beta2)
             group["eps"] = train.adam_eps
+            group["max_lr"] = train.lr
+            group["min_lr"] = train.min_lr
+    scheduler.step(increment=0)
 
 
 def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:

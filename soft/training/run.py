@@ -258,7 +258,7 @@ def _resumed(run: Run, ckpt: Path, changes: list[compatibility.Change]) -> Train
     state = resume(ckpt, run.model.unwrapped, run.optimizer, run.scheduler)
     for change in changes:
         log.warning("resuming with a changed setting (applied): %s", change)
-    apply_optimizer_hyperparameters(run.optimizer, run.cfg.train)
+    apply_optimizer_hyperparameters(run.optimizer, run.cfg.train, run.scheduler)
     if state.iteration > run.cfg.train.train_iters:
         raise CheckpointError(
             f"checkpoint '{ckpt}' is at step {state.iteration}, beyond train.train_iters="

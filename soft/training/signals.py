@@ -1,23 +1,29 @@
 """Stop requests: finish the step, save, stop; and a deadline for when that cannot happen.
 
 SIGUSR1 (SLURM's advance warning: the batch script asks for it before the time limit),
-SIGTERM (scancel, a preemption, torchrun tearing the job down) and SIGINT (Ctrl-C) set a flag
-on the rank that got them; every rank agrees on it after each step (one all-reduce) and then
-all save together and stop.
+SIGTERM (scancel, a preemption, torchrun tearing the job down) and SIGINT (Ctrl-C) mark a stop
+request on the rank that got them; every rank agrees on it after each step (one all-reduce),
+then all save together and stop.
 
-A stop cannot happen when a peer rank is gone: the survivors sit in a collective that never
-completes (gloo and NCCL notice a dead peer only at their timeout, minutes away), and their
-Python signal handlers cannot run while they wait. torchrun answers a dead rank by sending
-SIGTERM to the others and SIGKILL 30 s later, which would leave MLflow showing RUNNING and the
-checkpoint helpers orphaned. So SIGTERM and SIGINT also start a watchdog thread: a rank that
-has not stopped within the deadline (a few times the longest step plus save seen so far, at
-least MIN_GRACE_S) runs the cleanups it was given (mark the MLflow run KILLED, write
-exit_status.json, stop helper processes) and leaves with exit status 128 + signal. A second
-SIGINT gives up at once. SIGUSR1 is a request made in advance and has no deadline.
+A stop cannot happen when a peer rank is gone or stuck: the survivors sit in a collective that
+never completes (gloo and NCCL notice a dead peer only sometimes, and a stuck one only at
+their timeout, minutes away). Python runs signal handlers on the main thread between
+bytecodes, so while that thread waits inside a collective no handler runs at all. torchrun
+answers a dead rank with SIGTERM to the others and SIGKILL 30 s later, which left MLflow
+showing RUNNING and the checkpoint helpers orphaned.
+
+So the signals are read by a watcher thread as well, through `signal.set_wakeup_fd` (Python's
+C-level handler writes each signal's number there at once, whatever the main thread is doing).
+SIGTERM and SIGINT start a deadline: a rank that has not stopped within it (a few times the
+longest step plus save seen so far, at least MIN_GRACE_S) runs the cleanups it was given (mark
+the MLflow run KILLED, write exit_status.json, stop helper processes) and leaves with exit
+status 128 + signal. A second SIGINT gives up at once. SIGUSR1 is a request made in advance and
+has no deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -32,6 +38,11 @@ MIN_GRACE_S = 5.0
 GRACE_FACTOR = 3.0
 
 
+def _ignore(signum, frame) -> None:
+    """The Python-level handler: installed so that the signals do not kill the process; the
+    watcher thread does the work (it also runs while the main thread is blocked)."""
+
+
 class StopRequest:
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
     URGENT = (signal.SIGTERM, signal.SIGINT)
@@ -41,7 +52,12 @@ class StopRequest:
         self._cleanups: list[Callable[[], None]] = []
         self._longest_s = 0.0
         self._timer: threading.Timer | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._previous = {s: signal.signal(s, _ignore) for s in self.SIGNALS}
+        self._previous_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._watcher = threading.Thread(target=self._watch, name="soft-stop-watcher", daemon=True)
+        self._watcher.start()
 
     # -- the loop reports progress and registers what must happen if it never stops ---------
 
@@ -58,7 +74,19 @@ class StopRequest:
 
     # -- signals -----------------------------------------------------------------------------
 
-    def _handle(self, signum, frame) -> None:
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read_fd, 64)
+            except OSError:
+                return
+            if not data:
+                return  # restore() closed the pipe
+            for signum in data:
+                if signum in self.SIGNALS:
+                    self._received(signum)
+
+    def _received(self, signum: int) -> None:
         again = self.received == signal.SIGINT and signum == signal.SIGINT
         self.received = signum
         if again:
@@ -93,9 +121,15 @@ class StopRequest:
         return bool(flag.item() > 0)
 
     def restore(self) -> None:
-        """The loop has ended (stopped, finished or raised): cancel the deadline and put the
-        previous handlers back."""
+        """The job has ended (stopped, finished or raised): cancel the deadline, put the
+        previous handlers back and stop the watcher."""
         if self._timer is not None:
             self._timer.cancel()
+        signal.set_wakeup_fd(self._previous_wakeup)
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        with contextlib.suppress(OSError):
+            os.close(self._write_fd)  # the watcher reads EOF and ends
+        self._watcher.join(timeout=1)
+        with contextlib.suppress(OSError):
+            os.close(self._read_fd)

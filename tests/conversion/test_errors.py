@@ -103,3 +103,47 @@ def test_ict_checkpoint_without_a_head(hf_dir, tmp_path):
     ):
         convert_megatron_to_hf(ExportRequest(tmp_path / "meg", out, progress=False))
     assert not out.exists() and not out.with_name("hf_out.tmp").exists()
+
+
+@pytest.mark.parametrize("where", ["is", "inside", "contains"])
+def test_overwrite_never_deletes_the_tools_own_input(hf_dir, tmp_path, where):
+    """--overwrite replaces the output folder; an output that is, lies inside or contains the
+    input would delete what the tool reads."""
+    meg = convert_hf_to_megatron(hf_dir, tmp_path / "meg", dtype="fp32", progress=False)
+    before = sorted(p.name for p in meg.rglob("*"))
+    out = {"is": meg, "inside": meg / "hf_out", "contains": tmp_path}[where]
+    with pytest.raises(ConfigError, match="overlaps the input"):
+        convert_megatron_to_hf(ExportRequest(meg, out, overwrite=True, progress=False))
+    assert sorted(p.name for p in meg.rglob("*")) == before
+    with pytest.raises(ConfigError, match="overlaps the input"):
+        convert_hf_to_megatron(hf_dir, hf_dir / "meg", overwrite=True, progress=False)
+    assert (hf_dir / "config.json").is_file()
+
+
+def test_a_damaged_checkpoint_is_not_exported(hf_dir, tmp_path):
+    meg = convert_hf_to_megatron(hf_dir, tmp_path / "meg", dtype="fp32", progress=False)
+    shard = max((meg / "iter_0000000").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[-64:] = bytes(64)
+    shard.write_bytes(data)
+    with pytest.raises(ConfigError, match=f"{shard.name}' does not match its sha256"):
+        convert_megatron_to_hf(ExportRequest(meg, tmp_path / "hf_out", progress=False))
+    assert not (tmp_path / "hf_out").exists()
+
+
+def test_fine_tuning_an_import_without_its_model_yaml_is_refused(hf_dir, tmp_path):
+    """Without model.yaml the default tiny model (hidden 64, 4 heads) would have been loaded
+    from the first rows of the import's tensors; the saved config and shapes say otherwise."""
+    from soft.training.run import setup
+    from tests.megatron_env import single_rank_world, tiny_config
+
+    single_rank_world()
+    meg = convert_hf_to_megatron(hf_dir, tmp_path / "meg", dtype="fp32", progress=False)
+    cfg = tiny_config(
+        f"checkpoint.load_dir={meg}",
+        "checkpoint.finetune=true",
+        f"train.output_dir={tmp_path / 'run'}",
+    )
+    with pytest.raises(ConfigError, match=r"model.hidden_size: 48 -> 64.*model.yaml"):
+        setup(cfg)
+    assert not (tmp_path / "run").exists()

@@ -181,3 +181,12 @@ def test_single_json_object_is_rejected(tmp_path: Path) -> None:
     path.write_text(json.dumps({"data": ALPACA}, indent=2))
     with pytest.raises(ConfigError, match=r"one\.json': expected a JSON list of records"):
         read_records(path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    good = b'{"instruction": "a", "input": "", "output": "b"}\n'
+    path.write_bytes(good * 2 + b'{"instruction": "caf\xe9", "input": "", "output": "c"}\n')
+    with pytest.raises(ConfigError, match=r"line 3, column 21: not UTF-8 text \(byte 0xe9\)"):
+        read_records(path)

@@ -190,3 +190,47 @@ def test_tracking_config_validate() -> None:
         TrackingConfig(experiment=" ").validate()
     with pytest.raises(ConfigError, match="x.tracking_uri"):
         TrackingConfig(tracking_uri="").validate("x")
+
+
+def test_a_moved_run_folder_keeps_its_artifacts(tmp_path: Path) -> None:
+    """The default store (mlflow.db in the run folder) records absolute artifact locations;
+    after the folder is moved, a resumed job reads the old artifacts and writes new ones in the
+    folder's new place, and nothing is written at the old path."""
+    import shutil
+
+    first = tmp_path / "a" / "run"
+    note = tmp_path / "note.txt"
+    note.write_text("first job")
+    tracker = build_tracker(TrackingConfig(), first, rank=0, default_run_name="moved")
+    tracker.log_artifact(note)
+    tracker.close()
+    moved = tmp_path / "b" / "run"
+    shutil.move(first.parent, moved.parent)
+    note.write_text("second job")
+    (tmp_path / "second.txt").write_text("second")
+    # The resumed job is a new process: MLflow's per-process cache of artifact stores is empty.
+    from mlflow.tracking._tracking_service import utils as mlflow_utils
+
+    mlflow_utils._artifact_repos_cache.clear()
+    tracker = build_tracker(TrackingConfig(), moved, rank=0, default_run_name="moved")
+    tracker.log_artifact(tmp_path / "second.txt")
+    tracker.close()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{moved / 'mlflow.db'}")
+    run = client.get_run(tracker.run_id)
+    assert run.info.artifact_uri.startswith((moved / "mlartifacts").as_uri())
+    assert {"note.txt", "second.txt"} <= _artifacts(client, tracker.run_id)
+    local = Path(client.download_artifacts(tracker.run_id, "note.txt", str(tmp_path / "dl")))
+    assert local.read_text() == "first job"
+    assert not first.parent.exists()
+
+
+def test_a_run_left_running_by_a_dead_job_is_marked_killed(tmp_path: Path) -> None:
+    from soft.tracking import mark_abandoned_run
+
+    out = tmp_path / "run"
+    tracker = build_tracker(TrackingConfig(), out, rank=0, default_run_name="dead")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_run(tracker.run_id).info.status == "RUNNING"  # SIGKILL: never closed
+    mark_abandoned_run(TrackingConfig(), out)
+    assert client.get_run(tracker.run_id).info.status == "KILLED"
+    mark_abandoned_run(TrackingConfig(enabled=False), tmp_path / "nothing")  # no store: no-op

@@ -3,6 +3,8 @@ extracted (the first k layers of a deeper model, fine-tuned alone). fp32 on CPU,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -167,3 +169,12 @@ def test_layer_count_mismatch_needs_extracted_mode(tmp_path):
             "checkpoint.finetune=true",
             "model.num_layers=2",
         )
+
+
+def test_test_runs_never_default_to_the_users_run_folder():
+    """runs/default (relative to the working directory) is where a user's default job lives;
+    a test config without an explicit train.output_dir gets a fresh temporary folder."""
+    from tests.conftest import REPO_ROOT
+
+    out = Path(tiny_config().train.output_dir).resolve()
+    assert out.is_dir() and REPO_ROOT not in out.parents and not any(out.iterdir())
