@@ -8,7 +8,7 @@ checks, ict heads, extracted layers) is soft.checkpointing.requests.
 
 Model tensors are stored by their global (layout-free) keys, so a checkpoint saved at one
 TP/PP/DP layout loads at another; the head replicas of exit stages map onto the real head's
-keys (see soft.models.shared_head), so one copy is stored.
+keys (see soft.models.heads), so one copy is stored.
 
 Every function here is collective: every rank of the job calls it.
 """

@@ -70,6 +70,8 @@ APPLIED = (
     "model.fp8_amax_history_len",
     "model.fp8_margin",
     "model.recompute_granularity",
+    "model.recompute_method",
+    "model.recompute_num_layers",
     "soft.loss_chunk_tokens",
     "parallel.tensor_model_parallel_size",
     "parallel.pipeline_model_parallel_size",

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,17 @@ from megatron.core.dist_checkpointing.mapping import (
 )
 
 from soft.checkpointing.directory import CheckpointError
-from soft.models import shared_head
+from soft.models import heads
 from soft.models.gpt import walk_leaves
 
 log = logging.getLogger("soft")
 LAYER_KEY_PREFIX = "decoder.layers."
 
 
-def model_state(chunks) -> dict[str, Any]:
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+def model_state(chunks, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        f"model{i}": chunk.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(chunks)
+    }
 
 
 def model_request(
@@ -38,14 +39,12 @@ def model_request(
 ) -> tuple[dict[str, Any], bool]:
     """(request, partial): partial is True when the request reads only part of the stored
     layer tensors (extract=True with a deeper checkpoint)."""
-    needs_init = shared_head.has_separate_heads(chunks) and not any(
-        k.startswith(f"{shared_head.SEPARATE_HEADS_NAME}.") for k in stored
+    needs_init = heads.has_separate_heads(chunks) and not any(
+        k.startswith(f"{heads.SEPARATE_HEADS_NAME}.") for k in stored
     )
     if needs_init:
         log.info("%s has no separate exit heads: initialising them from its shared head", ckpt)
-    reading = shared_head.separate_heads_read_shared_head if needs_init else contextlib.nullcontext
-    with reading(chunks):
-        request = model_state(chunks)
+    request = model_state(chunks, {heads.READ_SHARED_HEAD: True} if needs_init else None)
     model_layers = chunks[0].config.num_layers
     stored_layers = stored_num_layers(stored)
     partial = stored_layers is not None and stored_layers != model_layers

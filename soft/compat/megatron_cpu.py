@@ -4,7 +4,7 @@ megatron-core assumes CUDA in a number of places on the training path (see
 ../shared/MEGATRON_CPU.md for the survey). Rather than editing those call sites one by one,
 two mechanisms cover them:
 
-1. `_CudaToCpuMode`, a `TorchFunctionMode` entered once for the process. It rewrites torch
+1. `_CudaToCpuMode`, a `TorchFunctionMode` entered by apply() and left by restore(). It rewrites torch
    calls that name a CUDA device so they use the CPU:
    - factory calls with `device="cuda"` / a CUDA `torch.device` / an int device:
      `pipeline_parallel/schedules.py:596,983,2138` (`total_num_tokens` zeros),
@@ -24,26 +24,36 @@ two mechanisms cover them:
    whose `add`/`fork` read and write `torch.cuda` generator states. Ours keeps CPU generator
    states under the same names, so `get_cuda_rng_tracker().fork()` (attention dropout,
    weight init helpers) and checkpointed RNG states work.
+4. `_get_cuda_rng_state` / `_set_cuda_rng_state` (`tensor_parallel/random.py:41,73`), which
+   activation recompute's `CheckpointFunction` calls to save and restore the device generator
+   around the rerun (`random.py:447-451`): on CPU the device generator is the CPU one.
 
 Known limits (validated in config, not patched): the default causal mask in
 `transformer/dot_product_attention.py` is built on CUDA, so callers pass an explicit mask;
 gradient-reduce overlap uses CUDA streams and stays off on CPU; fused kernels stay off.
 
-`apply()` is idempotent and refuses to run when CUDA is available: a GPU run never sees any
-of this.
+`apply()` is idempotent, checks the megatron-core version the patches were written for, and
+refuses to run when CUDA is available: a GPU run never sees any of this (and a GPU machine
+whose CUDA fails to initialise is an error, `require_cpu_is_intended`). `restore()` undoes
+everything; `soft.parallel.setup.destroy_distributed` calls it at the end of a job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from soft.compat.versions import require_megatron
+
 _APPLIED = False
 _MODE: TorchFunctionMode | None = None
+_SAVED: dict[str, Any] = {}
 _CPU = torch.device("cpu")
 
 
@@ -107,23 +117,71 @@ def _make_cpu_rng_tracker():
 
 def apply() -> None:
     """Install the CPU patches (idempotent; an error when CUDA is available)."""
-    global _APPLIED, _MODE
+    global _APPLIED, _MODE, _SAVED
     if _APPLIED:
         return
+    require_megatron()
     if torch.cuda.is_available():
         raise RuntimeError("soft.compat.megatron_cpu must not be applied on a machine with CUDA")
+    from megatron.core.tensor_parallel import random as mp_random
 
+    _SAVED = {
+        "current_device": torch.cuda.current_device,
+        "synchronize": torch.cuda.synchronize,
+        "tracker": mp_random._CUDA_RNG_STATE_TRACKER,
+        "tracker_initialized": mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED,
+        "get_rng_state": mp_random._get_cuda_rng_state,
+        "set_rng_state": mp_random._set_cuda_rng_state,
+    }
     _MODE = _CudaToCpuMode()
-    _MODE.__enter__()  # stays entered for the life of the process
+    _MODE.__enter__()  # until restore(): every torch call of this process goes through it
 
     torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
-
-    from megatron.core.tensor_parallel import random as mp_random
-
     mp_random._CUDA_RNG_STATE_TRACKER = _make_cpu_rng_tracker()()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     _APPLIED = True
+
+
+def restore() -> None:
+    """Undo apply(): leave the torch-function mode, put torch.cuda's functions and megatron's
+    RNG tracker back. Idempotent. Called by soft.parallel.setup.destroy_distributed, so code
+    that runs after a job in the same process (transformers, evaluation) sees plain torch."""
+    global _APPLIED, _MODE, _SAVED
+    if not _APPLIED:
+        return
+    from megatron.core.tensor_parallel import random as mp_random
+
+    _MODE.__exit__(None, None, None)
+    torch.cuda.current_device = _SAVED["current_device"]  # type: ignore[assignment]
+    torch.cuda.synchronize = _SAVED["synchronize"]  # type: ignore[assignment]
+    mp_random._CUDA_RNG_STATE_TRACKER = _SAVED["tracker"]
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = _SAVED["tracker_initialized"]
+    mp_random._get_cuda_rng_state = _SAVED["get_rng_state"]
+    mp_random._set_cuda_rng_state = _SAVED["set_rng_state"]
+    _MODE, _SAVED, _APPLIED = None, {}, False
+
+
+def is_applied() -> bool:
+    return _APPLIED
+
+
+def require_cpu_is_intended(backend: str) -> None:
+    """No CUDA here: fine on a CPU machine, or when the gloo backend was asked for. On a machine
+    with NVIDIA devices whose CUDA failed to initialise (a driver mismatch, a CPU-only torch
+    build), a GPU job must fail, not run on the CPU shims hours slower."""
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if not devices or hidden or backend == "gloo":
+        return
+    raise RuntimeError(
+        f"NVIDIA devices are present ({', '.join(devices)}) but CUDA is not usable (torch "
+        f"{torch.__version__}, built for CUDA {torch.version.cuda}): refusing to fall back to the "
+        "CPU. Fix the driver or the torch build, or set parallel.backend=gloo (or "
+        "CUDA_VISIBLE_DEVICES=) to run on the CPU on purpose"
+    )
 
 
 def seed_rng_tracker(seed: int, tp_rank: int) -> None:

@@ -49,6 +49,14 @@ class RootConfig:
                 f"config key 'soft.mode' is '{mode}', which needs 'checkpoint.load_dir' "
                 f"({needs[mode]}) with checkpoint.finetune=true"
             )
+        if mode == "ict" and self.model.recompute_granularity == "full":
+            # The frozen backbone's checkpointed segments have no input that needs a gradient,
+            # so megatron-core never reruns them in backward: the heads would get no gradient.
+            raise ConfigError(
+                "config key 'model.recompute_granularity' is 'full', which soft.mode=ict cannot "
+                "use (its backbone is frozen: nothing there is backpropagated, so there is no "
+                "activation memory to save); use none or selective"
+            )
 
     def _validate_layout(self) -> None:
         m, p = self.model, self.parallel

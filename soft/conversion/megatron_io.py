@@ -72,13 +72,13 @@ def extra_state_objects(layer: int, num_layers: int) -> dict[str, ShardedObject]
 
 
 class ModelOnly(torch.nn.Module):
-    """Stands in for a model chunk in `save_checkpoint`: its sharded state dict is prebuilt."""
+    """Stands in for a model chunk in checkpointing.save: its sharded state dict is prebuilt."""
 
     def __init__(self, sharded: dict[str, Any]) -> None:
         super().__init__()
         self._sharded = sharded
 
-    def sharded_state_dict(self) -> dict[str, Any]:
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         return self._sharded
 
 

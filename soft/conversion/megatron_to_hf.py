@@ -154,7 +154,8 @@ def _read_hf(
 
 def ict_head_exits(cfg: RootConfig) -> tuple[int, ...]:
     """Exits whose ICT head the checkpoint holds: every early exit in ict mode, else none."""
-    return cfg.exit_plan().early if cfg.soft.mode == "ict" else ()
+    plan = cfg.exit_plan()
+    return plan.early if plan.separate_heads else ()
 
 
 def _check_heads_present(reader, ckpt: Path, heads: tuple[int, ...]) -> None:

@@ -20,7 +20,8 @@ from soft.experiments.plan import Layout, RunSpec, build_plan, check_extra_overr
 from soft.experiments.settings import Settings, make_settings
 from soft.experiments.tracking import log_parent_run
 
-DEFAULT_CORPUS = runner.REPO.parent / "shared" / "data" / "gsm8k-alpaca" / "gsm8k_train_alpaca.json"
+_CHECKOUT = Path(__file__).resolve().parents[2]
+DEFAULT_CORPUS = _CHECKOUT.parent / "shared" / "data" / "gsm8k-alpaca" / "gsm8k_train_alpaca.json"
 # Shown in the report and MLflow; a corpus the project does not know is marked as such.
 KNOWN_LICENCES = {
     "gsm8k_train_alpaca.json": "MIT (GSM8K train, Alpaca format by AlpacaDataCleaned)",
@@ -61,8 +62,6 @@ def _check_options(opts: Options) -> None:
         raise ConfigError(f"--out '{opts.out}' exists and is not a directory")
     if opts.pretrain and not opts.reuse_base:
         exp_data.check_corpus(opts.corpus)
-    if not runner.LAUNCHER.is_file():
-        raise ConfigError(f"the training launcher '{runner.LAUNCHER}' is missing (a checkout?)")
 
 
 def _validate_plan(plan: list[RunSpec]) -> bool:

@@ -15,11 +15,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from soft.checkpointing.directory import CheckpointError, find_checkpoint
 from soft.config.errors import ConfigError
 from soft.experiments.plan import Layout, RunSpec
+from soft.runs import TRAIN_LOG, RunDir
 
-REPO = Path(__file__).resolve().parents[2]
-LAUNCHER = REPO / "launchers" / "pretrain_soft.py"
+LAUNCHER_MODULE = "soft.training.cli"  # what launchers/pretrain_soft.py runs
 FINGERPRINT = "repro_fingerprint.json"
 # A fresh rendezvous of its own: no variables from whatever process started this one.
 _RENDEZVOUS_VARS = {
@@ -43,7 +44,7 @@ class RunOutcome:
 def launch_command(spec: RunSpec, nproc: int, python: str = sys.executable) -> list[str]:
     return [
         python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        str(LAUNCHER), *spec.overrides,
+        "--module", LAUNCHER_MODULE, *spec.overrides,
     ]  # fmt: skip
 
 
@@ -58,20 +59,17 @@ def subprocess_env() -> dict[str, str]:
 
 def is_finished(run_dir: Path) -> bool:
     """The launcher writes exit_status.json 'finished' after the final checkpoint."""
+    folder = RunDir.of(run_dir)
     try:
-        status = json.loads((run_dir / "exit_status.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return folder.read_status() == "finished" and find_checkpoint(folder.save_dir) is not None
+    except CheckpointError:
         return False
-    return status.get("reason") == "finished" and (run_dir / "checkpoints" / "latest").is_file()
 
 
 def final_loss(run_dir: Path) -> float | None:
     """The last training step's loss from train_log.jsonl (None when there is none)."""
-    try:
-        lines = (run_dir / "train_log.jsonl").read_text().strip().splitlines()
-        return float(json.loads(lines[-1])["loss"]) if lines else None
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
+    records = RunDir.of(run_dir).read_log(TRAIN_LOG)
+    return float(records[-1]["loss"]) if records and "loss" in records[-1] else None
 
 
 _CAUSE = re.compile(r"^(\[rank\d+\]:\s*)?(error: |[\w.]*(Error|Exception)\b)")
@@ -108,7 +106,6 @@ def train(spec: RunSpec, layout: Layout, nproc: int) -> RunOutcome:
         log.flush()
         proc = subprocess.run(
             launch_command(spec, nproc),
-            cwd=REPO,
             env=subprocess_env(),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -43,8 +43,18 @@ class ModelConfig:
     fp8_recipe: Literal["delayed", "tensorwise"] = option("delayed", "FP8 scaling recipe.")
     fp8_amax_history_len: int = option(1024, "FP8 delayed scaling: amax history length.")
     fp8_margin: int = option(0, "FP8 scaling margin.")
-    recompute_granularity: Literal["none", "selective"] = option(
-        "none", "Activation recomputation: selective recomputes core attention."
+    recompute_granularity: Literal["none", "selective", "full"] = option(
+        "none",
+        "Activation recomputation: selective recomputes core attention; full recomputes whole "
+        "layers in backward (the 70B setting), see recompute_method. Exits work with both.",
+    )
+    recompute_method: Literal["uniform", "block"] = option(
+        "uniform",
+        "full recompute: uniform = checkpoint every recompute_num_layers layers of each stage; "
+        "block = recompute only the first recompute_num_layers layers of each stage.",
+    )
+    recompute_num_layers: int = option(
+        1, "full recompute: layers per checkpoint (uniform) or layers recomputed (block)."
     )
 
     def validate(self, prefix: str = "model") -> None:
@@ -72,6 +82,8 @@ class ModelConfig:
             raise ConfigError(
                 f"config key '{prefix}.fp8' needs '{prefix}.params_dtype' bf16 (got fp32)"
             )
+        if self.recompute_num_layers < 1:
+            raise ConfigError(f"config key '{prefix}.recompute_num_layers': expected >= 1")
         if self.fp8_amax_history_len < 1:
             raise ConfigError(f"config key '{prefix}.fp8_amax_history_len': expected >= 1")
 
@@ -88,7 +100,7 @@ class SoftConfig:
         "soft",
         "soft = train every exit (loss = weighted mean of exit CEs); sft = last layer only "
         "(the paper's baseline; the other exits are still evaluated and logged); ict = the "
-        "paper's SFT+ICT baseline: freeze the model loaded from checkpoint.load_dir (an SFT "
+        "paper's SFT+ICT baseline (SFT followed by intermediate classifier tuning): freeze the model loaded from checkpoint.load_dir (an SFT "
         "run) and train one separate head (norm + output layer) per early exit, initialised "
         "from the shared head; extracted = fine-tune a model.num_layers-deep model made of the "
         "first layers of the deeper checkpoint in checkpoint.load_dir (the paper's extracted "

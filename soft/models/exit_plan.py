@@ -14,8 +14,9 @@ class ExitPlan:
     Every exit is evaluated and logged; which ones contribute gradient depends on the mode:
     - soft: all of them (weights normalised over all exits);
     - sft, extracted: the last only (weight 1; the early exits get weight 0);
-    - ict: the early exits only, each through its own head (weights normalised over the early
-      exits; the frozen full model's loss gets weight 0).
+    - ict ("intermediate classifier tuning", the paper's SFT+ICT baseline): the early exits
+      only, each through its own head (weights normalised over the early exits; the frozen
+      full model's loss gets weight 0).
     """
 
     layers: tuple[int, ...]
@@ -111,6 +112,3 @@ class ExitPlan:
 
     def weight(self, layer: int) -> float:
         return self.weights[self.layers.index(layer)]
-
-    def metric_name(self, layer: int) -> str:
-        return f"loss/exit_{layer}"

@@ -1,15 +1,31 @@
 """The SoFT exit mechanism on megatron-core (DESIGN.md, "The mechanism").
 
 For every early exit k on a model chunk, a forward hook on transformer layer k:
-1. computes CE_k from the layer's output through the shared final norm + output layer,
-   in sequence chunks that are recomputed in backward (an exit's full logits are never
-   alive at once: memory does not grow with the number of exits);
+1. computes CE_k from the layer's output through the exit's head (soft.models.heads), in
+   sequence chunks that are recomputed in backward (an exit's full logits are never alive at
+   once: memory does not grow with the number of exits);
 2. attaches `w_k * CE_k` to the hidden state that flows on with `AttachExitLoss`, identity in
    forward, injecting the loss gradient in backward. megatron-core's unmodified schedules
    (1F1B, interleaved) then backpropagate every exit, with no extra point-to-point traffic.
 The last exit is the model's own output: GPTModel's loss, weighted in the loss function.
-In ict mode each early exit uses its own head (soft.models.shared_head.SeparateExitHeads) on
-a detached hidden state: the backbone is frozen, only the heads receive gradient.
+In ict mode each early exit uses its own head on a detached hidden state: the backbone is
+frozen, only the heads receive gradient.
+
+The contract with the training step (soft.training.step), per microbatch and chunk:
+  hooks.set_targets(labels, loss_mask, loss_scale)  # before the chunk's forward
+  chunk(...)                                         # the hooks fire on the exit layers
+  hooks.clear_targets()                              # after it: later forwards compute nothing
+`loss_scale` is a tensor (the optimizer's loss scale, 1 unless fp16) multiplied into every
+exit's gradient in backward, as the schedule multiplies it into the main loss; it is never
+read on the host, so no exit costs a device-to-host sync. Per-exit [CE sum, tokens] tallies
+accumulate on the device in `ExitTallies`, read once per step by the step.
+
+Activation recompute (`model.recompute_granularity=full`): the layers of a checkpointed
+segment first run without autograd, then again during backward. In the first run a hook can
+only measure its exit (tallied then) and queue the microbatch's targets; in the rerun (grad
+enabled, no targets set) it takes them from its queue and attaches the loss to the recomputed
+hidden state. megatron-core's schedules run a chunk's backward passes in the order of its
+forward passes (1F1B and interleaved), so a FIFO queue per exit pairs them.
 
 Losses are per-token sums: with `calculate_per_token_loss`, megatron-core's
 `finalize_model_grads` divides every gradient by the global-batch response-token count, so
@@ -18,6 +34,7 @@ the trained objective is sum_k w_k * mean-token CE_k over the global batch.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -31,28 +48,28 @@ from megatron.core.utils import make_viewless_tensor
 from torch.utils.checkpoint import checkpoint
 
 from soft.models.exit_plan import ExitPlan
+from soft.models.heads import HeadRef, owned_exits
 
 
 class AttachExitLoss(torch.autograd.Function):
     """Identity on `hidden`; in backward also sends `scale` as the gradient of `loss`.
 
-    Same trick as megatron-core's MoEAuxLossAutoScaler, but the scale is passed per call: the
-    MoE scaler's class-level scale is only set by the schedule for MoE models in 0.16.
-    """
+    The same trick as megatron-core's MoEAuxLossAutoScaler, with the scale a tensor passed per
+    call (the MoE scaler's class-level scale is only set by the schedule for MoE models)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(loss)
-        ctx.scale = scale
+    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor):
+        ctx.save_for_backward(scale)
+        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
         return hidden
 
     @staticmethod
     def backward(ctx, grad_hidden: torch.Tensor):
-        (loss,) = ctx.saved_tensors
-        return grad_hidden, torch.full_like(loss, ctx.scale), None
+        (scale,) = ctx.saved_tensors
+        return grad_hidden, scale.to(ctx.loss_dtype).reshape(ctx.loss_shape), None
 
 
-def attach_exit_loss(hidden: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+def attach_exit_loss(hidden: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = AttachExitLoss.apply(hidden, loss, scale)
     # The pipeline schedule frees stage outputs and refuses views of other tensors.
     return make_viewless_tensor(out, requires_grad=True, keep_graph=True)
@@ -101,8 +118,8 @@ def exit_ce_sum(
 
 
 @dataclass
-class ExitLossRecord:
-    """Per-exit [ce_sum, num_tokens] accumulated over the microbatches of one step."""
+class ExitTallies:
+    """Per-exit [ce_sum, num_tokens] accumulated on the device over the microbatches of a step."""
 
     sums: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -114,70 +131,96 @@ class ExitLossRecord:
         self.sums.clear()
 
 
+@dataclass(frozen=True)
+class _Targets:
+    labels: torch.Tensor  # [s, b]
+    mask: torch.Tensor  # [s, b] float
+    loss_scale: torch.Tensor | None  # None: nothing is backpropagated (evaluation)
+
+
 class ExitHooks:
-    """Installs the exit forward hooks on one model chunk and holds the current targets."""
+    """The exit forward hooks of one model chunk and the current microbatch's targets."""
 
     def __init__(
         self,
         chunk: torch.nn.Module,
         plan: ExitPlan,
-        heads: dict[int, tuple[torch.nn.Module, torch.nn.Module]],  # exit -> (norm, output)
-        record: ExitLossRecord,
+        heads: dict[int, HeadRef],
+        tallies: ExitTallies,
         chunk_tokens: int,
     ) -> None:
         self.plan = plan
-        self.record = record
+        self.tallies = tallies
         self.chunk_tokens = chunk_tokens
-        self.config = chunk.config
         self.sequence_parallel = chunk.config.sequence_parallel
-        self._labels: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
-        self.layers = [layer for layer in chunk.decoder.layers if layer.layer_number in plan.early]
-        missing = [k for k in self.exit_layers if k not in heads]
+        exits = owned_exits(chunk, plan)
+        missing = [k for k in exits if k not in heads]
         if missing:
             raise RuntimeError(f"exits {missing} of this chunk have no head")
         self.heads = heads
-        self._handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
+        self._targets: _Targets | None = None
+        self._recompute: dict[int, deque[_Targets]] = {k: deque() for k in exits}
+        layers = [layer for layer in chunk.decoder.layers if layer.layer_number in exits]
+        self._handles = [layer.register_forward_hook(self._hook) for layer in layers]
 
     @property
     def exit_layers(self) -> list[int]:
-        return [layer.layer_number for layer in self.layers]
+        return list(self._recompute)
 
-    def set_targets(self, labels: torch.Tensor, loss_mask: torch.Tensor) -> None:
-        """labels/loss_mask [b, s] for the microbatch about to run forward on this chunk."""
-        self._labels = labels.transpose(0, 1).contiguous()
-        self._mask = loss_mask.transpose(0, 1).float().contiguous()
+    def set_targets(
+        self, labels: torch.Tensor, loss_mask: torch.Tensor, loss_scale: torch.Tensor | None
+    ) -> None:
+        """labels/loss_mask [b, s] for the microbatch about to run forward on this chunk;
+        `loss_scale`: a 0-dim tensor multiplied into the exits' gradients (None: no backward)."""
+        self._targets = _Targets(
+            labels.transpose(0, 1).contiguous(),
+            loss_mask.transpose(0, 1).float().contiguous(),
+            loss_scale,
+        )
 
     def clear_targets(self) -> None:
         """After the chunk's forward: a later forward (e.g. generation) computes no exit loss."""
-        self._labels = None
-        self._mask = None
+        self._targets = None
+
+    def pending_recomputes(self) -> int:
+        """Targets queued by checkpointed forwards whose backward has not run (0 after a step)."""
+        return sum(len(q) for q in self._recompute.values())
+
+    def reset(self) -> None:
+        self._targets = None
+        for queue in self._recompute.values():
+            queue.clear()
 
     def _hook(self, layer: torch.nn.Module, args, output):
-        if self._labels is None:
-            return None  # a forward outside training/eval steps (e.g. generation): no exit loss
-        hidden, context = output
         k = layer.layer_number
-        trains = self.plan.trains_early_exits and torch.is_grad_enabled() and layer.training
-        norm, output_layer = self.heads[k]
+        targets, grad = self._targets, torch.is_grad_enabled()
+        recomputing = targets is None and grad and bool(self._recompute[k])
+        if recomputing:  # backward of a checkpointed segment re-runs the layer
+            targets = self._recompute[k].popleft()
+        if targets is None:
+            return None  # a forward outside training/evaluation steps: no exit loss
+        trains = self.plan.trains_early_exits and layer.training and targets.loss_scale is not None
+        if trains and not grad:  # first, autograd-free run of a checkpointed segment
+            self._recompute[k].append(targets)
+        hidden, context = output
         # ict: the backbone is frozen, so the head's loss must not send gradient into it.
         exit_input = hidden.detach() if self.plan.separate_heads else hidden
-        with torch.set_grad_enabled(trains):
+        head = self.heads[k]
+        with torch.set_grad_enabled(trains and grad):
             ce_sum = exit_ce_sum(
                 exit_input,
-                norm,
-                output_layer.weight,
-                self._labels,
-                self._mask,
+                head.norm,
+                head.output.weight,
+                targets.labels,
+                targets.mask,
                 self.chunk_tokens,
                 self.sequence_parallel,
             )
-        self.record.add(k, ce_sum, self._mask.sum())
-        if not trains:
+        if not recomputing:  # tallied once per microbatch, in its forward
+            self.tallies.add(k, ce_sum, targets.mask.sum())
+        if not (trains and grad):
             return None
-        scale = self.plan.weight(k)
-        if self.config.grad_scale_func is not None:  # fp16 loss scale, as for the main loss
-            scale *= float(self.config.grad_scale_func(torch.ones(1, device=hidden.device)).item())
+        scale = targets.loss_scale * self.plan.weight(k)
         return attach_exit_loss(hidden, ce_sum, scale), context
 
     def remove(self) -> None:

@@ -57,7 +57,7 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     )
 
 
-def check_runtime_support(model: ModelConfig, parallel: ParallelConfig) -> bool:
+def check_runtime_support(model: ModelConfig) -> bool:
     """Choices the config alone cannot validate (they depend on TE and the GPU). Returns
     whether the Transformer Engine spec is used."""
     return use_transformer_engine(model)
@@ -116,6 +116,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
     )
     if model.recompute_granularity == "selective":
         kwargs["recompute_granularity"] = "selective"
+    elif model.recompute_granularity == "full":
+        kwargs.update(
+            recompute_granularity="full",
+            recompute_method=model.recompute_method,
+            recompute_num_layers=model.recompute_num_layers,
+        )
     if model.fp8 is not None:
         kwargs.update(
             fp8=model.fp8,

@@ -42,6 +42,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> Topology:
     if not on_gpu:
         from soft.compat import megatron_cpu
 
+        megatron_cpu.require_cpu_is_intended(parallel.backend)
         megatron_cpu.apply()
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if on_gpu else "gloo")
     if backend == "nccl" and not on_gpu:
@@ -111,10 +112,11 @@ def seed_everything(seed: int) -> None:
 
 def destroy_distributed() -> None:
     """End of a job: process groups, and the helper processes started for checkpoints."""
-    from soft.compat import checkpoint_queue
+    from soft.compat import checkpoint_queue, megatron_cpu
 
     checkpoint_queue.restore()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    megatron_cpu.restore()

@@ -1,4 +1,4 @@
-"""`<train.output_dir>/exit_status.json`: why the training processes stopped.
+"""`<train.output_dir>/exit_status.json`, the stop status: why the training processes stopped.
 
 Written atomically by rank 0 as the job ends:
   {"reason": "finished", "iteration": N}        reached train.train_iters, checkpoint saved
@@ -18,18 +18,19 @@ import json
 from pathlib import Path
 from typing import Literal
 
-EXIT_STATUS_FILE = "exit_status.json"
+# The file keeps its first name: batch scripts and users' tooling read it.
+STOP_STATUS_FILE = "exit_status.json"
 Reason = Literal["signal", "exit_interval", "finished", "nonfinite", "failed", "killed"]
 REASONS: tuple[str, ...] = ("signal", "exit_interval", "finished", "nonfinite", "failed", "killed")
 
 
-def write_exit_status(
+def write_stop_status(
     output_dir: str | Path, reason: Reason, iteration: int, detail: str | None = None
 ) -> Path:
     """Write the file atomically (tmp + rename): the batch script must never read half a file."""
     if reason not in REASONS:
         raise ValueError(f"exit reason must be one of {REASONS}, got {reason!r}")
-    path = Path(output_dir) / EXIT_STATUS_FILE
+    path = Path(output_dir) / STOP_STATUS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, object] = {"reason": reason, "iteration": int(iteration)}
     if detail:
@@ -40,9 +41,9 @@ def write_exit_status(
     return path
 
 
-def read_exit_reason(output_dir: str | Path) -> str:
+def read_stop_reason(output_dir: str | Path) -> str:
     """One of REASONS; 'missing' when there is no file, 'invalid' when it is unreadable."""
-    path = Path(output_dir) / EXIT_STATUS_FILE
+    path = Path(output_dir) / STOP_STATUS_FILE
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -53,6 +54,6 @@ def read_exit_reason(output_dir: str | Path) -> str:
     return reason if reason in REASONS else "invalid"
 
 
-def clear_exit_status(output_dir: str | Path) -> None:
+def clear_stop_status(output_dir: str | Path) -> None:
     """Remove a previous job's file, so a crash before the next write is not read as stale."""
-    (Path(output_dir) / EXIT_STATUS_FILE).unlink(missing_ok=True)
+    (Path(output_dir) / STOP_STATUS_FILE).unlink(missing_ok=True)

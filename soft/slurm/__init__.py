@@ -2,18 +2,18 @@
 and the job's SLURM environment. The batch scripts live in launchers/slurm/."""
 
 from soft.runs.status import (
-    EXIT_STATUS_FILE,
-    clear_exit_status,
-    read_exit_reason,
-    write_exit_status,
+    STOP_STATUS_FILE,
+    clear_stop_status,
+    read_stop_reason,
+    write_stop_status,
 )
 from soft.slurm.env import in_slurm_job, slurm_job_info
 
 __all__ = [
-    "EXIT_STATUS_FILE",
-    "clear_exit_status",
+    "STOP_STATUS_FILE",
+    "clear_stop_status",
     "in_slurm_job",
-    "read_exit_reason",
+    "read_stop_reason",
     "slurm_job_info",
-    "write_exit_status",
+    "write_stop_status",
 ]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from soft.config.errors import ConfigError
-from soft.runs.status import clear_exit_status, read_exit_reason
+from soft.runs.status import clear_stop_status, read_stop_reason
 
 
 def _output_dir(config: str | None, overrides: list[str]) -> str:
@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     elif args.command == "exit-reason":
-        print(read_exit_reason(args.output_dir))
+        print(read_stop_reason(args.output_dir))
     else:
-        clear_exit_status(args.output_dir)
+        clear_stop_status(args.output_dir)
     return 0
 
 

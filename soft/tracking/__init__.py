@@ -6,9 +6,9 @@ from soft.tracking.mlflow_tracker import (
     NullTracker,
     Tracker,
     build_tracker,
-    exit_status,
     mark_abandoned_run,
     relocate_artifacts,
+    run_status_for,
 )
 from soft.tracking.plots import plot_exit_losses
 
@@ -18,7 +18,7 @@ __all__ = [
     "Tracker",
     "TrackingConfig",
     "build_tracker",
-    "exit_status",
+    "run_status_for",
     "mark_abandoned_run",
     "plot_exit_losses",
     "relocate_artifacts",

@@ -37,7 +37,8 @@ from types import TracebackType
 from typing import Any
 
 from soft.tracking.config import TrackingConfig
-from soft.tracking.plots import exit_loss_keys, plot_exit_losses
+from soft.tracking.keys import exit_loss_keys
+from soft.tracking.plots import plot_exit_losses
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Tracker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        self.close(exit_status(exc))
+        self.close(run_status_for(exc))
         return False  # never swallow the exception
 
 
@@ -87,7 +88,7 @@ class NullTracker(Tracker):
     """Does nothing: ranks != 0 and `tracking.enabled: false`."""
 
 
-def exit_status(exc: BaseException | None) -> str:
+def run_status_for(exc: BaseException | None) -> str:
     """The run status for leaving a `with tracker:` block with `exc` (None = normal exit)."""
     if exc is None:
         return "FINISHED"

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 
-# `train/loss/exit_4`, `valid/loss/exit_12`: the prefix picks the panel, the number the line.
-EXIT_LOSS_KEY = re.compile(r"^(?P<split>.+)/loss/exit_(?P<exit>\d+)$")
+from soft.tracking.keys import exit_loss_keys, parse_exit_metric_key
 
-
-def exit_loss_keys(keys: list[str] | set[str] | dict) -> list[str]:
-    """The keys that `plot_exit_losses` draws."""
-    return [k for k in keys if EXIT_LOSS_KEY.match(k)]
+__all__ = ["exit_loss_keys", "plot_exit_losses"]
 
 
 def plot_exit_losses(history: dict[str, list[tuple[int, float]]], path: str | Path) -> Path | None:
@@ -23,9 +18,9 @@ def plot_exit_losses(history: dict[str, list[tuple[int, float]]], path: str | Pa
     """
     panels: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for key, points in history.items():
-        match = EXIT_LOSS_KEY.match(key)
-        if match and points:
-            panels[match["split"]].append((int(match["exit"]), key))
+        parsed = parse_exit_metric_key(key)
+        if parsed and points:  # the split picks the panel, the exit the line
+            panels[parsed[0]].append((parsed[1], key))
     if not panels:
         return None
 

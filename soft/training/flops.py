@@ -30,13 +30,6 @@ def train_flops_per_token(
     return 3 * forward_flops_per_token(model, seq_length, vocab_size, num_exits_trained)
 
 
-def exit_flops_ratio(model: ModelConfig, seq_length: int, vocab_size: int, num_exits: int) -> float:
-    """SoFT/SFT training FLOPs: the time overhead the exits should cost at most."""
-    return train_flops_per_token(model, seq_length, vocab_size, num_exits) / train_flops_per_token(
-        model, seq_length, vocab_size, 1
-    )
-
-
 def device_peak_tflops() -> float | None:
     import torch
 

@@ -21,6 +21,7 @@ from soft.data import ResumableBatchSampler, SFTDataset
 from soft.failpoints import failpoint
 from soft.runs import TRAIN_LOG, VALID_LOG
 from soft.tracking import Tracker, build_tracker
+from soft.tracking.keys import exit_metric_key
 from soft.training import flops
 from soft.training.run import Run, restore, setup
 from soft.training.signals import StopRequest
@@ -43,7 +44,7 @@ class TrainingHalted(RuntimeError):
 class RunResult:
     output_dir: Path
     state: TrainState
-    train_history: list[dict] = field(default_factory=list)  # one record per step run here
+    train_history: list[dict] = field(default_factory=list)  # one log entry per step run here
     valid_history: list[dict] = field(default_factory=list)
     stopped_by_signal: bool = False
 
@@ -89,25 +90,25 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _record(result: StepResult, iteration: int) -> dict:
+def _log_entry(result: StepResult, iteration: int) -> dict:
     """One train_log/valid_log line (and what the Meter averages)."""
-    record = {
+    entry = {
         "iteration": iteration,
         "loss": result.loss,
         **{f"exit_{k}": v for k, v in result.exit_losses.items()},
     }
     if result.grad_norm is not None:
-        record["grad_norm"] = result.grad_norm
+        entry["grad_norm"] = result.grad_norm
     if result.lr is not None:
-        record["lr"] = result.lr
+        entry["lr"] = result.lr
     if result.skipped is not None:
-        record["skipped"] = result.skipped
-    return record
+        entry["skipped"] = result.skipped
+    return entry
 
 
 class Meter:
-    """Averages the step records of one log interval and formats the console line. After a
-    resume it starts from the records of the interval's earlier steps (train_log.jsonl), so
+    """Averages the step log entries of one log interval and formats the console line. After a
+    resume it starts from the entries of the interval's earlier steps (train_log.jsonl), so
     the logged averages equal an uninterrupted run's."""
 
     def __init__(self, run: Run) -> None:
@@ -120,26 +121,26 @@ class Meter:
         )
         self.peak = flops.device_peak_tflops()
         self.start = time.perf_counter()
-        self.records: list[dict] = []
+        self.entries: list[dict] = []
         it, interval = run.state.iteration, t.log_interval
         if run.topo.is_logging_rank and it % interval:
             window = it - it % interval
-            self.records = [r for r in run.run_dir.read_log(TRAIN_LOG) if r["iteration"] > window]
+            self.entries = [r for r in run.run_dir.read_log(TRAIN_LOG) if r["iteration"] > window]
 
-    def add(self, record: dict) -> None:
-        self.records.append(record)
+    def add(self, entry: dict) -> None:
+        self.entries.append(entry)
 
     def metrics(self) -> dict[str, float]:
-        n = len(self.records)
-        out = {"train/loss": sum(r["loss"] for r in self.records) / n}
+        n = len(self.entries)
+        out = {"train/loss": sum(r["loss"] for r in self.entries) / n}
         for k in self.run.model.plan.layers:
-            out[f"train/loss/exit_{k}"] = sum(r[f"exit_{k}"] for r in self.records) / n
-        times = [r["step_time_s"] for r in self.records if "step_time_s" in r]
+            out[exit_metric_key("train", k)] = sum(r[f"exit_{k}"] for r in self.entries) / n
+        times = [r["step_time_s"] for r in self.entries if "step_time_s" in r]
         step_time = sum(times) / max(len(times), 1)
         tokens_per_s = self.tokens_per_step / step_time if step_time else 0.0
         out.update(
             {
-                "train/lr": self.records[-1].get("lr", 0.0),
+                "train/lr": self.entries[-1].get("lr", 0.0),
                 "train/step_time_s": step_time,
                 "train/skipped_steps": float(self.run.state.skipped_steps),
                 "perf/tokens_per_s": tokens_per_s,
@@ -150,7 +151,7 @@ class Meter:
                 "memory/peak_gb": _memory_gb(),
             }
         )
-        norms = [r["grad_norm"] for r in self.records if "grad_norm" in r]
+        norms = [r["grad_norm"] for r in self.entries if "grad_norm" in r]
         if norms:
             out["train/grad_norm"] = sum(norms) / len(norms)
         if self.peak:
@@ -158,7 +159,7 @@ class Meter:
         scale = getattr(self.run.optimizer, "get_loss_scale", None)
         if self.run.cfg.model.params_dtype == "fp16" and scale is not None:
             out["train/loss_scale"] = float(scale())
-        self.records = []
+        self.entries = []
         return out
 
     def line(self, iteration: int, metrics: dict[str, float]) -> str:
@@ -166,7 +167,8 @@ class Meter:
         elapsed = time.perf_counter() - self.start
         eta = (total - iteration) * metrics["train/step_time_s"]
         exits = " ".join(
-            f"exit_{k} {metrics[f'train/loss/exit_{k}']:.4f}" for k in self.run.model.plan.layers
+            f"exit_{k} {metrics[exit_metric_key('train', k)]:.4f}"
+            for k in self.run.model.plan.layers
         )
         extra = ""
         if "train/loss_scale" in metrics:
@@ -213,13 +215,13 @@ def _validate(run: Run, tracker: Tracker, result: RunResult) -> None:
         return
     metrics = {
         "valid/loss": valid.loss,
-        **{f"valid/loss/exit_{k}": v for k, v in valid.exit_losses.items()},
+        **{exit_metric_key("valid", k): v for k, v in valid.exit_losses.items()},
     }
     tracker.log(metrics, run.state.iteration)
-    record = _record(valid, run.state.iteration)
-    result.valid_history.append(record)
+    entry = _log_entry(valid, run.state.iteration)
+    result.valid_history.append(entry)
     if run.topo.is_logging_rank:
-        run.run_dir.append(VALID_LOG, record)
+        run.run_dir.append(VALID_LOG, entry)
         exits = " ".join(f"exit_{k} {v:.4f}" for k, v in valid.exit_losses.items())
         log.info("validation at step %d | loss %.4f | %s", run.state.iteration, valid.loss, exits)
 
@@ -324,11 +326,11 @@ def train(run: Run, tracker: Tracker, stop: StopRequest | None = None) -> RunRes
             run.state.iteration += 1
             run.state.consumed_samples += t.global_batch_size
             it = run.state.iteration
-            record = {**_record(step, it), "step_time_s": step_time}
-            result.train_history.append(record)
-            meter.add(record)
+            entry = {**_log_entry(step, it), "step_time_s": step_time}
+            result.train_history.append(entry)
+            meter.add(entry)
             if run.topo.is_logging_rank:
-                run.run_dir.append(TRAIN_LOG, record)
+                run.run_dir.append(TRAIN_LOG, entry)
             if it % t.log_interval == 0 or it == t.train_iters:
                 metrics = meter.metrics()
                 tracker.log(metrics, it)

@@ -6,10 +6,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from soft.compat import optimizer_state
-from soft.models.build import SoftModel
 from soft.models.config import ModelConfig
 from soft.parallel.config import ParallelConfig
 from soft.training.config import TrainConfig
+from soft.training.model import SoftModel
 
 
 def build_optimizer(

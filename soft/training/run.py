@@ -27,11 +27,11 @@ from soft.config.core import flatten, save_yaml, to_dict
 from soft.config.errors import ConfigError
 from soft.config.root import RootConfig
 from soft.data import SFTDataset, build_datasets
-from soft.models.build import SoftModel, build_soft_model
 from soft.models.gpt import check_runtime_support, padded_vocab_size
 from soft.parallel.setup import Topology, init_distributed
 from soft.runs import RunDir, RunFolderBusy, RunLock, acquire
 from soft.runs.lock import LOCK_FILE
+from soft.training.model import SoftModel, build_soft_model
 from soft.training.optim import apply_optimizer_hyperparameters, build_optimizer, build_scheduler
 
 log = logging.getLogger("soft")
@@ -64,7 +64,7 @@ class Run:
 
 
 def setup(cfg: RootConfig) -> Run:
-    check_runtime_support(cfg.model, cfg.parallel)  # FP8/TE where they cannot run: fail first
+    check_runtime_support(cfg.model)  # FP8/TE where they cannot run: fail first
     topo = init_distributed(cfg.parallel, cfg.train.seed)
     run_dir = RunDir.of(cfg.train.output_dir, cfg.checkpoint.save_dir)
     created = not run_dir.root.exists()

@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from soft.models.build import SoftModel
+from soft.training.model import SoftModel
 
 Batch = dict[str, torch.Tensor]
 
@@ -57,18 +57,23 @@ def loss_func(model: SoftModel, loss_mask: torch.Tensor, per_token_loss: torch.T
     mask = loss_mask.float()
     ce_sum = (per_token_loss.float() * mask).sum()
     num_tokens = mask.sum()
-    model.record.add(model.plan.final, ce_sum, num_tokens)
+    model.tallies.add(model.plan.final, ce_sum, num_tokens)
     weighted = ce_sum * model.plan.weight(model.plan.final)
     return weighted, num_tokens.to(torch.int), {}
 
 
-def forward_step(model: SoftModel, data_iterator: Iterator[Batch], chunk: torch.nn.Module):
+def forward_step(
+    model: SoftModel,
+    loss_scale: torch.Tensor | None,
+    data_iterator: Iterator[Batch],
+    chunk: torch.nn.Module,
+):
     batch = next(data_iterator)
     tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     b, s = tokens.shape
     position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
     hooks = model.hooks_for(chunk)
-    hooks.set_targets(labels, loss_mask)
+    hooks.set_targets(labels, loss_mask, loss_scale)
     try:
         output = chunk(tokens, position_ids, causal_mask(s, tokens.device), labels=labels)
     finally:
@@ -76,37 +81,47 @@ def forward_step(model: SoftModel, data_iterator: Iterator[Batch], chunk: torch.
     return output, partial(loss_func, model, loss_mask)
 
 
-def _run_schedule(model: SoftModel, microbatches: list[Batch], forward_only: bool) -> None:
+def _run_schedule(
+    model: SoftModel, microbatches: list[Batch], loss_scale: torch.Tensor | None
+) -> None:
+    """megatron-core's forward(/backward) schedule over the microbatches; `loss_scale` None =
+    forward only."""
     mbs, seq = microbatches[0]["tokens"].shape
     iterators = [iter(microbatches) for _ in model.chunks]
+    for hooks in model.hooks:
+        hooks.reset()
     get_forward_backward_func()(
-        forward_step_func=partial(forward_step, model),
+        forward_step_func=partial(forward_step, model, loss_scale),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model.chunks,
         num_microbatches=len(microbatches),
         seq_length=seq,
         micro_batch_size=mbs,
-        forward_only=forward_only,
+        forward_only=loss_scale is None,
     )
+    pending = sum(h.pending_recomputes() for h in model.hooks)
+    if pending:  # a checkpointed exit whose backward never ran: its gradient would be lost
+        raise RuntimeError(f"{pending} exit losses queued for recompute were never backpropagated")
 
 
 def reduce_exit_losses(model: SoftModel) -> tuple[dict[int, float], int]:
     """Sum every exit's [ce_sum, tokens] over data-parallel ranks and pipeline stages (each exit
-    is recorded on the stage that owns it; TP ranks hold copies, so only TP rank 0 counts)."""
+    is recorded on the stage that owns it; TP ranks hold copies, so only TP rank 0 counts).
+    One all-reduce and one device-to-host transfer per step, whatever the number of exits."""
     plan = model.plan
     device = next(model.chunks[0].parameters()).device
     table = torch.zeros(len(plan.layers), 2, dtype=torch.float64, device=device)
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         for i, layer in enumerate(plan.layers):
-            if layer in model.record.sums:
-                table[i] = model.record.sums[layer].to(table)
+            if layer in model.tallies.sums:
+                table[i] = model.tallies.sums[layer].to(table)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(table)
-    model.record.clear()
-    tokens = int(table[-1, 1].item())
+    model.tallies.clear()
+    rows = table.tolist()
+    tokens = int(rows[-1][1])
     return {
-        layer: (table[i, 0] / table[i, 1].clamp(min=1)).item()
-        for i, layer in enumerate(plan.layers)
+        layer: ce / max(n, 1.0) for layer, (ce, n) in zip(plan.layers, rows, strict=True)
     }, tokens
 
 
@@ -145,8 +160,10 @@ def train_step(model: SoftModel, optimizer, scheduler, microbatches: list[Batch]
     for chunk in model.chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    model.record.clear()
-    _run_schedule(model, microbatches, forward_only=False)
+    model.tallies.clear()
+    # The loss scale (1 unless fp16) reaches the exits as a device tensor: no host sync.
+    loss_scale = optimizer.get_loss_scale().detach().reshape(())
+    _run_schedule(model, microbatches, loss_scale)
     exit_losses, tokens = reduce_exit_losses(model)
     loss = _objective(model, exit_losses)
     losses_finite = all(math.isfinite(v) for v in (loss, *exit_losses.values()))
@@ -166,8 +183,8 @@ def train_step(model: SoftModel, optimizer, scheduler, microbatches: list[Batch]
 @torch.no_grad()
 def eval_step(model: SoftModel, microbatches: list[Batch]) -> StepResult:
     model.train(False)
-    model.record.clear()
-    _run_schedule(model, microbatches, forward_only=True)
+    model.tallies.clear()
+    _run_schedule(model, microbatches, loss_scale=None)
     model.train(True)
     exit_losses, tokens = reduce_exit_losses(model)
     return StepResult(exit_losses, _objective(model, exit_losses), tokens)

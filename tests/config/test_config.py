@@ -134,3 +134,18 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert load_config(f, ["train.weight_decay=1e-2"]).train.lr == 2e-5
     with pytest.raises(ConfigError, match="'train.lr': expected float, got '2e-5x'"):
         load_config(None, ["train.lr=2e-5x"])
+
+
+def test_ict_refuses_full_recompute():
+    """ict's frozen backbone is never backpropagated: megatron-core would not rerun its
+    checkpointed segments, and the heads inside them would get no gradient."""
+    with pytest.raises(ConfigError, match="soft.mode=ict cannot"):
+        load_config(
+            None,
+            [
+                "soft.mode=ict",
+                "checkpoint.load_dir=x",
+                "checkpoint.finetune=true",
+                "model.recompute_granularity=full",
+            ],
+        )

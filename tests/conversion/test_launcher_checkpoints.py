@@ -31,7 +31,7 @@ from tests.conversion.helpers import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = {"atol": 2e-5, "rtol": 1e-5}
-# Exits only on the last pipeline stage: see the report on shared_head's `_extra_state`.
+# Exits only on the last pipeline stage: see the report on soft.models.heads' `_extra_state`.
 RUN_ARGS = [
     "train.micro_batch_size=2", "train.global_batch_size=4", "data.seq_length=64",
     "train.lr_warmup_iters=0", "train.eval_iters=1", "train.log_interval=1",

@@ -112,8 +112,11 @@ def test_extra_overrides_apply_to_every_run_but_not_to_reserved_keys(tmp_path):
 
 def _fake_finished_base(layout: Layout, spec) -> None:
     run_dir = layout.run_dir("base")
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "latest").write_text("1\n")
+    ckpt = run_dir / "checkpoints" / "iter_0000001"  # what a complete save leaves
+    ckpt.mkdir(parents=True)
+    for name in ("metadata.json", "manifest.json"):
+        (ckpt / name).write_text("{}")
+    (run_dir / "checkpoints" / "latest").write_text("iter_0000001\n")
     (run_dir / "exit_status.json").write_text(json.dumps({"reason": "finished"}))
     layout.tokenizer.write_bytes(b"tok")
     layout.corpus.parent.mkdir(parents=True, exist_ok=True)

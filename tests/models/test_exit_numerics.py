@@ -18,7 +18,7 @@ from tests.megatron_env import single_rank_world, tiny_config
 
 def _build(*overrides):
     from soft.data import build_datasets
-    from soft.models.build import build_soft_model
+    from soft.training.model import build_soft_model
 
     single_rank_world()
     cfg = tiny_config(*overrides)
@@ -40,7 +40,7 @@ def _reference_losses(model, microbatches):
         layer.register_forward_hook(lambda m, a, out: captured.__setitem__(m.layer_number, out[0]))
         for layer in gpt.decoder.layers
     ]
-    for hooks in model.hooks.values():
+    for hooks in model.hooks:
         hooks.clear_targets()  # the SoFT exit hooks stay out of the reference
     sums = {k: 0.0 for k in model.plan.layers}
     tokens = 0.0
@@ -70,12 +70,13 @@ def _grads(model):
     return {n: p.main_grad.detach().clone() for n, p in model.unwrapped[0].named_parameters()}
 
 
-def _soft_grads(model, microbatches):
+def _soft_grads(model, microbatches, loss_scale=None):
+    """One SoFT forward/backward; `loss_scale` as the training step passes it (default 1)."""
     from soft.training.step import _run_schedule, reduce_exit_losses
 
     for chunk in model.chunks:
         chunk.zero_grad_buffer()
-    _run_schedule(model, microbatches, forward_only=False)
+    _run_schedule(model, microbatches, torch.ones(()) if loss_scale is None else loss_scale)
     losses, _ = reduce_exit_losses(model)
     return losses, _grads(model)
 
@@ -160,8 +161,10 @@ def test_fp16_loss_scale_applies_to_exit_losses():
     cfg16, m16, _ = _build(
         "soft.exit_weights=[1,2,3,4]", "model.params_dtype=fp16", f"train.loss_scale={scale}"
     )
-    build_optimizer(m16, cfg16.train, cfg16.model, cfg16.parallel)  # sets config.grad_scale_func
-    losses16, g16 = _soft_grads(m16, mbs)
+    # The optimizer scales the main loss (config.grad_scale_func); train_step passes its loss
+    # scale to the exits.
+    optimizer = build_optimizer(m16, cfg16.train, cfg16.model, cfg16.parallel)
+    losses16, g16 = _soft_grads(m16, mbs, optimizer.get_loss_scale().reshape(()))
     assert set(losses16) == {1, 2, 3, 4}
     for name, ref in g32.items():
         atol = 2e-2 * float(ref.abs().max())
@@ -175,11 +178,101 @@ def test_forward_outside_a_step_computes_no_exit_loss():
 
     _, model, mbs = _build()
     _soft_grads(model, mbs)
-    model.record.clear()
+    model.tallies.clear()
     gpt = model.unwrapped[0]
     tokens = mbs[0]["tokens"][:, :10]
     pos = torch.arange(10).unsqueeze(0).expand(tokens.shape[0], 10)
     with torch.no_grad():
         logits = gpt(tokens, pos, causal_mask(10, tokens.device))
     assert logits.shape[:2] == tokens.shape
-    assert model.record.sums == {}
+    assert model.tallies.sums == {}
+
+
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        ["model.recompute_granularity=selective"],
+        ["model.recompute_granularity=full", "model.recompute_method=uniform"],
+        [
+            "model.recompute_granularity=full",
+            "model.recompute_method=uniform",
+            "model.recompute_num_layers=2",
+        ],
+        [
+            "model.recompute_granularity=full",
+            "model.recompute_method=block",
+            "model.recompute_num_layers=3",
+        ],
+    ],
+    ids=["selective", "full-uniform-1", "full-uniform-2", "full-block-3"],
+)
+def test_activation_recompute_keeps_every_exit_loss_and_gradient(recompute):
+    """With full recompute the exit layers first run without autograd; their losses must still
+    be tallied once and backpropagated in the rerun. Same losses and gradients as without
+    recompute (fp32: rel 1e-6 / atol 1e-7, the reruns are the same arithmetic)."""
+    _, plain, mbs = _build("soft.exit_weights=[1,2,3,4]")
+    ref_losses, ref_grads = _soft_grads(plain, mbs)
+    _, model, _ = _build("soft.exit_weights=[1,2,3,4]", *recompute)
+    losses, grads = _soft_grads(model, mbs)
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-6, atol=1e-7, msg=name)
+    assert any(float(g.abs().max()) > 0 for n, g in grads.items() if "layers" in n)
+
+
+def test_exits_cost_no_host_sync():
+    """The exits add no device-to-host transfer. Counted on CPU as the calls that would sync on
+    a GPU (Tensor.item / tolist / float() / int() / bool()): a training step makes the same
+    number whatever the number of exits and microbatches, and the project's own code makes
+    exactly one (the step's loss table); the rest is megatron-core and torch's Adam."""
+    from soft.data import build_datasets
+    from soft.training.optim import build_optimizer, build_scheduler
+    from soft.training.step import train_step
+
+    totals, ours = [], []
+    for exits, n_micro in (("[4]", 1), ("[1,2,3,4]", 1), ("[1,2,3,4]", 4)):
+        cfg, model, _ = _build(f"soft.exit_layers={exits}")
+        optimizer = build_optimizer(model, cfg.train, cfg.model, cfg.parallel)
+        scheduler = build_scheduler(optimizer, cfg.train)
+        train, _, _ = build_datasets(cfg.data, cfg.train.seed)
+        mbs = [train.batch([2 * i, 2 * i + 1]) for i in range(n_micro)]
+        train_step(model, optimizer, scheduler, mbs)  # warm-up (lazy inits)
+        with _CountHostReads() as callers:
+            train_step(model, optimizer, scheduler, mbs)
+        totals.append(len(callers))
+        ours.append(sorted(c for c in callers if "/soft/" in c and "/soft/compat/" not in c))
+    assert totals[0] == totals[1] == totals[2], totals
+    assert all(o == ours[0] for o in ours) and len(ours[0]) == 1, ours
+    assert ours[0][0].endswith("soft/training/step.py: reduce_exit_losses")
+
+
+class _CountHostReads:
+    """Records the calling function of every host read (the CPU compat layer's torch-function
+    mode sees each call a second time: those are not counted)."""
+
+    NAMES = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+    def __enter__(self) -> list[str]:
+        import sys
+
+        self.callers: list[str] = []
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        callers = self.callers
+
+        def counting(original):
+            def wrapper(*args, **kwargs):
+                frame = sys._getframe(1)
+                if not frame.f_code.co_filename.endswith("megatron_cpu.py"):
+                    callers.append(f"{frame.f_code.co_filename}: {frame.f_code.co_name}")
+                return original(*args, **kwargs)
+
+            return wrapper
+
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, counting(original))
+        return self.callers
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+        return False

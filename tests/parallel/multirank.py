@@ -34,8 +34,9 @@ from soft.checkpointing.directory import find_checkpoint
 from soft.compat import checkpoint_queue
 from soft.config.root import load_config
 from soft.data import ResumableBatchSampler
-from soft.models import shared_head
 from soft.models.gpt import walk_leaves
+from soft.models.heads import trainable_head_copies
+from soft.parallel.head_sync import head_replica_max_diff
 from soft.parallel.setup import destroy_distributed
 from soft.training import loop, step
 from tests.training import golden
@@ -76,6 +77,9 @@ class Scenario:
     compare_grads: bool = True  # the distributed optimizer leaves each rank one shard of the grads
     # Fine-tuning modes start from a checkpoint that a 1-rank run of these overrides saves.
     base: list[str] | None = None
+    # Overrides of the parallel run only: the 1-rank reference runs without them (activation
+    # recompute must change nothing, so its reference is the plain run).
+    parallel_only: list[str] = field(default_factory=list)
 
 
 FROM_BASE = ["checkpoint.load_dir=../base", "checkpoint.finetune=true"]  # see _config
@@ -140,6 +144,33 @@ SCENARIOS = {
             extra=["soft.mode=extracted", "model.num_layers=4", *FROM_BASE],
             base=["soft.mode=sft", "soft.exit_layers=[4,8]", "model.num_layers=8"],
         ),
+        # full activation recompute: exits inside checkpointed segments, 1F1B and interleaved
+        Scenario(
+            "tp2_pp2_recompute_full",
+            4,
+            ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+            "[2,3,5,8]",
+            parallel_only=[
+                "model.recompute_granularity=full",
+                "model.recompute_method=uniform",
+                "model.recompute_num_layers=2",
+            ],
+        ),
+        Scenario(
+            "pp2_vp2_recompute_block",
+            2,
+            [
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.virtual_pipeline_model_parallel_size=2",
+            ],
+            "[1,3,5,8]",
+            extra=["train.global_batch_size=8", "train.micro_batch_size=2"],
+            parallel_only=[
+                "model.recompute_granularity=full",
+                "model.recompute_method=block",
+                "model.recompute_num_layers=1",
+            ],
+        ),
         Scenario(
             "pp2_uneven",
             2,
@@ -169,7 +200,8 @@ def _config(scenario: Scenario, out: Path, layout: bool, *more: str):
         *extra,
         *more,
     ]
-    return load_config(None, overrides + (scenario.layout if layout else []))
+    parallel = [*scenario.layout, *scenario.parallel_only] if layout else []
+    return load_config(None, overrides + parallel)
 
 
 def base_worker(scenario: Scenario, root: Path) -> dict:
@@ -240,8 +272,8 @@ def _train_steps(run, n: int, capture_first: bool) -> dict:
             for chunk in run.model.chunks:
                 chunk.zero_grad_buffer()
             run.optimizer.zero_grad()
-            run.model.record.clear()
-            step._run_schedule(run.model, mbs, forward_only=False)
+            run.model.tallies.clear()
+            step._run_schedule(run.model, mbs, run.optimizer.get_loss_scale().reshape(()))
             record["grads"] = dump_global(run.model.unwrapped, "main_grad")
             ok, norm, _ = run.optimizer.step()
             run.scheduler.step(increment=1)
@@ -262,10 +294,8 @@ def scenario_worker(scenario: Scenario, out: Path, layout: bool) -> dict:
     run = loop.setup(_config(scenario, out, layout))
     record = _train_steps(run, 3, capture_first=True)
     record["params"] = dump_global(run.model.unwrapped, "data")
-    record["head_max_diff"] = shared_head.head_replica_max_diff(
-        run.model.unwrapped, run.model.head_group
-    )
-    record["head_copies"] = len(shared_head.head_params(run.model.unwrapped))
+    record["head_max_diff"] = head_replica_max_diff(run.model.unwrapped, run.model.head_group)
+    record["head_copies"] = len(trainable_head_copies(run.model.unwrapped))
     return record
 
 

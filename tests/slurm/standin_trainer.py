@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from soft.runs.status import write_exit_status
+from soft.runs.status import write_stop_status
 
 STEP_SECONDS = 0.2
 stop_requested = False
@@ -64,13 +64,13 @@ def main() -> int:
                 signal.signal(s, handler)
             if rank == 0:
                 counter.write_text(str(iteration + 1))
-                write_exit_status(out, "signal", iteration + 1)
+                write_stop_status(out, "signal", iteration + 1)
             dist.barrier()
             dist.destroy_process_group()
             return 0
     if rank == 0:
         counter.write_text(str(total))
-        write_exit_status(out, "finished", total)
+        write_stop_status(out, "finished", total)
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from soft.runs.status import EXIT_STATUS_FILE
+from soft.runs.status import STOP_STATUS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SBATCH_SCRIPT = REPO_ROOT / "launchers" / "slurm" / "pretrain_soft.sbatch"
@@ -92,7 +92,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path: Path)
     assert info["JobState"] == "COMPLETED", (info, text)
     assert info["Restarts"] == "1"
     assert "SIGUSR1" in text and "requeueing" in text and "training finished" in text, text
-    assert '"reason": "finished"' in (out / EXIT_STATUS_FILE).read_text()
+    assert '"reason": "finished"' in (out / STOP_STATUS_FILE).read_text()
 
     steps = [line.split() for line in (out / "steps.log").read_text().splitlines()]
     iterations = [int(it) for _, it in steps]

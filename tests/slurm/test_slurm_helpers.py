@@ -7,38 +7,38 @@ from pathlib import Path
 import pytest
 
 from soft.slurm import (
-    EXIT_STATUS_FILE,
-    clear_exit_status,
-    read_exit_reason,
+    STOP_STATUS_FILE,
+    clear_stop_status,
+    read_stop_reason,
     slurm_job_info,
-    write_exit_status,
+    write_stop_status,
 )
 from soft.slurm.__main__ import main
 
 
 def test_exit_status_round_trip(tmp_path: Path) -> None:
-    assert read_exit_reason(tmp_path) == "missing"
-    write_exit_status(tmp_path / "out", "signal", 12)
-    assert read_exit_reason(tmp_path / "out") == "signal"
-    write_exit_status(tmp_path / "out", "exit_interval", 16)
-    assert read_exit_reason(tmp_path / "out") == "exit_interval"
-    write_exit_status(tmp_path / "out", "finished", 20)
-    assert read_exit_reason(tmp_path / "out") == "finished"
-    (tmp_path / EXIT_STATUS_FILE).write_text("{not json")
-    assert read_exit_reason(tmp_path) == "invalid"
-    clear_exit_status(tmp_path)
-    clear_exit_status(tmp_path)  # no error when already gone
-    assert read_exit_reason(tmp_path) == "missing"
+    assert read_stop_reason(tmp_path) == "missing"
+    write_stop_status(tmp_path / "out", "signal", 12)
+    assert read_stop_reason(tmp_path / "out") == "signal"
+    write_stop_status(tmp_path / "out", "exit_interval", 16)
+    assert read_stop_reason(tmp_path / "out") == "exit_interval"
+    write_stop_status(tmp_path / "out", "finished", 20)
+    assert read_stop_reason(tmp_path / "out") == "finished"
+    (tmp_path / STOP_STATUS_FILE).write_text("{not json")
+    assert read_stop_reason(tmp_path) == "invalid"
+    clear_stop_status(tmp_path)
+    clear_stop_status(tmp_path)  # no error when already gone
+    assert read_stop_reason(tmp_path) == "missing"
     with pytest.raises(ValueError):
-        write_exit_status(tmp_path, "crashed", 1)  # type: ignore[arg-type]
+        write_stop_status(tmp_path, "crashed", 1)  # type: ignore[arg-type]
 
 
 def test_cli_exit_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write_exit_status(tmp_path, "signal", 3)
+    write_stop_status(tmp_path, "signal", 3)
     assert main(["exit-reason", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == "signal"
     assert main(["clear-exit-status", str(tmp_path)]) == 0
-    assert not (tmp_path / EXIT_STATUS_FILE).exists()
+    assert not (tmp_path / STOP_STATUS_FILE).exists()
 
 
 def test_cli_output_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:

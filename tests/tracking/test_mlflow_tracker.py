@@ -13,7 +13,7 @@ import pytest
 
 from soft.config.errors import ConfigError
 from soft.tracking import NullTracker, TrackingConfig, build_tracker, plot_exit_losses
-from soft.tracking.mlflow_tracker import RUN_ID_FILE, exit_status
+from soft.tracking.mlflow_tracker import RUN_ID_FILE, run_status_for
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -135,12 +135,12 @@ def test_context_manager_sets_failed_and_killed(tmp_path: Path, store_uri: str, 
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
-def test_exit_status() -> None:
-    assert exit_status(None) == "FINISHED"
-    assert exit_status(SystemExit(0)) == "FINISHED"
-    assert exit_status(SystemExit(3)) == "FAILED"
-    assert exit_status(KeyboardInterrupt()) == "KILLED"
-    assert exit_status(ValueError()) == "FAILED"
+def test_run_status_for() -> None:
+    assert run_status_for(None) == "FINISHED"
+    assert run_status_for(SystemExit(0)) == "FINISHED"
+    assert run_status_for(SystemExit(3)) == "FAILED"
+    assert run_status_for(KeyboardInterrupt()) == "KILLED"
+    assert run_status_for(ValueError()) == "FAILED"
 
 
 def test_null_tracker_on_other_ranks_and_when_disabled(tmp_path: Path, store_uri: str) -> None:

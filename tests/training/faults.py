@@ -14,7 +14,6 @@ writes OUT_DIR/report.json: {scenario: {"ok": bool, "error": ..., "skipped": ...
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import random
@@ -30,15 +29,13 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-# Everything heavy is imported before forking.
-import soft.training.loop  # noqa: F401
 from soft.checkpointing import directory, manifest
 from soft.runs import RunDir
 
+# Everything heavy is imported before forking.
+from soft.training import cli
+
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("pretrain_soft", REPO / "launchers/pretrain_soft.py")
-LAUNCHER = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(LAUNCHER)
 
 # A short job: 6 steps, a checkpoint every 2, the newest 2 kept, every step logged.
 BASE = [
@@ -83,7 +80,7 @@ def _child(argv: list[str], env: dict[str, str], log_path: Path, patch) -> None:
         os.environ.update(env)
         if patch is not None:
             patch()
-        code = LAUNCHER.main(argv)
+        code = cli.main(argv)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -162,7 +159,7 @@ def mlflow_run(out: Path):
     return client, run
 
 
-def exit_status(out: Path) -> dict:
+def stop_status(out: Path) -> dict:
     return json.loads((out / "exit_status.json").read_text())
 
 
@@ -238,13 +235,13 @@ def double_save(root: Path) -> dict:
     first = job(out, "train.exit_interval=4", env={"SOFT_FAILPOINT": "save:files_written#3"})
     assert_code(first, 0, "exit_interval reached")
     assert (
-        first.log.count("saved checkpoint") == 2 and exit_status(out)["reason"] == "exit_interval"
+        first.log.count("saved checkpoint") == 2 and stop_status(out)["reason"] == "exit_interval"
     )
     finished = job(out)
     assert_code(finished, 0)
     again = job(out, env={"SOFT_FAILPOINT": "save:files_written"})  # any save would die
     assert_code(again, 0, "at train.train_iters=6 already")
-    assert "saved checkpoint" not in again.log and exit_status(out)["reason"] == "finished"
+    assert "saved checkpoint" not in again.log and stop_status(out)["reason"] == "finished"
     verify_all(out)
     return {}
 
@@ -283,7 +280,7 @@ def nonfinite_stop(root: Path) -> dict:
     out = root / "lr1e30"
     blown = job(out, "train.lr=1e30", "train.min_lr=1e29", "train.train_iters=12")
     assert_code(blown, 1, "error: step ", "non-finite training values")
-    status = exit_status(out)
+    status = stop_status(out)
     assert status["reason"] == "nonfinite" and "non-finite" in status["detail"]
     assert mlflow_run(out)[1].info.status == "FAILED"
     bad_step = status["iteration"] + 1
@@ -301,7 +298,7 @@ def nonfinite_policies(root: Path) -> dict:
     stopped = job(stop_out, world=2, patch=_nan_at_call(7, rank="0"))
     assert stopped.codes == [1, 1], stopped.codes
     assert_code(stopped, 1, "step 3: non-finite training values", "exit_1 = nan")
-    status = exit_status(stop_out)
+    status = stop_status(stop_out)
     assert (status["reason"], status["iteration"]) == ("nonfinite", 2), status
     assert complete_iterations(stop_out) == [2]
     skip_out = root / "skip"
@@ -326,7 +323,7 @@ def fp16_overflow(root: Path) -> dict:
     )
     assert_code(halted, 1, "steps 1-4: 4 optimizer updates in a row were skipped (overflow)")
     assert "update skipped (fp16 loss-scale overflow)" in halted.log
-    assert exit_status(out)["reason"] == "nonfinite"
+    assert stop_status(out)["reason"] == "nonfinite"
     assert mlflow_run(out)[1].info.status == "FAILED"
     ok_out = root / "default_scale"
     ran = job(ok_out, "model.params_dtype=fp16")
@@ -523,7 +520,7 @@ def full_disk(root: Path) -> dict:
         assert_code(full, 2, "No space left on device", "the previous checkpoint is untouched")
         assert directory.find_checkpoint(save_dir).path.name == "iter_0000002"
         assert (save_dir / "iter_0000004.tmp").exists()
-        assert exit_status(out)["reason"] == "failed"
+        assert stop_status(out)["reason"] == "failed"
         subprocess.run(["mount", "-o", "remount,size=32m", str(disk)], check=True)
         resumed = job(out, f"checkpoint.save_dir={save_dir}", "checkpoint.keep_last=1")
         assert_code(resumed, 0, "left by an interrupted save")

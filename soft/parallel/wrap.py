@@ -1,0 +1,72 @@
+"""Applying data parallelism and mixed precision to the model chunks from outside (as
+torchtitan's `parallelize_*` do), and the hooks megatron-core's schedules call."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads as megatron_finalize_model_grads
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
+
+from soft.parallel import head_sync
+from soft.parallel.config import ParallelConfig
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(module, DistributedDataParallel | Float16Module):
+        module = module.module
+    return module
+
+
+def wrap_chunks(
+    chunks: list[torch.nn.Module], config: TransformerConfig, parallel: ParallelConfig
+) -> list[DistributedDataParallel]:
+    """Float16Module (bf16/fp16) and megatron-core DDP around every chunk; the first chunk
+    gets the gradient buckets (virtual-pipeline chunks after it do not, as in Megatron-LM)."""
+    if parallel.overlap_grad_reduce:
+        head_sync.give_head_copies_own_buckets(chunks)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        overlap_param_gather=parallel.overlap_param_gather,
+    )
+    # bf16/fp16: megatron-core's Float16Module casts every parameter (the local spec's norms
+    # are created in fp32) and returns fp32 outputs for the loss, as Megatron-LM does.
+    precision = [Float16Module(config, c) if config.bf16 or config.fp16 else c for c in chunks]
+    return [
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
+        )
+        for i, c in enumerate(precision)
+    ]
+
+
+def install_schedule_hooks(
+    config: TransformerConfig,
+    wrapped: list[DistributedDataParallel],
+    head_group,
+    sum_heads_after_dp: bool,
+) -> None:
+    """What megatron-core's schedule calls: gradient finalisation (with the head-copy sum)
+    and no_sync / grad_sync of the DDP chunks."""
+    raw_chunks = [unwrap(c) for c in wrapped]
+
+    def finalize_model_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
+        # Sum the head copies over stages before the DP reduction (any bucket layout), or, when
+        # that reduction already ran during backward, after it (own buckets; see head_sync).
+        if not sum_heads_after_dp:
+            head_sync.allreduce_head_grads(raw_chunks, head_group)
+        megatron_finalize_model_grads(
+            chunks, num_tokens, pg_collection, force_all_reduce=force_all_reduce
+        )
+        if sum_heads_after_dp:
+            head_sync.allreduce_head_grads(raw_chunks, head_group)
+
+    config.finalize_model_grads_func = finalize_model_grads
+    no_sync = [c.no_sync for c in wrapped]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
+        config.grad_sync_func = [c.start_grad_sync for c in wrapped]

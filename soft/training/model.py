@@ -1,0 +1,64 @@
+"""The model as the training step uses it: chunks built by soft.models, parallelised from
+outside by soft.parallel, with the exit hooks and their per-step tallies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer import TransformerConfig
+
+from soft.models.build import build_chunks
+from soft.models.config import ModelConfig, SoftConfig
+from soft.models.exit_plan import ExitPlan
+from soft.models.exits import ExitHooks, ExitTallies
+from soft.models.gpt import transformer_config
+from soft.models.heads import exit_heads_of
+from soft.parallel.config import ParallelConfig
+from soft.parallel.head_sync import build_head_group
+from soft.parallel.wrap import install_schedule_hooks, unwrap, wrap_chunks
+
+
+@dataclass
+class SoftModel:
+    chunks: list[torch.nn.Module]  # wrapped (DDP, Float16Module), one per virtual stage
+    plan: ExitPlan
+    config: TransformerConfig
+    vocab_size: int  # padded
+    head_group: dist.ProcessGroup | None
+    hooks: list[ExitHooks]  # aligned with `chunks`
+    tallies: ExitTallies = field(default_factory=ExitTallies)
+
+    @property
+    def unwrapped(self) -> list[torch.nn.Module]:
+        return [unwrap(c) for c in self.chunks]
+
+    def hooks_for(self, chunk: torch.nn.Module) -> ExitHooks:
+        return self.hooks[next(i for i, c in enumerate(self.chunks) if c is chunk)]
+
+    def train(self, mode: bool = True) -> None:
+        for c in self.chunks:
+            c.train(mode)
+
+
+def build_soft_model(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    soft_cfg: SoftConfig,
+    plan: ExitPlan,
+    vocab_size: int,
+    seed: int,
+    init: bool = True,
+) -> SoftModel:
+    config = transformer_config(model_cfg, parallel_cfg)
+    chunks = build_chunks(model_cfg, config, plan, vocab_size, seed, init)
+    wrapped = wrap_chunks(chunks, config, parallel_cfg)
+    head_group = build_head_group(chunks)
+    install_schedule_hooks(config, wrapped, head_group, parallel_cfg.overlap_grad_reduce)
+    tallies = ExitTallies()
+    hooks = [
+        ExitHooks(c, plan, exit_heads_of(c, plan), tallies, soft_cfg.loss_chunk_tokens)
+        for c in chunks
+    ]
+    return SoftModel(wrapped, plan, config, vocab_size, head_group, hooks, tallies)
