@@ -1,34 +1,43 @@
-"""Training cost of SoFT against SFT on the same model and layout, in one process.
+"""Training cost of SoFT against SFT on the same model and layout, measured side by side.
 
 `python benchmarks/bench_soft_vs_sft.py [--config CFG.yaml] [--warmup N] [--steps M] [--fp8]
-[--append-results benchmarks/RESULTS.md] [key=value ...]`
+[--variants a,b,...] [--append-results benchmarks/RESULTS.md] [key=value ...]`
 
-Builds the run twice through `soft.training.loop.setup` (soft.mode=sft, then soft.mode=soft;
-with --fp8 on a GPU with Transformer Engine, both again with model.fp8), runs N warm-up and M
-timed optimizer steps of each, and prints one markdown table: median step time, tokens/s,
-model TFLOP/s per device, MFU (when the device's peak is known), peak memory, and a SoFT/SFT
-row per precision (its FLOPs/token cell is the predicted exit-FLOPs ratio). Under torchrun
-every rank times its steps; a step's time is the slowest rank's, and rank 0 prints.
+Every variant is built once (`soft.training.loop.setup`) in this process, then the timed steps
+run in rounds: each round times one optimizer step of every variant, in an order that rotates
+from round to round, so slow drift of the machine (another job, thermal limits) falls on all
+variants alike. A variant's cost is reported as the ratio of its step time to pure SFT's in
+the same round: min and median over the rounds. Variants:
+
+- `sft`: pure SFT, the last layer's loss only (soft.exit_layers=[L]): the baseline;
+- `sft+idle-exits`: sft with every exit listed, on a step that logs nothing (the default
+  soft.log_untrained_exits=interval computes no exit there: should cost what `sft` does);
+- `sft+logged-exits`: the same on a step that measures every exit (forward only);
+- `soft-fused`, `soft-recompute`, `soft-plain`: SoFT with each exit-loss implementation
+  (soft.models.exit_loss).
+Step memory: one more step per variant, its allocation peak above what was allocated before
+it (CUDA: torch.cuda.max_memory_allocated; CPU: the torch profiler's memory timeline).
+Predicted: the FLOPs ratio for the same baseline (soft/training/flops.py; forward-only exits
+count 2·h·V per token, trained ones 6·h·V). With --fp8 (GPU + Transformer Engine) every
+variant runs again with model.fp8=hybrid. Under torchrun a step's time is the slowest rank's.
 Without --config: the embedded tiny model, whose numbers show overheads, not a real model.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import datetime
-import gc
+import json
 import os
 import platform
 import shlex
 import statistics
 import sys
 import tempfile
-import threading
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,27 +57,49 @@ from soft.training.step import train_step  # noqa: E402
 FP8_OVERRIDES = ["model.params_dtype=bf16", "model.fp8=hybrid"]
 
 
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: tuple[str, ...]
+    measure_untrained: bool = False  # the step computes the exits that do not train
+
+
+def variants(num_layers: int) -> dict[str, Variant]:
+    every = ("soft.exit_layers=null",)
+    return {
+        v.name: v
+        for v in (
+            Variant("sft", ("soft.mode=sft", f"soft.exit_layers=[{num_layers}]")),
+            Variant("sft+idle-exits", ("soft.mode=sft", *every)),
+            Variant("sft+logged-exits", ("soft.mode=sft", *every), measure_untrained=True),
+            Variant("soft-fused", ("soft.mode=soft", "soft.exit_loss=fused")),
+            Variant("soft-recompute", ("soft.mode=soft", "soft.exit_loss=recompute")),
+            Variant("soft-plain", ("soft.mode=soft", "soft.exit_loss=plain")),
+        )
+    }
+
+
 @dataclass
-class Row:
-    mode: str
+class Measured:
+    variant: Variant
     precision: str
-    step_times: list[float]  # seconds, slowest rank per step
-    tokens_per_step: int
-    flops_per_token: float
-    world_size: int
-    peak_memory_gib: float | None
+    run: Run
+    batches: list
+    step_times: list[float] = field(default_factory=list)
+    step_peak_gib: float | None = None
 
     @property
-    def step_time(self) -> float:
-        return statistics.median(self.step_times)
+    def tokens_per_step(self) -> int:
+        return self.run.cfg.train.global_batch_size * self.run.cfg.data.seq_length
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens_per_step / self.step_time
-
-    @property
-    def tflops_per_device(self) -> float:
-        return self.tokens_per_s * self.flops_per_token / 1e12 / self.world_size
+    def flops_per_token(self) -> float:
+        cfg, plan = self.run.cfg, self.run.model.plan
+        trained = len(plan.trained_exits)
+        logged = len(plan.layers) - trained if self.variant.measure_untrained else 0
+        train = flops.train_flops_per_token(
+            cfg.model, cfg.data.seq_length, self.run.model.vocab_size, trained
+        )
+        return train + logged * 2 * cfg.model.hidden_size * self.run.model.vocab_size
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,8 +107,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", help="YAML config (default: the embedded tiny model)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
+    p.add_argument("--steps", type=int, default=8, help="timed rounds (one step per variant)")
+    p.add_argument(
+        "--variants", default=None, help="comma-separated subset (default: all; sft always runs)"
+    )
     p.add_argument(
         "--fp8", action="store_true", help="add FP8 rows (needs a GPU with Transformer Engine)"
     )
@@ -92,55 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory: device allocator peak on GPUs; on CPU the peak RSS growth over the build + steps,
-# sampled by a thread (activations are freed by the end of a step, so sampling between
-# steps would miss them).
-
-
-class CpuPeakRss:
-    def __init__(self, interval_s: float = 0.002) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self.baseline = self.peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(self._interval)
-
-    def __enter__(self) -> CpuPeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth_gib(self) -> float:
-        return (self.peak - self.baseline) / 2**30
-
-
-def release_memory() -> None:
-    """Free the previous run before measuring the next: its model and optimizer would
-    otherwise count in (GPU) or hide the next run's growth in the allocator's pool (CPU)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        return
-    with contextlib.suppress(
-        OSError
-    ):  # glibc keeps freed pages: return them, so RSS growth is this run's
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing
+# Measuring
 
 
 def _sync() -> None:
@@ -160,95 +146,107 @@ def slowest_rank(seconds: float) -> float:
     return float(t.item())
 
 
-def time_steps(run: Run, warmup: int, steps: int) -> list[float]:
-    t = run.cfg.train
+def one_step(m: Measured) -> None:
+    train_step(
+        m.run.model, m.run.optimizer, m.run.scheduler, m.batches, m.variant.measure_untrained
+    )
+
+
+def timed_step(m: Measured) -> float:
+    _sync()
+    started = time.perf_counter()
+    one_step(m)
+    _sync()
+    return slowest_rank(time.perf_counter() - started)
+
+
+def step_peak_gib(m: Measured) -> float:
+    """Allocation peak of one step above what was allocated before it."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        one_step(m)
+        _sync()
+        return (torch.cuda.max_memory_allocated() - before) / 2**30
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        one_step(m)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a CUDA-only API
+        path = Path(tmp) / "memory.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    return max((sum(s) for s in sizes), default=0) / 2**30
+
+
+def build(config, overrides, variant: Variant, precision: str, out: Path) -> Measured:
+    cfg = load_config(config, [*overrides, *variant.overrides, f"train.output_dir={out}"])
+    run = setup(cfg)
+    t = cfg.train
     sampler = ResumableBatchSampler(len(run.train_data), t.global_batch_size, t.seed)
-    consumed, times = 0, []
-    for i in range(warmup + steps):
-        mb = microbatches(run.train_data, sampler, consumed, t.micro_batch_size, run.topo.device)
-        consumed += t.global_batch_size
-        _sync()
-        started = time.perf_counter()
-        train_step(run.model, run.optimizer, run.scheduler, mb)
-        _sync()
-        elapsed = slowest_rank(time.perf_counter() - started)
-        if i >= warmup:
-            times.append(elapsed)
-    return times
+    batches = microbatches(run.train_data, sampler, 0, t.micro_batch_size, run.topo.device)
+    return Measured(variant, precision, run, batches)
 
 
-def _precision(cfg) -> str:
-    return cfg.model.params_dtype + (f"+fp8 {cfg.model.fp8}" if cfg.model.fp8 else "")
-
-
-def measure(config: str | None, overrides: list[str], warmup: int, steps: int) -> Row:
-    release_memory()
-    gpu = torch.cuda.is_available()
-    with tempfile.TemporaryDirectory(prefix="bench_soft_") as out:
-        # The run directory gets the resolved config; keep it out of runs/.
-        cfg = load_config(config, [*overrides, f"train.output_dir={out}"])
-        before = torch.cuda.memory_allocated() if gpu else 0
-        with CpuPeakRss() if not gpu else contextlib.nullcontext() as rss:
-            run = setup(cfg)
-            times = time_steps(run, warmup, steps)
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if gpu else rss.growth_gib
-        plan = run.model.plan
-        trained = len(plan.trained_exits)
-        seq = cfg.data.seq_length
-        row = Row(
-            mode=cfg.soft.mode,
-            precision=_precision(cfg),
-            step_times=times,
-            tokens_per_step=cfg.train.global_batch_size * seq,
-            flops_per_token=flops.train_flops_per_token(
-                cfg.model, seq, run.model.vocab_size, trained
-            ),
-            world_size=run.topo.world_size,
-            peak_memory_gib=peak,
-        )
-        del run
-    release_memory()
-    return row
+def measure_all(args, chosen: list[Variant], log: Callable[[str], None]) -> list[Measured]:
+    precisions = {"": list(args.overrides)}
+    if args.fp8:
+        if torch.cuda.is_available() and transformer_engine_available():
+            precisions["fp8"] = [*args.overrides, *FP8_OVERRIDES]
+        else:
+            log("--fp8: no CUDA GPU with Transformer Engine here; FP8 rows skipped")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_soft_") as tmp:
+        for tag, overrides in precisions.items():
+            built = []
+            for v in chosen:
+                log(f"building {v.name} {tag}...")
+                built.append(build(args.config, overrides, v, tag, Path(tmp) / f"{v.name}{tag}"))
+            for r in range(args.warmup + args.steps):
+                shift = r % len(built)
+                for m in built[shift:] + built[:shift]:  # a rotating order
+                    seconds = timed_step(m)
+                    if r >= args.warmup:
+                        m.step_times.append(seconds)
+            for m in built:
+                m.step_peak_gib = step_peak_gib(m)
+            results += built
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 
 HEADER = (
-    "| mode | precision | step time (s, median) | tokens/s | model TFLOP/s/device | MFU "
-    "| GFLOP/token | peak memory (GiB) |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| variant | precision | step time (s, median) | vs sft: min | vs sft: median | predicted "
+    "(FLOPs) | tokens/s | model TFLOP/s/device | MFU | step memory peak (GiB) | vs sft |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
-def _mfu(row: Row, peak_tflops: float | None) -> str:
-    return f"{row.tflops_per_device / peak_tflops:.1%}" if peak_tflops else "n/a"
+def _precision(m: Measured) -> str:
+    cfg = m.run.cfg
+    return cfg.model.params_dtype + (f"+fp8 {cfg.model.fp8}" if cfg.model.fp8 else "")
 
 
-def _mem(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or b is None or b <= 0 else f"{a / b:.3f}x"
-
-
-def table(rows: list[Row], peak_tflops: float | None) -> str:
+def table(results: list[Measured], peak_tflops: float | None) -> str:
     lines = [HEADER]
-    for r in rows:
+    for m in results:
+        base = next(b for b in results if b.precision == m.precision and b.variant.name == "sft")
+        paired = [t / b for t, b in zip(m.step_times, base.step_times, strict=True)]
+        median = statistics.median(m.step_times)
+        tokens_per_s = m.tokens_per_step / median
+        tflops = tokens_per_s * m.flops_per_token() / 1e12 / m.run.topo.world_size
+        mfu = f"{tflops / peak_tflops:.1%}" if peak_tflops else "n/a"
+        predicted = m.flops_per_token() / base.flops_per_token()
+        memory = base.step_peak_gib or float("nan")
         lines.append(
-            f"| {r.mode} | {r.precision} | {r.step_time:.4f} | {r.tokens_per_s:,.0f} | "
-            f"{r.tflops_per_device:.4g} | {_mfu(r, peak_tflops)} | {r.flops_per_token / 1e9:.4g} | "
-            f"{_mem(r.peak_memory_gib)} |"
-        )
-    for precision in dict.fromkeys(r.precision for r in rows):
-        sft = next(r for r in rows if r.precision == precision and r.mode == "sft")
-        soft = next(r for r in rows if r.precision == precision and r.mode == "soft")
-        lines.append(
-            f"| SoFT/SFT | {precision} | {_ratio(soft.step_time, sft.step_time)} | "
-            f"{_ratio(soft.tokens_per_s, sft.tokens_per_s)} | "
-            f"{_ratio(soft.tflops_per_device, sft.tflops_per_device)} | - | "
-            f"{_ratio(soft.flops_per_token, sft.flops_per_token)} (predicted) | "
-            f"{_ratio(soft.peak_memory_gib, sft.peak_memory_gib)} |"
+            f"| {m.variant.name} | {_precision(m)} | {median:.4f} | {min(paired):.3f}x | "
+            f"{statistics.median(paired):.3f}x | {predicted:.3f}x | {tokens_per_s:,.0f} | "
+            f"{tflops:.4g} | {mfu} | {m.step_peak_gib:.4f} | {m.step_peak_gib / memory:.3f}x |"
         )
     return "\n".join(lines)
 
@@ -264,23 +262,25 @@ def environment_lines(argv: list[str]) -> list[str]:
     import megatron.core
 
     world = dist.get_world_size() if dist.is_initialized() else 1
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return [
         f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}",
-        f"- device: {device_name()} x {world} rank(s)",
+        f"- device: {device_name()} x {world} rank(s); load average at the end: {load}",
         f"- torch {torch.__version__}, megatron-core {megatron.core.__version__}, Python {platform.python_version()}",
+        f"- threads: torch {torch.get_num_threads()}",
         f"- command: `python benchmarks/bench_soft_vs_sft.py {shlex.join(argv)}`",
     ]
 
 
 def legend(gpu: bool) -> str:
     memory = (
-        "torch.cuda.max_memory_allocated over build + steps (reset between modes)"
+        "torch.cuda.max_memory_allocated during one step minus what was allocated before it"
         if gpu
-        else "peak RSS growth over build + steps (CPU, indicative: allocator pools blur it)"
+        else "the torch profiler's memory timeline of one step (CPU allocations), its peak"
     )
     return (
-        f"Peak memory: {memory}. SoFT/SFT row: each column's ratio; GFLOP/token's is the "
-        "predicted exit-FLOPs ratio (soft/training/flops.py)."
+        "Ratios are per round (paired with sft's step of the same round): min and median. "
+        f"Step memory: {memory}. Predicted: FLOPs per token over sft's (soft/training/flops.py)."
     )
 
 
@@ -289,18 +289,13 @@ def append_results(path: Path, title: str, body: str, argv: list[str]) -> None:
         f.write(f"\n## {title}\n\n" + "\n".join(environment_lines(argv)) + f"\n\n{body}\n")
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def plans(args: argparse.Namespace, log: Callable[[str], None]) -> list[list[str]]:
-    """Override sets, SFT before SoFT for each precision."""
-    precisions = [list(args.overrides)]
-    if args.fp8:
-        if torch.cuda.is_available() and transformer_engine_available():
-            precisions.append([*args.overrides, *FP8_OVERRIDES])
-        else:
-            log("--fp8: no CUDA GPU with Transformer Engine here; FP8 rows skipped")
-    return [[*p, f"soft.mode={mode}"] for p in precisions for mode in ("sft", "soft")]
+def choose(args, num_layers: int) -> list[Variant]:
+    every = variants(num_layers)
+    names = list(every) if args.variants is None else ["sft", *args.variants.split(",")]
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise ConfigError(f"--variants: unknown {unknown}; known: {', '.join(every)}")
+    return [every[n] for n in dict.fromkeys(names)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,16 +307,14 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     try:
-        rows = []
-        for overrides in plans(args, log):
-            log(f"benchmarking {' '.join(overrides) or '(defaults)'} ...")
-            rows.append(measure(args.config, overrides, args.warmup, args.steps))
+        num_layers = load_config(args.config, list(args.overrides)).model.num_layers
+        results = measure_all(args, choose(args, num_layers), log)
     except ConfigError as exc:
         log(f"error: {exc}")
         return 2
     if dist.get_rank() != 0:
         return 0
-    body = table(rows, flops.device_peak_tflops()) + "\n\n" + legend(torch.cuda.is_available())
+    body = table(results, flops.device_peak_tflops()) + "\n\n" + legend(torch.cuda.is_available())
     print(body)
     if args.append_results is not None:
         title = (

@@ -114,10 +114,24 @@ class SoftConfig:
     exit_weights: list[float] | None = option(
         None, "Loss weight per exit (normalised to sum 1); null = equal weights."
     )
+    exit_loss: Literal["fused", "recompute", "plain"] = option(
+        "fused",
+        "How a trained exit's cross-entropy is computed (soft.models.exit_loss): fused = loss "
+        "and gradient in the forward, chunk by chunk (no logits kept, nothing recomputed); "
+        "recompute = chunks whose logits are recomputed in backward (the head's matmul twice); "
+        "plain = autograd keeps the exit's whole logits until backward.",
+    )
     loss_chunk_tokens: int = option(
-        1024,
-        "Exit cross-entropy is computed over this many sequence positions at a time and "
-        "recomputed in backward, so an exit's full logits are never alive at once; 0 = one chunk.",
+        256,
+        "Sequence positions per chunk of an exit's cross-entropy (fused, recompute, and "
+        "every measured loss): one chunk's logits [positions x micro batch x vocab/TP] are "
+        "alive at a time; 0 = the whole sequence at once.",
+    )
+    log_untrained_exits: Literal["interval", "every_step", "never"] = option(
+        "interval",
+        "Exits that do not train (sft: the early ones; ict: the frozen full model) are measured "
+        "for logging only: interval = at logging steps (train.log_interval) and in validation, "
+        "so other steps cost what a plain step costs; every_step; never (validation only).",
     )
 
     def validate(self, prefix: str = "soft") -> None:

@@ -2,8 +2,9 @@
 
 For every early exit k on a model chunk, a forward hook on transformer layer k:
 1. computes CE_k from the layer's output through the exit's head (soft.models.heads), in
-   sequence chunks that are recomputed in backward (an exit's full logits are never alive at
-   once: memory does not grow with the number of exits);
+   sequence chunks, with its gradient computed in the same pass (soft.models.exit_loss: an
+   exit's full logits are never alive, memory does not grow with the number of exits, and
+   nothing is recomputed);
 2. attaches `w_k * CE_k` to the hidden state that flows on with `AttachExitLoss`, identity in
    forward, injecting the loss gradient in backward. megatron-core's unmodified schedules
    (1F1B, interleaved) then backpropagate every exit, with no extra point-to-point traffic.
@@ -38,15 +39,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
-    vocab_parallel_cross_entropy,
 )
 from megatron.core.utils import make_viewless_tensor
-from torch.utils.checkpoint import checkpoint
 
+from soft.models import exit_loss
 from soft.models.exit_plan import ExitPlan
 from soft.models.heads import HeadRef, owned_exits
 
@@ -75,46 +74,38 @@ def attach_exit_loss(hidden: torch.Tensor, loss: torch.Tensor, scale: torch.Tens
     return make_viewless_tensor(out, requires_grad=True, keep_graph=True)
 
 
-def _chunk_ce_sum(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
-    logits = F.linear(x, weight)  # [c, b, V/tp]: this rank's vocabulary shard
-    ce = vocab_parallel_cross_entropy(logits.float(), labels)  # [c, b], reduced over TP
-    return (ce * mask).sum()
-
-
 def exit_ce_sum(
     hidden: torch.Tensor,
-    norm: torch.nn.Module,
-    output_weight: torch.Tensor,
+    head: HeadRef,
     labels_sb: torch.Tensor,
     mask_sb: torch.Tensor,
+    *,
     chunk_tokens: int,
     sequence_parallel: bool,
+    impl: str = "fused",
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Masked cross-entropy summed over tokens for one exit. Shapes: hidden [s(/tp), b, h],
-    labels/mask [s, b]. With chunking, each chunk's logits are freed after its forward and
-    recomputed in backward (torch checkpoint), so peak memory is one chunk of logits."""
-    normed = norm(hidden)
+    """Masked cross-entropy summed over tokens for one exit (soft.models.exit_loss). Shapes:
+    hidden [s(/tp), b, h], labels/mask [s, b]. `scale` (the gradient the sum will receive in
+    backward) is needed by the fused implementation when gradients are wanted."""
+    normed = head.norm(hidden)
     if sequence_parallel:
         # Norm grads stay per-shard (megatron all-reduces SP norm grads); the gather's backward
         # reduce-scatters the partial input grads of each vocabulary shard.
         x = gather_from_sequence_parallel_region(normed, tensor_parallel_output_grad=True)
     else:
         x = copy_to_tensor_model_parallel_region(normed)
-    seq = x.shape[0]
-    if chunk_tokens <= 0 or chunk_tokens >= seq:
-        return _chunk_ce_sum(x, output_weight, labels_sb, mask_sb)
-    total = x.new_zeros((), dtype=torch.float32)
-    for start in range(0, seq, chunk_tokens):
-        end = min(start + chunk_tokens, seq)
-        total = total + checkpoint(
-            _chunk_ce_sum,
-            x[start:end],
-            output_weight,
-            labels_sb[start:end],
-            mask_sb[start:end],
-            use_reentrant=False,
+    weight = head.output.weight
+    if not torch.is_grad_enabled():
+        return exit_loss.measured_ce_sum(x, weight, labels_sb, mask_sb, chunk_tokens)
+    if impl == "fused":
+        if scale is None:
+            raise ValueError("the fused exit loss needs the gradient scale in forward")
+        return exit_loss.fused_ce_sum(
+            x, weight, labels_sb, mask_sb, scale, chunk_tokens, want_dx=x.requires_grad
         )
-    return total
+    chunks = 0 if impl == "plain" else chunk_tokens
+    return exit_loss.recompute_ce_sum(x, weight, labels_sb, mask_sb, chunks)
 
 
 @dataclass
@@ -136,6 +127,7 @@ class _Targets:
     labels: torch.Tensor  # [s, b]
     mask: torch.Tensor  # [s, b] float
     loss_scale: torch.Tensor | None  # None: nothing is backpropagated (evaluation)
+    measure_untrained: bool  # also measure the exits that do not train (for logging)
 
 
 class ExitHooks:
@@ -148,10 +140,12 @@ class ExitHooks:
         heads: dict[int, HeadRef],
         tallies: ExitTallies,
         chunk_tokens: int,
+        impl: str = "fused",
     ) -> None:
         self.plan = plan
         self.tallies = tallies
         self.chunk_tokens = chunk_tokens
+        self.impl = impl
         self.sequence_parallel = chunk.config.sequence_parallel
         exits = owned_exits(chunk, plan)
         missing = [k for k in exits if k not in heads]
@@ -168,14 +162,21 @@ class ExitHooks:
         return list(self._recompute)
 
     def set_targets(
-        self, labels: torch.Tensor, loss_mask: torch.Tensor, loss_scale: torch.Tensor | None
+        self,
+        labels: torch.Tensor,
+        loss_mask: torch.Tensor,
+        loss_scale: torch.Tensor | None,
+        measure_untrained: bool = True,
     ) -> None:
         """labels/loss_mask [b, s] for the microbatch about to run forward on this chunk;
-        `loss_scale`: a 0-dim tensor multiplied into the exits' gradients (None: no backward)."""
+        `loss_scale`: a 0-dim tensor multiplied into the exits' gradients (None: no backward);
+        `measure_untrained`: whether exits that do not train are computed at all (they only
+        feed the logs: sft's early exits cost nothing on steps that log nothing)."""
         self._targets = _Targets(
             labels.transpose(0, 1).contiguous(),
             loss_mask.transpose(0, 1).float().contiguous(),
             loss_scale,
+            measure_untrained,
         )
 
     def clear_targets(self) -> None:
@@ -199,28 +200,35 @@ class ExitHooks:
             targets = self._recompute[k].popleft()
         if targets is None:
             return None  # a forward outside training/evaluation steps: no exit loss
-        trains = self.plan.trains_early_exits and layer.training and targets.loss_scale is not None
+        trains = (
+            k in self.plan.trained_exits
+            and self.plan.trains_early_exits
+            and layer.training
+            and targets.loss_scale is not None
+        )
+        if not trains and not targets.measure_untrained:
+            return None
         if trains and not grad:  # first, autograd-free run of a checkpointed segment
             self._recompute[k].append(targets)
         hidden, context = output
         # ict: the backbone is frozen, so the head's loss must not send gradient into it.
         exit_input = hidden.detach() if self.plan.separate_heads else hidden
-        head = self.heads[k]
+        scale = targets.loss_scale * self.plan.weight(k) if trains else None
         with torch.set_grad_enabled(trains and grad):
             ce_sum = exit_ce_sum(
                 exit_input,
-                head.norm,
-                head.output.weight,
+                self.heads[k],
                 targets.labels,
                 targets.mask,
-                self.chunk_tokens,
-                self.sequence_parallel,
+                chunk_tokens=self.chunk_tokens,
+                sequence_parallel=self.sequence_parallel,
+                impl=self.impl,
+                scale=scale,
             )
         if not recomputing:  # tallied once per microbatch, in its forward
             self.tallies.add(k, ce_sum, targets.mask.sum())
         if not (trains and grad):
             return None
-        scale = targets.loss_scale * self.plan.weight(k)
         return attach_exit_loss(hidden, ce_sum, scale), context
 
     def remove(self) -> None:

@@ -134,7 +134,10 @@ class Meter:
         n = len(self.entries)
         out = {"train/loss": sum(r["loss"] for r in self.entries) / n}
         for k in self.run.model.plan.layers:
-            out[exit_metric_key("train", k)] = sum(r[f"exit_{k}"] for r in self.entries) / n
+            # Untrained exits are measured only at some steps (soft.log_untrained_exits).
+            values = [r[f"exit_{k}"] for r in self.entries if f"exit_{k}" in r]
+            if values:
+                out[exit_metric_key("train", k)] = sum(values) / len(values)
         times = [r["step_time_s"] for r in self.entries if "step_time_s" in r]
         step_time = sum(times) / max(len(times), 1)
         tokens_per_s = self.tokens_per_step / step_time if step_time else 0.0
@@ -169,6 +172,7 @@ class Meter:
         exits = " ".join(
             f"exit_{k} {metrics[exit_metric_key('train', k)]:.4f}"
             for k in self.run.model.plan.layers
+            if exit_metric_key("train", k) in metrics
         )
         extra = ""
         if "train/loss_scale" in metrics:
@@ -269,6 +273,15 @@ class SkipGuard:
             )
 
 
+def _measures_untrained(run: Run) -> bool:
+    """Whether the step about to run computes the exits that do not train (they only feed
+    the logs): at logging steps, every step or never (soft.log_untrained_exits)."""
+    policy, t = run.cfg.soft.log_untrained_exits, run.cfg.train
+    upcoming = run.state.iteration + 1
+    logs = upcoming % t.log_interval == 0 or upcoming == t.train_iters
+    return policy == "every_step" or (policy == "interval" and logs)
+
+
 def _stop(run: Run, result: RunResult, reason: str) -> RunResult:
     _save(run)
     if run.topo.is_logging_rank:
@@ -317,7 +330,7 @@ def train(run: Run, tracker: Tracker, stop: StopRequest | None = None) -> RunRes
                 t.micro_batch_size,
                 run.topo.device,
             )
-            step = train_step(run.model, run.optimizer, run.scheduler, mb)
+            step = train_step(run.model, run.optimizer, run.scheduler, mb, _measures_untrained(run))
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # honest step times: wait for the GPU
             step_time = time.perf_counter() - started

@@ -58,7 +58,14 @@ def build_soft_model(
     install_schedule_hooks(config, wrapped, head_group, parallel_cfg.overlap_grad_reduce)
     tallies = ExitTallies()
     hooks = [
-        ExitHooks(c, plan, exit_heads_of(c, plan), tallies, soft_cfg.loss_chunk_tokens)
+        ExitHooks(
+            c,
+            plan,
+            exit_heads_of(c, plan),
+            tallies,
+            soft_cfg.loss_chunk_tokens,
+            soft_cfg.exit_loss,
+        )
         for c in chunks
     ]
     return SoftModel(wrapped, plan, config, vocab_size, head_group, hooks, tallies)

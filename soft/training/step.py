@@ -65,6 +65,7 @@ def loss_func(model: SoftModel, loss_mask: torch.Tensor, per_token_loss: torch.T
 def forward_step(
     model: SoftModel,
     loss_scale: torch.Tensor | None,
+    measure_untrained: bool,
     data_iterator: Iterator[Batch],
     chunk: torch.nn.Module,
 ):
@@ -73,7 +74,7 @@ def forward_step(
     b, s = tokens.shape
     position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
     hooks = model.hooks_for(chunk)
-    hooks.set_targets(labels, loss_mask, loss_scale)
+    hooks.set_targets(labels, loss_mask, loss_scale, measure_untrained)
     try:
         output = chunk(tokens, position_ids, causal_mask(s, tokens.device), labels=labels)
     finally:
@@ -82,7 +83,10 @@ def forward_step(
 
 
 def _run_schedule(
-    model: SoftModel, microbatches: list[Batch], loss_scale: torch.Tensor | None
+    model: SoftModel,
+    microbatches: list[Batch],
+    loss_scale: torch.Tensor | None,
+    measure_untrained: bool = True,
 ) -> None:
     """megatron-core's forward(/backward) schedule over the microbatches; `loss_scale` None =
     forward only."""
@@ -91,7 +95,7 @@ def _run_schedule(
     for hooks in model.hooks:
         hooks.reset()
     get_forward_backward_func()(
-        forward_step_func=partial(forward_step, model, loss_scale),
+        forward_step_func=partial(forward_step, model, loss_scale, measure_untrained),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model.chunks,
         num_microbatches=len(microbatches),
@@ -110,19 +114,24 @@ def reduce_exit_losses(model: SoftModel) -> tuple[dict[int, float], int]:
     One all-reduce and one device-to-host transfer per step, whatever the number of exits."""
     plan = model.plan
     device = next(model.chunks[0].parameters()).device
-    table = torch.zeros(len(plan.layers), 2, dtype=torch.float64, device=device)
+    # [ce sum, tokens, measured] per exit; exits not measured this step are left out.
+    table = torch.zeros(len(plan.layers), 3, dtype=torch.float64, device=device)
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         for i, layer in enumerate(plan.layers):
             if layer in model.tallies.sums:
-                table[i] = model.tallies.sums[layer].to(table)
+                table[i, :2] = model.tallies.sums[layer].to(table)
+                table[i, 2] = 1.0
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(table)
     model.tallies.clear()
     rows = table.tolist()
     tokens = int(rows[-1][1])
-    return {
-        layer: ce / max(n, 1.0) for layer, (ce, n) in zip(plan.layers, rows, strict=True)
-    }, tokens
+    losses = {
+        layer: ce / max(n, 1.0)
+        for layer, (ce, n, measured) in zip(plan.layers, rows, strict=True)
+        if measured
+    }
+    return losses, tokens
 
 
 def _objective(model: SoftModel, exit_losses: dict[int, float]) -> float:
@@ -155,7 +164,15 @@ def guarded_update(optimizer, losses_finite: bool) -> tuple[str | None, float | 
     return None, grad_norm
 
 
-def train_step(model: SoftModel, optimizer, scheduler, microbatches: list[Batch]) -> StepResult:
+def train_step(
+    model: SoftModel,
+    optimizer,
+    scheduler,
+    microbatches: list[Batch],
+    measure_untrained: bool = True,
+) -> StepResult:
+    """One optimizer step. `measure_untrained`: also compute the exits that do not train
+    (logging steps only, by default: see soft.log_untrained_exits)."""
     model.train(True)
     for chunk in model.chunks:
         chunk.zero_grad_buffer()
@@ -163,7 +180,7 @@ def train_step(model: SoftModel, optimizer, scheduler, microbatches: list[Batch]
     model.tallies.clear()
     # The loss scale (1 unless fp16) reaches the exits as a device tensor: no host sync.
     loss_scale = optimizer.get_loss_scale().detach().reshape(())
-    _run_schedule(model, microbatches, loss_scale)
+    _run_schedule(model, microbatches, loss_scale, measure_untrained)
     exit_losses, tokens = reduce_exit_losses(model)
     loss = _objective(model, exit_losses)
     losses_finite = all(math.isfinite(v) for v in (loss, *exit_losses.values()))

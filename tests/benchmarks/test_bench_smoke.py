@@ -1,10 +1,12 @@
-"""benchmarks/bench_soft_vs_sft.py end to end on the tiny model: 1 warm-up + 1 timed step per mode."""
+"""benchmarks/bench_soft_vs_sft.py end to end on the tiny model: 1 warm-up + 2 timed rounds."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_soft_vs_sft.py"
 
@@ -17,31 +19,47 @@ def _load_bench():
     return module
 
 
-def test_bench_prints_both_modes_and_ratios(tmp_path, capsys):
+def test_bench_prints_every_variant_side_by_side(tmp_path, capsys):
     bench = _load_bench()
     results = tmp_path / "RESULTS.md"
-    argv = ["--warmup", "1", "--steps", "1", "--append-results", str(results), "train.global_batch_size=4",
-            "train.micro_batch_size=2", "data.seq_length=64"]  # fmt: skip
+    argv = ["--warmup", "1", "--steps", "2", "--append-results", str(results),
+            "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_length=64"]  # fmt: skip
     assert bench.main(argv) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| mode | precision | step time")
-    assert any(r.startswith("| sft | fp32 |") for r in rows)
-    assert any(r.startswith("| soft | fp32 |") for r in rows)
-    ratio = next(r for r in rows if r.startswith("| SoFT/SFT | fp32 |"))
-    assert "(predicted)" in ratio and ratio.count("x |") >= 3
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| variant | precision | step time")
+    names = [r.split("|")[1].strip() for r in rows[2:]]
+    assert names == [
+        "sft", "sft+idle-exits", "sft+logged-exits", "soft-fused", "soft-recompute", "soft-plain",
+    ]  # fmt: skip
+    cells = {
+        n: [c.strip() for c in r.split("|")[1:-1]] for n, r in zip(names, rows[2:], strict=True)
+    }
+    assert cells["sft"][3:6] == ["1.000x", "1.000x", "1.000x"]  # the baseline against itself
+    # predicted FLOPs: idle exits add none, logged exits 3 forward heads, SoFT 3 trained heads
+    assert cells["sft+idle-exits"][5] == "1.000x"
+    assert (
+        float(cells["soft-fused"][5].rstrip("x"))
+        > float(cells["sft+logged-exits"][5].rstrip("x"))
+        > 1
+    )
+    assert all(float(c[9]) > 0 for c in cells.values())  # every step-memory peak measured
     appended = results.read_text()
     assert "device: CPU" in appended and "megatron-core 0.16.1" in appended
-    assert "| SoFT/SFT |" in appended and "--append-results" in appended
+    assert "| soft-fused |" in appended and "--append-results" in appended
 
 
-def test_fp8_flag_without_gpu_skips_fp8_rows(capsys):
+def test_unknown_variant_is_a_clear_error(capsys):
     bench = _load_bench()
-    args = bench.parse_args(["--fp8"])
+    assert bench.main(["--variants", "soft-magic", "--steps", "1"]) == 2
+    assert "unknown ['soft-magic']" in capsys.readouterr().err
+
+
+def test_fp8_flag_without_gpu_skips_fp8_rows():
+    bench = _load_bench()
+    if bench.torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
     notes = []
-    plans = bench.plans(args, notes.append)
-    if bench.torch.cuda.is_available() and bench.transformer_engine_available():
-        assert len(plans) == 4
-    else:
-        assert [p[-1] for p in plans] == ["soft.mode=sft", "soft.mode=soft"]
-        assert "FP8 rows skipped" in notes[0]
+    args = bench.parse_args(["--fp8", "--variants", "soft-fused", "--warmup", "0", "--steps", "1"])
+    results = bench.measure_all(args, bench.choose(args, 4), notes.append)
+    assert "FP8 rows skipped" in "".join(notes)
+    assert [m.variant.name for m in results] == ["sft", "soft-fused"]

@@ -144,6 +144,20 @@ SCENARIOS = {
             extra=["soft.mode=extracted", "model.num_layers=4", *FROM_BASE],
             base=["soft.mode=sft", "soft.exit_layers=[4,8]", "model.num_layers=8"],
         ),
+        # the fused exit loss (default) at TP2xPP2 with sequence parallelism against the
+        # recompute implementation at one rank: same losses, gradients and updates
+        Scenario(
+            "tp2_pp2_sp_fused_vs_recompute",
+            4,
+            [
+                "parallel.tensor_model_parallel_size=2",
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.sequence_parallel=true",
+            ],
+            "[2,3,5,8]",
+            extra=["soft.exit_loss=recompute"],
+            parallel_only=["soft.exit_loss=fused"],
+        ),
         # full activation recompute: exits inside checkpointed segments, 1F1B and interleaved
         Scenario(
             "tp2_pp2_recompute_full",

@@ -7,6 +7,7 @@ signals reach its workers) launch it here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -166,6 +167,7 @@ def test_a_rank_blocked_on_a_stuck_peer_leaves_after_its_grace(tmp_path):
     Before, it waited in the collective until torchrun's SIGKILL, MLflow left RUNNING."""
     out = tmp_path / "run"
     agent = _torchrun(out)
+    workers: dict[int, psutil.Process] = {}
     try:
         workers = _workers(agent)
         _wait_for_steps(out, agent, 12)
@@ -176,8 +178,12 @@ def test_a_rank_blocked_on_a_stuck_peer_leaves_after_its_grace(tmp_path):
         workers[0].wait(timeout=60)
         seconds = time.monotonic() - signalled_at
     finally:
+        for worker in workers.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()  # the stopped rank too: SIGKILL ends a stopped process
         os.killpg(agent.pid, signal.SIGKILL)
         agent.wait()
+    assert _leftovers(out) == []
     assert 4 < seconds < 15, f"rank 0 left {seconds:.1f} s after SIGTERM"
     assert json.loads((out / "exit_status.json").read_text())["reason"] == "killed"
     _, _, status = mlflow_metrics(out)

@@ -178,3 +178,35 @@ def test_test_runs_never_default_to_the_users_run_folder():
 
     out = Path(tiny_config().train.output_dir).resolve()
     assert out.is_dir() and REPO_ROOT not in out.parents and not any(out.iterdir())
+
+
+@pytest.mark.parametrize("policy, measured_steps", [("interval", [3, 6]), ("never", [])])
+def test_sft_computes_untrained_exits_only_at_logging_steps(
+    tmp_path, monkeypatch, policy, measured_steps
+):
+    """An SFT step that logs nothing runs no exit cross-entropy (it costs what a plain step
+    costs); at logging steps the early exits are measured, with the values an every-step run
+    logs (the early exits do not train, so both runs are the same run)."""
+    from soft.models import exits
+
+    calls = []
+    original = exits.exit_ce_sum
+    monkeypatch.setattr(exits, "exit_ce_sum", lambda *a, **k: calls.append(1) or original(*a, **k))
+    common = (
+        "soft.mode=sft",
+        "train.train_iters=6",
+        "train.log_interval=3",
+        "data.valid_fraction=0",
+    )
+    every = _train(tmp_path / "every", *common, "soft.log_untrained_exits=every_step")
+    assert len(calls) == 6 * 2 * 3  # steps x microbatches x early exits
+    calls.clear()
+    sampled = _train(tmp_path / policy, *common, f"soft.log_untrained_exits={policy}")
+    assert len(calls) == len(measured_steps) * 2 * 3
+    for full, part in zip(every.train_history, sampled.train_history, strict=True):
+        assert part["exit_4"] == full["exit_4"] and part["loss"] == full["loss"]
+        has_early = "exit_1" in part
+        assert has_early == (part["iteration"] in measured_steps), part
+        if has_early:
+            for k in (1, 2, 3):
+                assert part[f"exit_{k}"] == full[f"exit_{k}"]
