@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -83,23 +84,35 @@ def variants(num_layers: int) -> dict[str, Variant]:
 class Measured:
     variant: Variant
     precision: str
-    run: Run
+    run: Run | None  # released once measured (the report needs the rest)
     batches: list
+    cfg: object = None
+    plan: object = None
+    vocab_size: int = 0
+    world_size: int = 1
     step_times: list[float] = field(default_factory=list)
     step_peak_gib: float | None = None
 
+    def __post_init__(self) -> None:
+        self.cfg, self.plan = self.run.cfg, self.run.model.plan
+        self.vocab_size, self.world_size = self.run.model.vocab_size, self.run.topo.world_size
+
+    def release(self) -> None:
+        if self.run is not None and self.run.lock is not None:
+            self.run.lock.release()
+        self.run, self.batches = None, []
+
     @property
     def tokens_per_step(self) -> int:
-        return self.run.cfg.train.global_batch_size * self.run.cfg.data.seq_length
+        return self.cfg.train.global_batch_size * self.cfg.data.seq_length
 
     def flops_per_token(self) -> float:
-        cfg, plan = self.run.cfg, self.run.model.plan
-        trained = len(plan.trained_exits)
-        logged = len(plan.layers) - trained if self.variant.measure_untrained else 0
+        trained = len(self.plan.trained_exits)
+        logged = len(self.plan.layers) - trained if self.variant.measure_untrained else 0
         train = flops.train_flops_per_token(
-            cfg.model, cfg.data.seq_length, self.run.model.vocab_size, trained
+            self.cfg.model, self.cfg.data.seq_length, self.vocab_size, trained
         )
-        return train + logged * 2 * cfg.model.hidden_size * self.run.model.vocab_size
+        return train + logged * 2 * self.cfg.model.hidden_size * self.vocab_size
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -213,7 +226,11 @@ def measure_all(args, chosen: list[Variant], log: Callable[[str], None]) -> list
                         m.step_times.append(seconds)
             for m in built:
                 m.step_peak_gib = step_peak_gib(m)
+                m.release()  # the next precision's models need the memory
             results += built
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return results
 
 
@@ -228,7 +245,7 @@ HEADER = (
 
 
 def _precision(m: Measured) -> str:
-    cfg = m.run.cfg
+    cfg = m.cfg
     return cfg.model.params_dtype + (f"+fp8 {cfg.model.fp8}" if cfg.model.fp8 else "")
 
 
@@ -239,7 +256,7 @@ def table(results: list[Measured], peak_tflops: float | None) -> str:
         paired = [t / b for t, b in zip(m.step_times, base.step_times, strict=True)]
         median = statistics.median(m.step_times)
         tokens_per_s = m.tokens_per_step / median
-        tflops = tokens_per_s * m.flops_per_token() / 1e12 / m.run.topo.world_size
+        tflops = tokens_per_s * m.flops_per_token() / 1e12 / m.world_size
         mfu = f"{tflops / peak_tflops:.1%}" if peak_tflops else "n/a"
         predicted = m.flops_per_token() / base.flops_per_token()
         memory = base.step_peak_gib or float("nan")

@@ -4,7 +4,9 @@ One subprocess imports megatron-core once and forks every layout's ranks from it
 layout (TP2xPP2, TP2xPP2 with sequence parallelism, PP4, DP2xTP2, DP2xPP2 with the distributed optimizer, PP2 interleaved with
 virtual pipeline 2, PP2 with an uneven first stage; and at TP2xPP2 the fine-tuning modes ict
 (frozen backbone, separate heads on both stages, loaded from an SFT checkpoint) and extracted
-(the first 4 layers of an 8-layer checkpoint)) and its exit plan (exits inside stages,
+(the first 4 layers of an 8-layer checkpoint); the fused exit loss at TP2xPP2 with sequence
+parallelism against the recompute implementation at one rank; full activation recompute
+(uniform at TP2xPP2, block at PP2xVP2) against a run without it) and its exit plan (exits inside stages,
 on a stage boundary, several on one stage, none on some stages, two head replicas on one
 rank), against a 1-rank run of the same config:
 - per-exit losses: rel 1e-5 (observed: equal, or ~1e-7 where data-parallel sums reorder);
@@ -18,6 +20,7 @@ TP2xPP2 and loaded at TP1xPP1; with the distributed optimizer (fully_reshardable
 resumed at DP2xPP2 and resharded to DP2xTP2 and to one rank, and (dp_reshardable) to DP1xPP2:
 the next two steps' losses equal the unbroken run's (observed exactly, or 6e-8 where the DP sum
 reorders). The second step follows an Adam update from the loaded moments and step count.
+Last, the golden loss curve (tests/training/golden.py) at TP2xPP2.
 """
 
 from __future__ import annotations
