@@ -5,8 +5,8 @@ sub-models, every exit, one command (defaults finish in about half an hour on a 
         [--jobs N] [--reuse-base] [--mini] [--corpus PATH | --no-pretrain] [--mlflow-uri URI]
         [key=value ...]
 
-1. base: a LLaMA-2-shaped model pretrained as plain text on --corpus (default: GSM8K train in
-   ../shared/data), with a BPE tokenizer trained for the experiment (<out>/tokenizer.model);
+1. base: a LLaMA-2-shaped model pretrained as plain text on --corpus (README's results: GSM8K
+   train in Alpaca format), with a BPE tokenizer trained for the experiment (<out>/tokenizer.model);
 2. sft, soft, extracted_<k> fine-tuned from it on the built-in instruction tasks, ict from sft;
 3. every exit evaluated on held-out prompts (loss, exact match), SoFT's per-prompt win rates;
 4. <out>/results.md, results.json, results.png, and an MLflow parent run "paper_repro" over the
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soft.config.errors import ConfigError  # noqa: E402
 from soft.data.builtin import TASKS  # noqa: E402
-from soft.experiments import DEFAULT_CORPUS, Options, reproduce  # noqa: E402
+from soft.experiments import Options, reproduce  # noqa: E402
 from soft.experiments.runner import RunFailed  # noqa: E402
 from soft.experiments.settings import DEFAULT_TASKS  # noqa: E402
 
@@ -59,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
-        "--corpus", type=Path, default=DEFAULT_CORPUS, help="Alpaca JSON file to pretrain on"
+        "--corpus",
+        type=Path,
+        default=None,
+        help="Alpaca JSON file to pretrain the base on (required unless --no-pretrain)",
     )
     source.add_argument(
         "--no-pretrain", action="store_true", help="no base: fine-tune from a random init"

@@ -1,7 +1,7 @@
 """Run megatron-core 0.16.1 on CPU (tests, the embedded default job). Every patch lives here.
 
 megatron-core assumes CUDA in a number of places on the training path (see
-../shared/MEGATRON_CPU.md for the survey). Rather than editing those call sites one by one,
+the call sites below). Rather than editing those call sites one by one,
 two mechanisms cover them:
 
 1. `_CudaToCpuMode`, a `TorchFunctionMode` entered by apply() and left by restore(). It rewrites torch

@@ -5,7 +5,7 @@ SFT+ICT and as extracted sub-models (each a launcher subprocess), evaluates ever
 writes the comparison (tables, win rates, plot, MLflow). CLI: tools/reproduce_paper.py.
 """
 
-from soft.experiments.reproduce import DEFAULT_CORPUS, Options, reproduce
+from soft.experiments.reproduce import Options, reproduce
 from soft.experiments.settings import Settings, make_settings
 
-__all__ = ["DEFAULT_CORPUS", "Options", "Settings", "make_settings", "reproduce"]
+__all__ = ["Options", "Settings", "make_settings", "reproduce"]

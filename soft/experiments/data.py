@@ -28,17 +28,24 @@ class FinetuneData:
     num_test: int
 
 
-def check_corpus(path: Path) -> None:
+def check_corpus(path: Path | None) -> None:
     """A missing corpus is the likely first failure on a fresh clone: say what to do."""
+    what = (
+        "an Alpaca-format JSON list of {instruction, input, output}; README's results used "
+        "GSM8K train in Alpaca format, MIT, from the AlpacaDataCleaned project"
+    )
+    if path is None:
+        raise ConfigError(
+            f"the base model is pretrained on a corpus: pass --corpus PATH ({what}), or "
+            "--no-pretrain to fine-tune every method from a random init (the report says so)"
+        )
     if not path.is_file():
         raise ConfigError(
-            f"pretraining corpus '{path}' not found: pass --corpus PATH (an Alpaca JSON file, "
-            "e.g. ../shared/data/gsm8k-alpaca/gsm8k_train_alpaca.json), or --no-pretrain to "
-            "fine-tune every method from a random init (the report then says so)"
+            f"pretraining corpus '{path}' not found: pass --corpus PATH ({what}), or --no-pretrain"
         )
 
 
-def load_alpaca_corpus(path: Path) -> list[Record]:
+def load_alpaca_corpus(path: Path | None) -> list[Record]:
     """The pretraining source: a JSON list (or JSON Lines) of Alpaca records."""
     check_corpus(path)
     text = path.read_text(encoding="utf-8")

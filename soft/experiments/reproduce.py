@@ -20,8 +20,6 @@ from soft.experiments.plan import Layout, RunSpec, build_plan, check_extra_overr
 from soft.experiments.settings import Settings, make_settings
 from soft.experiments.tracking import log_parent_run
 
-_CHECKOUT = Path(__file__).resolve().parents[2]
-DEFAULT_CORPUS = _CHECKOUT.parent / "shared" / "data" / "gsm8k-alpaca" / "gsm8k_train_alpaca.json"
 # Shown in the report and MLflow; a corpus the project does not know is marked as such.
 KNOWN_LICENCES = {
     "gsm8k_train_alpaca.json": "MIT (GSM8K train, Alpaca format by AlpacaDataCleaned)",
@@ -39,7 +37,7 @@ class Options:
     jobs: int | None = None  # training runs at a time; None = runner.default_jobs
     reuse_base: bool = False
     mini: bool = False
-    corpus: Path = DEFAULT_CORPUS
+    corpus: Path | None = None  # required unless pretrain is off
     pretrain: bool = True
     mlflow_uri: str | None = None
     experiment: str = "paper_repro"

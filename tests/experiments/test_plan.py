@@ -195,6 +195,7 @@ def test_corpus_conversion_and_tokenizer(tmp_path):
         (["--nproc-per-node", "0"], "--nproc-per-node: expected >= 1"),
         (["--reuse-base", "--no-pretrain"], "contradict"),
         (["--corpus", "/nonexistent/c.json"], "pass --corpus PATH.*or --no-pretrain"),
+        ([], "pass --corpus PATH.*or --no-pretrain"),  # a fresh clone has no default corpus
         (["soft.mode=sft"], "'soft.mode' is set by the experiment"),
         (["train.no_such_key=1"], "run 'base': unknown config key 'train.no_such_key'"),
         (["train.lr=fast"], "run 'base'.*train.lr"),
@@ -204,6 +205,10 @@ def test_cli_errors_come_before_any_work(tmp_path, capsys, argv, message):
     import re
 
     out = tmp_path / "out"
+    if argv and "--corpus" not in argv and "--no-pretrain" not in argv:
+        corpus = tmp_path / "corpus.json"  # an existing corpus: the error is about argv
+        corpus.write_text('[{"instruction": "a", "input": "", "output": "b"}]')
+        argv = ["--corpus", str(corpus), *argv]
     assert reproduce_paper.main(["--out", str(out), "--mini", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(message, err), err
