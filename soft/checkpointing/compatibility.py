@@ -73,6 +73,8 @@ APPLIED = (
     "model.recompute_method",
     "model.recompute_num_layers",
     "soft.loss_chunk_tokens",
+    "soft.exit_loss",
+    "soft.log_untrained_exits",
     "parallel.tensor_model_parallel_size",
     "parallel.pipeline_model_parallel_size",
     "parallel.virtual_pipeline_model_parallel_size",
@@ -150,6 +152,30 @@ def saved_config(ckpt: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint config '{path}': expected a mapping")
     return flatten(data)
+
+
+# What a fine-tuning run takes from the checkpoint it loads when its config does not say.
+INHERITED_SHAPE = (
+    *ARCHITECTURE,
+    "model.vocab_size",
+    "model.make_vocab_size_divisible_by",
+    "model.max_position_embeddings",
+)
+
+
+def saved_model_shape(load_dir: str | Path) -> dict[str, Any]:
+    """{model key (no prefix): value} of the checkpoint at `load_dir`; empty when there is no
+    readable checkpoint config there (loading reports that later, with the details)."""
+    from soft.checkpointing.directory import find_checkpoint
+
+    try:
+        found = find_checkpoint(load_dir)
+        saved = saved_config(found.path) if found is not None else None
+    except CheckpointError:
+        return {}
+    if not saved:
+        return {}
+    return {k.removeprefix("model."): saved[k] for k in INHERITED_SHAPE if k in saved}
 
 
 def _normalised(flat: dict[str, Any]) -> dict[str, Any]:

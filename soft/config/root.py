@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from soft.models.exit_plan import ExitPlan
 from soft.parallel.config import ParallelConfig
 from soft.tracking.config import TrackingConfig
 from soft.training.config import TrainConfig
+
+log = logging.getLogger("soft")
 
 
 @dataclass
@@ -93,6 +96,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = read_yaml(path) if path is not None else {}
     for text in overrides or []:
         apply_override(data, *parse_override(text))
+    inherit_model_shape(data)
     cfg = from_dict(RootConfig, data)
     cfg.validate()
     return cfg
+
+
+def inherit_model_shape(data: dict) -> None:
+    """Starting from checkpoint.load_dir, the model's shape is the checkpoint's unless the YAML
+    or the command line sets it (as Megatron-LM's --use-checkpoint-args): a fine-tuning command
+    needs no copy of the model section it loads. Each key taken is logged."""
+    load_dir = (data.get("checkpoint") or {}).get("load_dir")
+    if not isinstance(load_dir, str):
+        return
+    from soft.checkpointing.compatibility import saved_model_shape
+
+    model = data.setdefault("model", {})
+    if not isinstance(model, dict):
+        return  # from_dict reports the wrong type
+    for key, value in saved_model_shape(load_dir).items():
+        if key not in model:
+            model[key] = value
+            log.info("model.%s=%r: from the checkpoint in %s", key, value, load_dir)

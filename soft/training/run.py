@@ -117,9 +117,15 @@ def _build(cfg: RootConfig, topo: Topology, run_dir: RunDir, lock: RunLock | Non
     train_data, valid_data, tokenizer = build_datasets(cfg.data, cfg.train.seed)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
+        hint = (
+            f" (model.vocab_size comes from the checkpoint in {cfg.checkpoint.load_dir}: set "
+            "data.tokenizer_path to that checkpoint's tokenizer)"
+            if cfg.checkpoint.load_dir
+            else ""
+        )
         raise ConfigError(
             f"config key 'model.vocab_size' ({vocab}) is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size}, {cfg.data.tokenizer_path or 'built-in tokenizer'})"
+            f"({tokenizer.vocab_size}, {cfg.data.tokenizer_path or 'built-in tokenizer'}){hint}"
         )
     tp = cfg.parallel.tensor_model_parallel_size
     model = build_soft_model(

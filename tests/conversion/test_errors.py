@@ -131,9 +131,14 @@ def test_a_damaged_checkpoint_is_not_exported(hf_dir, tmp_path):
     assert not (tmp_path / "hf_out").exists()
 
 
-def test_fine_tuning_an_import_without_its_model_yaml_is_refused(hf_dir, tmp_path):
-    """Without model.yaml the default tiny model (hidden 64, 4 heads) would have been loaded
-    from the first rows of the import's tensors; the saved config and shapes say otherwise."""
+def test_fine_tuning_an_import_takes_its_model_shape_and_refuses_another_vocabulary(
+    hf_dir, tmp_path
+):
+    """Without model.yaml the model's shape comes from the import's checkpoint (as Megatron's
+    --use-checkpoint-args): hidden 48, 2 layers, 2 query groups, vocabulary 300. The run's
+    tokenizer (the built-in 512 pieces) does not fit it: refused with the key named, never
+    read as the first rows of a larger table (tests/checkpointing/test_requests.py checks the
+    stored-shape guard that catches the same without a saved config)."""
     from soft.training.run import setup
     from tests.megatron_env import single_rank_world, tiny_config
 
@@ -144,6 +149,13 @@ def test_fine_tuning_an_import_without_its_model_yaml_is_refused(hf_dir, tmp_pat
         "checkpoint.finetune=true",
         f"train.output_dir={tmp_path / 'run'}",
     )
-    with pytest.raises(ConfigError, match=r"model.hidden_size: 48 -> 64.*model.yaml"):
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.query_groups) == (48, 2, 2)
+    with pytest.raises(
+        ConfigError, match=r"'model.vocab_size' \(300\) is smaller.*set data.tokenizer_path"
+    ):
         setup(cfg)
     assert not (tmp_path / "run").exists()
+    explicit = tiny_config(
+        f"checkpoint.load_dir={meg}", "checkpoint.finetune=true", "model.hidden_size=60"
+    )
+    assert explicit.model.hidden_size == 60  # what the user sets wins (and is then refused)
