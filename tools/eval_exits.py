@@ -1,6 +1,6 @@
 """Evaluate every SoFT exit of an exported HF model: loss, perplexity, exact match, speed.
 
-`python tools/eval_exits.py --model-dir HF_DIR --data FILE --format alpaca|triviaqa|text
+`python tools/eval_exits.py --model-dir HF_DIR --data FILE|FOLDER|hf://ID --format alpaca|triviaqa|text
 [--exits 12,16,...] [--max-new-tokens N] [--limit N] [--out results.json] [--mlflow-uri URI]`
 
 Writes results.json (one record per exit), results.md (the table also printed here) and
@@ -25,7 +25,11 @@ from soft.evaluation.runner import run_eval_exits  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True, help="exported HF LlamaForCausalLM folder")
-    parser.add_argument("--data", required=True, help="evaluation file (.json, .jsonl, .txt)")
+    parser.add_argument(
+        "--data", required=True,
+        help="evaluation data: a .json/.jsonl/.parquet/.txt file, a dataset folder, or "
+        "hf://OWNER/NAME?config=...&split=... (as data.train_path)",
+    )  # fmt: skip
     parser.add_argument("--format", required=True, choices=FORMATS, help="record format of --data")
     parser.add_argument(
         "--exits", default=None,
