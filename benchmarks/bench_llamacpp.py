@@ -15,22 +15,25 @@ Every export is converted to GGUF by `convert_hf_to_gguf.py` (llama.cpp's, from 
 llama-cpp-python source distribution: scripts/setup_llamacpp.sh puts it in
 .venv/share/llama.cpp), decoded greedily by llama.cpp (llama-cpp-python, temp 0 = argmax) on
 fixed prompts, and compared token by token with transformers' greedy `generate` on the same
-HF folder (up to EOS). Tokens/s: generated tokens / wall time of llama.cpp's prompt + decode,
-one prompt at a time, median over the prompts.
+HF folder (up to EOS). Tokens/s: `--max-new-tokens` decoded tokens (EOS ignored, the same
+work for every model) / wall time of llama.cpp's prompt + decode, one prompt at a time, the
+models interleaved prompt by prompt (load drift on a shared machine hits all alike), median
+over `--rounds` passes of the prompts.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,35 +65,36 @@ def convert_to_gguf(converter: Path, hf_dir: Path, out: Path, outtype: str = "f3
     return out
 
 
-@dataclass
-class Decoded:
-    tokens: list[list[int]]  # per prompt, up to and including EOS
-    tokens_per_s: float  # median over prompts
-
-
-def llamacpp_greedy(
-    gguf: Path, prompts: list[list[int]], max_new_tokens: int, eos: int, threads: int
-) -> Decoded:
+def open_gguf(gguf: Path, n_ctx: int, threads: int):
     from llama_cpp import Llama
 
-    n_ctx = max(len(p) for p in prompts) + max_new_tokens + 8
-    llm = Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-    try:
-        outputs, rates = [], []
-        for prompt in [prompts[0], *prompts]:  # the first run warms up (allocations, caches)
-            tokens: list[int] = []
-            start = time.perf_counter()
-            for token in llm.generate(
-                prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0
-            ):
-                tokens.append(int(token))
-                if token == eos or len(tokens) == max_new_tokens:
-                    break
-            rates.append(len(tokens) / (time.perf_counter() - start))
-            outputs.append(tokens)
-        return Decoded(outputs[1:], statistics.median(rates[1:]))
-    finally:
-        llm.close()
+    return Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def llamacpp_greedy(llm, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
+    """llama.cpp's greedy continuation (temp 0 = argmax), up to and including `eos`."""
+    tokens: list[int] = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        tokens.append(int(token))
+        if token == eos or len(tokens) == max_new_tokens:
+            break
+    return tokens
+
+
+def tokens_per_s(llms: dict[str, Any], prompts: list[list[int]], n: int, rounds: int) -> dict:
+    """Median tokens/s of each model: prompt + exactly `n` decoded tokens (EOS ignored, so every
+    model does the same work), models interleaved prompt by prompt so that load drift on a
+    shared machine hits all of them alike; one warm-up call each first."""
+    for llm in llms.values():
+        llamacpp_greedy(llm, prompts[0], 2, None)
+    rates: dict[str, list[float]] = {name: [] for name in llms}
+    for _ in range(rounds):
+        for prompt in prompts:
+            for name, llm in llms.items():
+                start = time.perf_counter()
+                llamacpp_greedy(llm, prompt, n, None)
+                rates[name].append(n / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def transformers_greedy(hf_dir: Path, prompts: list[list[int]], max_new_tokens: int, eos: int):
@@ -155,24 +159,29 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[dict], str]:
         exports = random_exports(work, args.random_layers, args.hidden, exit_layers, tokenizer)
     tok = Tokenizer.from_file(exports["full"] / "tokenizer.model")
     prompts = [tok.encode(p, bos=True) for p in PROMPTS[: args.prompts]]
-    rows = []
-    for name, hf_dir in exports.items():
-        import json
-
-        layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
-        gguf = convert_to_gguf(
-            Path(args.converter), hf_dir, work / f"{name}.{args.outtype}.gguf", args.outtype
-        )
-        decoded = llamacpp_greedy(gguf, prompts, args.max_new_tokens, tok.eos_id, args.threads)
-        reference = transformers_greedy(hf_dir, prompts, args.max_new_tokens, tok.eos_id)
-        same = sum(a == b for a, b in zip(decoded.tokens, reference, strict=True))
-        rows.append(
-            {"model": name, "layers": layers, "gguf_mb": gguf.stat().st_size / 2**20,
-             "tokens_per_s": decoded.tokens_per_s, "same_as_transformers": f"{same}/{len(prompts)}"}
-        )  # fmt: skip
-    full_rate = rows[0]["tokens_per_s"]
+    n_ctx = max(len(p) for p in prompts) + args.max_new_tokens + 8
+    rows, llms = [], {}
+    try:
+        for name, hf_dir in exports.items():
+            layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
+            gguf = convert_to_gguf(
+                Path(args.converter), hf_dir, work / f"{name}.{args.outtype}.gguf", args.outtype
+            )
+            llms[name] = llm = open_gguf(gguf, n_ctx, args.threads)
+            got = [llamacpp_greedy(llm, p, args.max_new_tokens, tok.eos_id) for p in prompts]
+            reference = transformers_greedy(hf_dir, prompts, args.max_new_tokens, tok.eos_id)
+            same = sum(a == b for a, b in zip(got, reference, strict=True))
+            rows.append(
+                {"model": name, "layers": layers, "gguf_mb": gguf.stat().st_size / 2**20,
+                 "same_as_transformers": f"{same}/{len(prompts)}"}
+            )  # fmt: skip
+        rates = tokens_per_s(llms, prompts, args.max_new_tokens, args.rounds)
+    finally:
+        for llm in llms.values():
+            llm.close()
     for row in rows:
-        row["speedup"] = row["tokens_per_s"] / full_rate
+        row["tokens_per_s"] = rates[row["model"]]
+        row["speedup"] = row["tokens_per_s"] / rates["full"]
     return rows, table(rows)
 
 
@@ -202,6 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS))
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes over the prompts")
     parser.add_argument("--append-results", help="append the table (with date, machine) here")
     return parser.parse_args(argv)
 
@@ -220,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({datetime.date.today().isoformat()})\n\n"
             f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads; "
             f"llama-cpp-python {llama_cpp.__version__}; GGUF {args.outtype}; "
-            f"{args.max_new_tokens} new tokens per prompt, {args.prompts} prompts.\n"
+            f"{args.max_new_tokens} new tokens per prompt, {args.prompts} prompts x "
+            f"{args.rounds} rounds, models interleaved; median.\n"
             f"Command: `{command}`\n\n"
         )
         with open(args.append_results, "a") as handle:

@@ -40,15 +40,22 @@ def test_exit_export_in_llamacpp_decodes_like_transformers(tmp_path, capsys):
 
     tok = Tokenizer.from_file(exports["exit1"] / "tokenizer.model")
     prompts = [tok.encode(p, bos=True) for p in bench.PROMPTS]
-    for name in ("exit1", "full"):
-        gguf = bench.convert_to_gguf(CONVERTER, exports[name], tmp_path / f"{name}.gguf")
-        got = bench.llamacpp_greedy(gguf, prompts, 12, tok.eos_id, threads=1)
-        assert got.tokens == bench.transformers_greedy(exports[name], prompts, 12, tok.eos_id), name
-        assert got.tokens_per_s > 0
-    assert all(len(t) > 1 for t in got.tokens)
+    llms = {}
+    try:
+        for name in ("exit1", "full"):
+            gguf = bench.convert_to_gguf(CONVERTER, exports[name], tmp_path / f"{name}.gguf")
+            llms[name] = llm = bench.open_gguf(gguf, n_ctx=128, threads=1)
+            got = [bench.llamacpp_greedy(llm, p, 12, tok.eos_id) for p in prompts]
+            assert got == bench.transformers_greedy(exports[name], prompts, 12, tok.eos_id), name
+            assert all(len(t) > 1 for t in got)
+        rates = bench.tokens_per_s(llms, prompts[:1], 4, rounds=1)
+        assert rates.keys() == {"exit1", "full"} and min(rates.values()) > 0
+    finally:
+        for llm in llms.values():
+            llm.close()
     # The whole benchmark on the same shapes: a table with both models.
     argv = ["--random-layers", "3", "--hidden", "128", "--exit-layers", "1",
-            "--max-new-tokens", "8", "--converter", str(CONVERTER),
+            "--max-new-tokens", "8", "--rounds", "1", "--converter", str(CONVERTER),
             "--append-results", str(tmp_path / "RESULTS.md")]  # fmt: skip
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
