@@ -3,6 +3,7 @@ example at a time (batch 1: the previous code path, unchanged) against batched e
 
     python benchmarks/bench_eval_exits.py --data TRIVIAQA.jsonl --format triviaqa \\
         --tokenizer tokenizer.model [--model-dir HF_DIR] [--limit 64] [--batch-sizes 1,8,32]
+        [--threads N]
 
 Without --model-dir a random LLaMA-shaped model (--layers/--hidden, the tokenizer's
 vocabulary) is evaluated: throughput depends on shapes, not on trained weights. Every batch
@@ -58,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir
         if model_dir is None:
