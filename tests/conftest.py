@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SOFT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+# Caches that code under test writes (the tokenised-data cache, `datasets`' Arrow cache for
+# local folders) go to one folder per session, never the user's ~/.cache; set here, at import,
+# because `datasets` reads its cache path when first imported, and launched jobs inherit it.
+_SESSION_CACHE = Path(tempfile.mkdtemp(prefix="soft-test-cache-"))
+os.environ["SOFT_CACHE_DIR"] = str(_SESSION_CACHE / "tokenized")
+os.environ["HF_DATASETS_CACHE"] = str(_SESSION_CACHE / "hf-datasets")
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +68,7 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
     before = session.config.stash.get(_BEFORE, None)
     if before is None:
         return

@@ -1,6 +1,6 @@
 """Convert a Hugging Face LLaMA-2 folder into a megatron-core checkpoint for SoFT fine-tuning.
 
-    python tools/convert_hf_to_megatron.py --hf-dir HF_DIR --out-dir OUT [--dtype bf16]
+    python tools/convert_hf_to_megatron.py --hf-dir HF_DIR --out-dir OUT [--dtype auto]
 
 Then train from it at any TP/PP/DP layout:
 
@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", required=True, help="output folder (must not exist unless --overwrite)"
     )
     parser.add_argument(
-        "--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="stored/params dtype"
-    )
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+        help="stored dtype and model.yaml's params_dtype; auto (default) = the dtype the HF "
+        "tensors are stored in (LLaMA-2: fp16), so nothing is rounded",
+    )  # fmt: skip
     parser.add_argument(
         "--max-tensor-parallel", type=int, default=DEFAULT_MAX_TP,
         help="the checkpoint loads at every TP size dividing this (vocabulary padding)",

@@ -1,7 +1,7 @@
 """Evaluate every SoFT exit of an exported HF model: loss, perplexity, exact match, speed.
 
-`python tools/eval_exits.py --model-dir HF_DIR --data FILE --format alpaca|triviaqa|text
-[--exits 12,16,...] [--max-new-tokens N] [--limit N] [--out results.json] [--mlflow-uri URI]`
+`python tools/eval_exits.py --model-dir HF_DIR --data FILE|FOLDER|hf://ID --format alpaca|triviaqa|text
+[--exits 12,16,...] [--max-new-tokens N] [--limit N] [--batch-size 8] [--out results.json] [--mlflow-uri URI]`
 
 Writes results.json (one record per exit), results.md (the table also printed here) and
 results.png (quality and speed against exit depth); logs all of it to MLflow when asked.
@@ -25,7 +25,11 @@ from soft.evaluation.runner import run_eval_exits  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True, help="exported HF LlamaForCausalLM folder")
-    parser.add_argument("--data", required=True, help="evaluation file (.json, .jsonl, .txt)")
+    parser.add_argument(
+        "--data", required=True,
+        help="evaluation data: a .json/.jsonl/.parquet/.txt file, a dataset folder, or "
+        "hf://OWNER/NAME?config=...&split=... (as data.train_path)",
+    )  # fmt: skip
     parser.add_argument("--format", required=True, choices=FORMATS, help="record format of --data")
     parser.add_argument(
         "--exits", default=None,
@@ -37,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="greedy generation budget per example and exit (0 = losses only, no speed/EM)",
     )  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    parser.add_argument(
+        "--batch-size", type=int, default=8,
+        help="examples per forward / generate call, batched by length with padding (the same "
+        "losses and tokens as 1); speed columns are then per token of the batch's throughput: "
+        "use 1 for single-stream latency",
+    )  # fmt: skip
     parser.add_argument("--out", default="eval_exits.json", help="results JSON (.md/.png beside)")
     parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI to log the run to")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -52,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_eval_exits(
         args.model_dir, args.data, args.format, exits=exits, max_new_tokens=args.max_new_tokens,
         limit=args.limit, out=args.out, mlflow_uri=args.mlflow_uri, device=args.device,
-        dtype=args.dtype, progress=not args.no_progress,
+        dtype=args.dtype, progress=not args.no_progress, batch_size=args.batch_size,
     )  # fmt: skip
     print(result["table"])
     print(f"\nwrote {result['json']} and {result['plot']}")

@@ -86,6 +86,7 @@ APPLIED = (
     "parallel.overlap_param_gather",
     "parallel.backend",
     "data.valid_path",
+    "data.cache_dir",
     "train.train_iters",
     "train.micro_batch_size",
     "train.lr",

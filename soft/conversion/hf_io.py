@@ -19,6 +19,10 @@ from soft.models.config import ModelConfig
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# `--dtype auto`: the stored dtype's name; safetensors' names and torch's.
+_STORED_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+_TORCH_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+_KNOWN = ("fp32", "bf16", "fp16")
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -179,8 +183,47 @@ class HFTensorSource:
         handle = self._handle(file)
         return handle.get_tensor(name) if file.endswith(".safetensors") else handle[name]
 
+    def dtype_names(self) -> dict[str, str]:
+        """{tensor name: "fp32" | "bf16" | "fp16" | other stored name}, from the file headers
+        (safetensors) or the mmap'd tensors (.bin): no tensor data is read."""
+        out = {}
+        for name, file in self.weight_map.items():
+            handle = self._handle(file)
+            if file.endswith(".safetensors"):
+                stored = handle.get_slice(name).get_dtype()
+                out[name] = _STORED_NAMES.get(stored, stored)
+            else:
+                dtype = handle[name].dtype
+                out[name] = _TORCH_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        return out
+
     def close(self) -> None:
         self._open.clear()
+
+
+def source_dtype(source: HFTensorSource, config: dict[str, Any]) -> tuple[str, str]:
+    """`--dtype auto`: the dtype the checkpoint's tensors are stored in, and a note for the log.
+
+    Like `torch_dtype="auto"` in transformers, but read from the tensors themselves (what the
+    numbers are), not only config.json's `torch_dtype`/`dtype` (what someone wrote): LLaMA-2's
+    released weights are fp16, and converting them to bf16 rounds every one. Mixed storage
+    (fp32 norms beside fp16 matrices) becomes fp32, so nothing is rounded.
+    """
+    names = set(source.dtype_names().values())
+    unknown = names - set(_KNOWN)
+    if unknown:
+        raise ConfigError(
+            f"'{source.dir}' stores tensors as {sorted(unknown)}; --dtype auto handles fp32, "
+            "bf16 and fp16: pass --dtype explicitly"
+        )
+    # One 16-bit type stays; fp32 anywhere, or fp16 beside bf16 (neither holds the other's
+    # values exactly), is fp32.
+    chosen = next(iter(names)) if len(names) == 1 else "fp32"
+    declared = config.get("dtype") or config.get("torch_dtype")
+    note = f"--dtype auto: tensors stored as {'/'.join(sorted(names))} -> {chosen}"
+    if isinstance(declared, str) and declared != HF_DTYPE_NAMES[chosen]:
+        note += f" (config.json says {declared!r}; the stored tensors decide)"
+    return chosen, note
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,20 +89,28 @@ def model_yaml(model: ModelConfig, tokenizer_path: Path | None) -> dict[str, Any
 def convert_hf_to_megatron(
     hf_dir: str | Path,
     out_dir: str | Path,
-    dtype: str = "bf16",
+    dtype: str = "auto",
     max_tp: int = DEFAULT_MAX_TP,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert; returns the final output folder. Bad input raises ConfigError, leaving nothing."""
+    """Convert; returns the final output folder. Bad input raises ConfigError, leaving nothing.
+
+    `dtype` "auto" keeps the dtype the checkpoint's tensors are stored in (`hf_io.source_dtype`);
+    "fp32", "bf16" or "fp16" casts to it (and is model.yaml's params_dtype either way).
+    """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
-    if dtype not in hf_io.TORCH_DTYPES:
-        raise ConfigError(f"--dtype: expected one of {sorted(hf_io.TORCH_DTYPES)}, got '{dtype}'")
+    if dtype != "auto" and dtype not in hf_io.TORCH_DTYPES:
+        choices = ["auto", *sorted(hf_io.TORCH_DTYPES)]
+        raise ConfigError(f"--dtype: expected one of {choices}, got '{dtype}'")
     config = hf_io.read_hf_config(hf_dir)
+    source = hf_io.HFTensorSource(hf_dir)  # checks that every shard the index names exists
+    if dtype == "auto":
+        dtype, note = hf_io.source_dtype(source, config)
+        log.info(note)
     divisor, padded = stable_divisor(int(config["vocab_size"]), max_tp)
     model = hf_io.model_config_from_hf(config, dtype, divisor)
     shapes = shapes_of(model, int(config["vocab_size"]), padded)
-    source = hf_io.HFTensorSource(hf_dir)  # checks that every shard the index names exists
     tokenizer = hf_dir / "tokenizer.model"
     final_tokenizer = out_dir / "tokenizer.model" if tokenizer.is_file() else None
     megatron_io.ensure_single_rank_world()

@@ -1,4 +1,5 @@
-"""Data pipeline: tokenizer, data files or built-in tasks -> fixed-length SFT samples -> batches.
+"""Data pipeline: tokenizer, data files / dataset folders / hub datasets or built-in tasks ->
+fixed-length SFT samples -> batches.
 
 Public API: `build_datasets(cfg, seed)`, `Tokenizer`, `SFTDataset`, `ResumableBatchSampler`,
 `collate`.
@@ -10,17 +11,21 @@ import random
 from collections.abc import Sequence
 from typing import TypeVar
 
+import numpy as np
+
 from soft.config.errors import ConfigError
 from soft.data import builtin
+from soft.data.cache import tokenized_rows
 from soft.data.config import DataConfig
 from soft.data.dataset import DatasetStats, SFTDataset
-from soft.data.formats import load_pairs
 from soft.data.prompts import alpaca_prompt
 from soft.data.sampler import ResumableBatchSampler, check_batch_sizes, collate
+from soft.data.sources import DataSource, parse_source
 from soft.data.tokenizer import Tokenizer
 
 __all__ = [
     "DataConfig",
+    "DataSource",
     "DatasetStats",
     "ResumableBatchSampler",
     "SFTDataset",
@@ -28,6 +33,7 @@ __all__ = [
     "build_datasets",
     "build_tokenizer",
     "check_batch_sizes",
+    "parse_source",
     "collate",
 ]
 
@@ -44,30 +50,45 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[SFTDataset, SFTDataset |
     """(train, valid, tokenizer) for the data section.
 
     valid is read from `valid_path`, else `valid_fraction` of the training records are held
-    out (chosen deterministically from `seed`), else None when valid_fraction is 0.
+    out (chosen deterministically from `seed`), else None when valid_fraction is 0. Data from
+    files, folders and the hub is tokenised once into the cache (`soft.data.cache`; rank 0
+    builds it) and read memory-mapped; the built-in tasks are tokenised in memory.
     """
     cfg.validate()
     tokenizer = build_tokenizer(cfg)
     if cfg.train_path is None:
         train_pairs, valid_pairs = _builtin_pairs(cfg, seed)
-        train_src = valid_src = f"<built-in tasks, seed {seed}>"
-    else:
-        train_pairs = _file_pairs(cfg, cfg.train_path)
-        train_src = valid_src = cfg.train_path
-        if cfg.valid_path is not None:
-            valid_pairs = _file_pairs(cfg, cfg.valid_path)
-            valid_src = cfg.valid_path
-        else:
-            train_pairs, valid_pairs = _hold_out(train_pairs, cfg.valid_fraction, seed, train_src)
-    train = _make_dataset(cfg, train_pairs, tokenizer, train_src, "train")
-    valid = _make_dataset(cfg, valid_pairs, tokenizer, valid_src, "valid") if valid_pairs else None
-    return train, valid, tokenizer
-
-
-def _file_pairs(cfg: DataConfig, path: str) -> list[Pair]:
-    return load_pairs(
-        path, cfg.format, alias_index=cfg.answer_alias_index, text_field=cfg.text_field
+        source = f"<built-in tasks, seed {seed}>"
+        train = _make_dataset(cfg, train_pairs, tokenizer, source, "train")
+        valid = _make_dataset(cfg, valid_pairs, tokenizer, source, "valid") if valid_pairs else None
+        return train, valid, tokenizer
+    train_source = parse_source(cfg.train_path, "data.train_path")
+    valid_source = (
+        None if cfg.valid_path is None else parse_source(cfg.valid_path, "data.valid_path")
     )
+    rows, num_records, _ = tokenized_rows(train_source, cfg, tokenizer)
+    common = dict(seq_length=cfg.seq_length, pad_id=tokenizer.pad_id)
+    if valid_source is not None:
+        train = SFTDataset(
+            rows, num_records=num_records, source=cfg.train_path, name="train", **common
+        )
+        v_rows, v_records, _ = tokenized_rows(valid_source, cfg, tokenizer)
+        valid = SFTDataset(
+            v_rows, num_records=v_records, source=cfg.valid_path, name="valid", **common
+        )
+        return train, valid, tokenizer
+    train_ids, valid_ids = _hold_out(range(num_records), cfg.valid_fraction, seed, cfg.train_path)
+    train = SFTDataset(
+        rows, num_records=num_records, records=np.asarray(train_ids, dtype=np.int64),
+        source=cfg.train_path, name="train", **common,
+    )  # fmt: skip
+    valid = None
+    if valid_ids:
+        valid = SFTDataset(
+            rows, num_records=num_records, records=np.asarray(valid_ids, dtype=np.int64),
+            source=cfg.train_path, name="valid", **common,
+        )  # fmt: skip
+    return train, valid, tokenizer
 
 
 def _builtin_pairs(cfg: DataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:

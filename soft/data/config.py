@@ -18,11 +18,17 @@ class DataConfig:
     )
     train_path: str | None = option(
         None,
-        "Training data file (.json, .jsonl or .parquet). null = the project's built-in "
-        "synthetic instruction tasks (needs no files).",
+        "Training data: a .json/.jsonl/.parquet file; a local dataset folder (written by "
+        "`save_to_disk`, or data files / hub layout that `datasets.load_dataset` reads); or a "
+        "Hugging Face hub dataset `hf://OWNER/NAME`. Folders and hub ids take options after "
+        "'?': `config` (load_dataset's name), `split` (default train), `revision`; e.g. "
+        "`hf://mandarjoshi/trivia_qa?config=rc.nocontext&split=train`. null = the project's "
+        "built-in synthetic instruction tasks (needs no files).",
     )
     valid_path: str | None = option(
-        None, "Validation data file; null = hold out `valid_fraction` of the training records."
+        None,
+        "Validation data, written like train_path (e.g. `hf://tatsu-lab/alpaca?split=test`); "
+        "null = hold out `valid_fraction` of the training records.",
     )
     valid_fraction: float = option(
         0.05, "Fraction of training records held out when valid_path is null."
@@ -42,6 +48,13 @@ class DataConfig:
     )
     text_field: str = option("text", "Plain-text format: the record field holding the document.")
     builtin_num_samples: int = option(2000, "Built-in synthetic tasks: number of training records.")
+    cache_dir: str | None = option(
+        None,
+        "Where tokenised data files and datasets are cached (keyed by the data's checksum, the "
+        "tokenizer's checksum, seq_length and the format options; rank 0 tokenises, the other "
+        "ranks read the memory-mapped result). Should be visible to every node. null = "
+        "$SOFT_CACHE_DIR, else ~/.cache/soft/tokenized.",
+    )
 
     def validate(self, prefix: str = "data") -> None:
         if self.seq_length < 8:

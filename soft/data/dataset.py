@@ -1,14 +1,27 @@
-"""Tokenised fixed-length samples for supervised fine-tuning.
+"""Tokenised fixed-length samples for supervised fine-tuning, kept in Arrow.
 
 Layout of one sample (LLaMA-2 conventions):
 
-    full      = [BOS] + prompt_ids + response_ids + [EOS]
+    full      = [BOS] + prompt_ids + response_ids + [EOS]     (cut to seq_length + 1 ids)
     tokens    = full[:-1]          (model input)
     labels    = full[1:]           (next-token targets)
     loss_mask = 1 where the label is a response token or the final EOS, else 0
 
-padded to `seq_length` with the pad id and mask 0. The datasets are small, so everything is
-tokenised eagerly into three dense tensors: `__getitem__` is then a cheap slice.
+padded to `seq_length` with the pad id and mask 0.
+
+The tokenised rows of a whole source live in one Arrow table (`datasets.Dataset`), one row per
+sample, and one row per dropped record saying why:
+
+    record      int64        the record the row came from (a text document gives several rows)
+    ids         list<int32>  `full` of the sample, unpadded (empty for a dropped record)
+    mask_start  int32        first label position in the loss (the loss runs to the end)
+    truncated   bool         the response was cut to fit
+    drop        string       why the record was dropped; "" for a sample
+
+The table comes from the tokenisation cache (`soft.data.cache`: memory-mapped, so ranks on one
+node share the page cache and no rank holds the set in Python lists), or is built in memory for
+small in-process data (built-in tasks, tests). A dataset is a selection of its records (the
+train/valid hold-out); padding happens per batch.
 """
 
 from __future__ import annotations
@@ -16,8 +29,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -25,6 +39,7 @@ from soft.config.errors import ConfigError
 from soft.data.tokenizer import Tokenizer
 
 Overlong = Literal["truncate", "drop"]
+ROW_COLUMNS = ("record", "ids", "mask_start", "truncated", "drop")
 
 
 @dataclass
@@ -42,83 +57,139 @@ class DatasetStats:
         self.drop_reasons[reason] += 1
 
 
-@dataclass
-class _Sample:
-    tokens: list[int]
-    labels: list[int]
-    mask_start: int  # first label position in the loss
-    mask_end: int  # one past the last label position in the loss (= number of labels)
+# ----------------------------------------------------------------------------- tokenising
 
 
-def sft_sample(
+def _row(record: int, ids: list[int], mask_start: int, truncated: bool, drop: str) -> tuple:
+    return record, ids, mask_start, truncated, drop
+
+
+def sft_rows(
+    record: int,
     prompt_ids: Sequence[int],
     response_ids: Sequence[int],
     tokenizer: Tokenizer,
     seq_length: int,
     overlong: Overlong,
-    stats: DatasetStats,
-) -> _Sample | None:
-    """One prompt/response sample, or None (counted in `stats`) if it cannot be used."""
+) -> tuple:
+    """One prompt/response record -> its row: a sample, or a drop with the reason."""
     full = [tokenizer.bos_id, *prompt_ids, *response_ids, tokenizer.eos_id]
     # Label j is full[j + 1], so labels from index len(prompt_ids) on are response or EOS.
     mask_start = len(prompt_ids)
-    if len(full) - 1 > seq_length:
-        if overlong == "drop":
-            stats.drop(f"longer than data.seq_length={seq_length} (data.overlong=drop)")
-            return None
-        if mask_start >= seq_length:
-            stats.drop(
-                f"with a prompt that alone fills data.seq_length={seq_length}, "
-                "leaving no response token to train on"
-            )
-            return None
-        full = full[: seq_length + 1]  # cut the end of the response (and the EOS)
-        stats.num_truncated += 1
-    return _Sample(full[:-1], full[1:], mask_start, len(full) - 1)
+    if len(full) - 1 <= seq_length:
+        return _row(record, full, mask_start, False, "")
+    if overlong == "drop":
+        return _row(
+            record, [], 0, False, f"longer than data.seq_length={seq_length} (data.overlong=drop)"
+        )
+    if mask_start >= seq_length:
+        reason = (
+            f"with a prompt that alone fills data.seq_length={seq_length}, "
+            "leaving no response token to train on"
+        )
+        return _row(record, [], 0, False, reason)
+    return _row(record, full[: seq_length + 1], mask_start, True, "")  # cut the response end
 
 
-def text_windows(ids: Sequence[int], tokenizer: Tokenizer, seq_length: int) -> list[_Sample]:
+def text_rows(record: int, ids: Sequence[int], tokenizer: Tokenizer, seq_length: int) -> list:
     """Consecutive `seq_length` windows over [BOS] + document + [EOS], all tokens in the loss.
 
     Windows overlap by one token so that every token of the document is a label once.
     """
     full = [tokenizer.bos_id, *ids, tokenizer.eos_id]
-    windows = []
-    for start in range(0, len(full) - 1, seq_length):
-        chunk = full[start : start + seq_length + 1]
-        windows.append(_Sample(chunk[:-1], chunk[1:], 0, len(chunk) - 1))
-    return windows
+    return [
+        _row(record, full[start : start + seq_length + 1], 0, False, "")
+        for start in range(0, len(full) - 1, seq_length)
+    ]
+
+
+def tokenize_rows(
+    records: Sequence[int],
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    tokenizer: Tokenizer,
+    seq_length: int,
+    overlong: Overlong,
+    text: bool,
+) -> dict[str, list[Any]]:
+    """Rows (column -> values) for a batch of records; `text`: language-modelling windows of
+    the responses (blank documents are dropped: they would only teach BOS -> EOS)."""
+    rows: list[tuple] = []
+    if text:
+        kept = [i for i, doc in enumerate(responses) if doc.strip()]
+        encoded = dict(zip(kept, tokenizer.encode_many([responses[i] for i in kept]), strict=True))
+        for i, record in enumerate(records):
+            if i in encoded:
+                rows.extend(text_rows(record, encoded[i], tokenizer, seq_length))
+            else:
+                rows.append(_row(record, [], 0, False, "with an empty document"))
+    else:
+        for record, (p_ids, r_ids) in zip(
+            records, tokenizer.encode_pairs(prompts, responses), strict=True
+        ):
+            rows.append(sft_rows(record, p_ids, r_ids, tokenizer, seq_length, overlong))
+    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in ROW_COLUMNS]
+    return {name: list(values) for name, values in zip(ROW_COLUMNS, columns, strict=True)}
+
+
+def row_features() -> Any:
+    """Arrow types of the rows (int32 ids: half the bytes of int64, any vocabulary < 2^31)."""
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "record": Value("int64"),
+            "ids": List(Value("int32")),
+            "mask_start": Value("int32"),
+            "truncated": Value("bool"),
+            "drop": Value("string"),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- the dataset
 
 
 class SFTDataset(Dataset):
     """Fixed-length samples: dicts of `tokens`, `labels` (LongTensor[s]) and `loss_mask`
-    (FloatTensor[s]). Build with `from_pairs` (prompt/response) or `from_documents` (text)."""
+    (FloatTensor[s]). `rows` is the Arrow table described in the module docstring; `records`
+    the record indices this dataset uses (None = all `num_records`). Build small in-memory
+    ones with `from_pairs` (prompt/response) or `from_documents` (text)."""
 
     def __init__(
         self,
-        samples: Sequence[_Sample],
+        rows: Any,
         *,
+        num_records: int,
         seq_length: int,
         pad_id: int,
-        stats: DatasetStats,
         source: str,
         name: str = "data",
+        records: np.ndarray | None = None,
     ):
         self.seq_length = seq_length
         self.pad_id = pad_id
-        self.stats = stats
         self.source = source
         self.name = name
-        n = len(samples)
-        self.tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
-        self.labels = torch.full((n, seq_length), pad_id, dtype=torch.long)
-        self.loss_mask = torch.zeros((n, seq_length), dtype=torch.float)
-        for i, s in enumerate(samples):
-            self.tokens[i, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
-            self.labels[i, : len(s.labels)] = torch.tensor(s.labels, dtype=torch.long)
-            self.loss_mask[i, s.mask_start : s.mask_end] = 1.0
-        stats.num_samples = n
-        stats.num_loss_tokens = int(self.loss_mask.sum().item())
+        table = rows.data
+        record = table.column("record").to_numpy()
+        dropped = _dropped_mask(table.column("drop"))
+        chosen = np.ones(len(record), dtype=bool) if records is None else np.isin(record, records)
+        self._index = np.flatnonzero(chosen & ~dropped)  # sample i -> row
+        self._rows = rows.with_format("numpy", columns=["ids", "mask_start"])
+        self.stats = _stats(table, record, chosen, dropped, self._index, num_records, records)
+        _check_not_empty(self.stats, source)
+
+    @classmethod
+    def from_rows(cls, columns: dict[str, list[Any]], num_records: int, **kwargs) -> SFTDataset:
+        """A dataset over rows held in memory (see `tokenize_rows`)."""
+        from datasets import Dataset as ArrowDataset
+
+        return cls(
+            ArrowDataset.from_dict(columns, features=row_features()),
+            num_records=num_records,
+            **kwargs,
+        )
 
     @classmethod
     def from_pairs(
@@ -132,19 +203,15 @@ class SFTDataset(Dataset):
         name: str = "data",
     ) -> SFTDataset:
         """Samples from (prompt, response) texts; raises ConfigError if none survive."""
-        stats = DatasetStats(num_records=len(pairs))
-        samples = []
-        for prompt, response in pairs:
-            prompt_ids, response_ids = tokenizer.encode_pair(prompt, response)
-            sample = sft_sample(prompt_ids, response_ids, tokenizer, seq_length, overlong, stats)
-            if sample is not None:
-                samples.append(sample)
-        _check_not_empty(samples, stats, source)
-        return cls(
-            samples,
+        prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+        columns = tokenize_rows(
+            range(len(pairs)), prompts, responses, tokenizer, seq_length, overlong, text=False
+        )
+        return cls.from_rows(
+            columns,
+            len(pairs),
             seq_length=seq_length,
             pad_id=tokenizer.pad_id,
-            stats=stats,
             source=source,
             name=name,
         )
@@ -159,45 +226,40 @@ class SFTDataset(Dataset):
         source: str = "<memory>",
         name: str = "data",
     ) -> SFTDataset:
-        """Language-modelling samples: each document split into `seq_length` windows.
-
-        Blank documents are dropped: they would only teach BOS -> EOS.
-        """
-        stats = DatasetStats(num_records=len(documents))
-        samples: list[_Sample] = []
-        for doc in documents:
-            if not doc.strip():
-                stats.drop("with an empty document")
-                continue
-            samples.extend(text_windows(tokenizer.encode(doc), tokenizer, seq_length))
-        _check_not_empty(samples, stats, source)
-        return cls(
-            samples,
+        """Language-modelling samples: each document split into `seq_length` windows."""
+        columns = tokenize_rows(
+            range(len(documents)), [""] * len(documents), documents, tokenizer, seq_length,
+            "truncate", text=True,
+        )  # fmt: skip
+        return cls.from_rows(
+            columns,
+            len(documents),
             seq_length=seq_length,
             pad_id=tokenizer.pad_id,
-            stats=stats,
             source=source,
             name=name,
         )
 
     def __len__(self) -> int:
-        return self.tokens.shape[0]
+        return len(self._index)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {
-            "tokens": self.tokens[index],
-            "labels": self.labels[index],
-            "loss_mask": self.loss_mask[index],
-        }
+        return {key: value[0] for key, value in self.batch([index]).items()}
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Samples `indices` stacked, by one tensor gather (same result as `collate`)."""
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return {
-            "tokens": self.tokens[idx],
-            "labels": self.labels[idx],
-            "loss_mask": self.loss_mask[idx],
-        }
+        """Samples `indices` stacked and padded (the same result as `collate` of the items)."""
+        rows = self._rows[self._index[np.asarray(list(indices), dtype=np.int64)].tolist()]
+        n = len(rows["mask_start"])
+        tokens = torch.full((n, self.seq_length), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, self.seq_length), self.pad_id, dtype=torch.long)
+        loss_mask = torch.zeros((n, self.seq_length), dtype=torch.float)
+        for i, (ids, start) in enumerate(zip(rows["ids"], rows["mask_start"], strict=True)):
+            full = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+            length = len(full) - 1
+            tokens[i, :length] = full[:-1]
+            labels[i, :length] = full[1:]
+            loss_mask[i, int(start) : length] = 1.0
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
 
     def describe(self) -> str:
         """One line for the log."""
@@ -209,8 +271,40 @@ class SFTDataset(Dataset):
         )
 
 
-def _check_not_empty(samples: Sequence[_Sample], stats: DatasetStats, source: str) -> None:
-    if samples:
+def _dropped_mask(column: Any) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.not_equal(column, "").to_numpy(zero_copy_only=False)
+
+
+def _stats(
+    table: Any,
+    record: np.ndarray,
+    chosen: np.ndarray,
+    dropped: np.ndarray,
+    index: np.ndarray,
+    num_records: int,
+    records: np.ndarray | None,
+) -> DatasetStats:
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(table.column("ids")).to_numpy(zero_copy_only=False)
+    mask_start = table.column("mask_start").to_numpy()
+    truncated = table.column("truncated").to_numpy(zero_copy_only=False)
+    reasons = Counter(table.column("drop").take(np.flatnonzero(chosen & dropped)).to_pylist())
+    loss_tokens = lengths[index].astype(np.int64) - 1 - mask_start[index]
+    return DatasetStats(
+        num_records=num_records if records is None else len(records),
+        num_samples=len(index),
+        num_truncated=int(truncated[index].sum()),
+        num_dropped=sum(reasons.values()),
+        num_loss_tokens=int(loss_tokens.sum()),
+        drop_reasons=reasons,
+    )
+
+
+def _check_not_empty(stats: DatasetStats, source: str) -> None:
+    if stats.num_samples:
         return
     if stats.num_records == 0:
         raise ConfigError(f"data file '{source}': no records")

@@ -10,7 +10,6 @@ problem can be reported with the file, line or row, and field. Parquet goes thro
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 
 from soft.config.errors import ConfigError
 from soft.data.prompts import alpaca_prompt, triviaqa_prompt
+from soft.data.sources import import_datasets
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
 FORMATS = ("alpaca", "triviaqa", "text")
@@ -36,8 +36,10 @@ class RecordError(ConfigError):
     """A bad record; the message names the file, the line or row, and the field."""
 
 
-def _fail(path: Path, where: str, message: str) -> RecordError:
-    return RecordError(f"data file '{path}', {where}: {message}")
+def _fail(origin: str | Path, where: str, message: str) -> RecordError:
+    """`origin` is a file path, or a label such as "dataset 'hf://...' (split 'train')"."""
+    label = f"data file '{origin}'" if isinstance(origin, Path) else origin
+    return RecordError(f"{label}, {where}: {message}")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -139,31 +141,21 @@ def _read_parquet(path: Path) -> list[RawRecord]:
     return [RawRecord(f"row {i}", row) for i, row in enumerate(rows)]
 
 
-def import_datasets() -> Any:
-    """`datasets`, forced offline: runs have no network, and a hub lookup would hang or fail."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import datasets
-
-    datasets.disable_progress_bars()
-    return datasets
-
-
 # -------------------------------------------------------------------------- validation
 
 
-def _field(path: Path, rec: RawRecord, name: str, hint: str = "") -> Any:
+def _field(origin: str | Path, rec: RawRecord, name: str, hint: str = "") -> Any:
     if name not in rec.data:
-        raise _fail(path, rec.where, f"missing field '{name}'{hint}{_format_hint(rec.data)}")
+        raise _fail(origin, rec.where, f"missing field '{name}'{hint}{_format_hint(rec.data)}")
     if rec.data[name] is None:
-        raise _fail(path, rec.where, f"field '{name}' is null{hint}")
+        raise _fail(origin, rec.where, f"field '{name}' is null{hint}")
     return rec.data[name]
 
 
-def _string(path: Path, rec: RawRecord, name: str, value: Any) -> str:
+def _string(origin: str | Path, rec: RawRecord, name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _fail(
-            path,
+            origin,
             rec.where,
             f"field '{name}' must be a string, got {type(value).__name__} {value!r:.60}",
         )
@@ -179,35 +171,35 @@ def _format_hint(data: dict[str, Any]) -> str:
     return ""
 
 
-def alpaca_pair(path: Path, rec: RawRecord) -> tuple[str, str]:
+def alpaca_pair(origin: str | Path, rec: RawRecord) -> tuple[str, str]:
     """(Alpaca prompt, output); `input` may be absent, null or ""."""
     need = " (alpaca records need 'instruction', 'output' and optionally 'input')"
-    instruction = _string(path, rec, "instruction", _field(path, rec, "instruction", need))
+    instruction = _string(origin, rec, "instruction", _field(origin, rec, "instruction", need))
     input_ = rec.data.get("input")
-    input_ = "" if input_ is None else _string(path, rec, "input", input_)
-    output = _string(path, rec, "output", _field(path, rec, "output", need))
+    input_ = "" if input_ is None else _string(origin, rec, "input", input_)
+    output = _string(origin, rec, "output", _field(origin, rec, "output", need))
     return alpaca_prompt(instruction, input_), output
 
 
-def triviaqa_question(path: Path, rec: RawRecord) -> str:
+def triviaqa_question(origin: str | Path, rec: RawRecord) -> str:
     """The question: `turns`[0] (the shared export's schema) or `question`."""
     if "turns" in rec.data and rec.data["turns"] is not None:
         turns = rec.data["turns"]
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
-            raise _fail(path, rec.where, "field 'turns' must be a non-empty list of strings")
+            raise _fail(origin, rec.where, "field 'turns' must be a non-empty list of strings")
         return turns[0]
     hint = " (triviaqa records need 'question' or 'turns', and 'answer')"
-    return _string(path, rec, "question", _field(path, rec, "question", hint))
+    return _string(origin, rec, "question", _field(origin, rec, "question", hint))
 
 
-def triviaqa_aliases(path: Path, rec: RawRecord) -> list[str]:
+def triviaqa_aliases(origin: str | Path, rec: RawRecord) -> list[str]:
     """Answer aliases from a list, a string, or {"aliases": [...], "value": ...}.
 
     In the dict form (the Hugging Face trivia_qa schema) the aliases come first, so an alias
     index means the same as for the shared export's plain list; `value` is used only when
     there are no aliases.
     """
-    answer = _field(path, rec, "answer", " (triviaqa records need a question and 'answer')")
+    answer = _field(origin, rec, "answer", " (triviaqa records need a question and 'answer')")
     if isinstance(answer, str):
         aliases: Any = [answer]
     elif isinstance(answer, dict):
@@ -222,7 +214,7 @@ def triviaqa_aliases(path: Path, rec: RawRecord) -> list[str]:
         or not all(isinstance(a, str) and a for a in aliases)
     ):
         raise _fail(
-            path,
+            origin,
             rec.where,
             "field 'answer' must be a string, a non-empty list of strings, or "
             f'{{"aliases": [...], "value": ...}}; got {answer!r:.80}',
@@ -230,21 +222,21 @@ def triviaqa_aliases(path: Path, rec: RawRecord) -> list[str]:
     return aliases
 
 
-def triviaqa_pair(path: Path, rec: RawRecord, alias_index: int) -> tuple[str, str]:
+def triviaqa_pair(origin: str | Path, rec: RawRecord, alias_index: int) -> tuple[str, str]:
     """(question prompt, " " + alias); the index is clipped to the last alias, so a record
     with fewer aliases than `data.answer_alias_index` trains on its last one."""
-    question = triviaqa_question(path, rec)
-    aliases = triviaqa_aliases(path, rec)
+    question = triviaqa_question(origin, rec)
+    aliases = triviaqa_aliases(origin, rec)
     return triviaqa_prompt(question), " " + aliases[min(alias_index, len(aliases) - 1)]
 
 
-def text_document(path: Path, rec: RawRecord, field: str) -> str:
+def text_document(origin: str | Path, rec: RawRecord, field: str) -> str:
     hint = " (set data.text_field to the field holding the document)"
-    return _string(path, rec, field, _field(path, rec, field, hint))
+    return _string(origin, rec, field, _field(origin, rec, field, hint))
 
 
 def to_pairs(
-    path: str | Path,
+    origin: str | Path,
     records: Iterable[RawRecord],
     fmt: str,
     *,
@@ -252,15 +244,40 @@ def to_pairs(
     text_field: str = "text",
 ) -> list[tuple[str, str]]:
     """(prompt, response) per record. Text documents are all response (empty prompt):
-    the loss covers every token."""
-    path = Path(path)
+    the loss covers every token. `origin`: the file (a str is taken as a file path), or a
+    `Label` naming a dataset in messages."""
+    if isinstance(origin, str) and not isinstance(origin, Label):
+        origin = Path(origin)
     if fmt == "alpaca":
-        return [alpaca_pair(path, r) for r in records]
+        return [alpaca_pair(origin, r) for r in records]
     if fmt == "triviaqa":
-        return [triviaqa_pair(path, r, alias_index) for r in records]
+        return [triviaqa_pair(origin, r, alias_index) for r in records]
     if fmt == "text":
-        return [("", text_document(path, r, text_field)) for r in records]
+        return [("", text_document(origin, r, text_field)) for r in records]
     raise ConfigError(f"unknown data format '{fmt}'; expected one of {', '.join(FORMATS)}")
+
+
+class Label(str):
+    """A source named in messages as is ("dataset 'hf://...' (split 'train')"), not a path."""
+
+
+def rows_to_pairs(
+    label: str,
+    rows: dict[str, list[Any]],
+    first_row: int,
+    fmt: str,
+    *,
+    alias_index: int = 0,
+    text_field: str = "text",
+) -> list[tuple[str, str]]:
+    """A batch of dataset rows (column -> values, as `datasets.Dataset.map(batched=True)`
+    passes them) as (prompt, response), errors naming `label` and the row number."""
+    columns = list(rows)
+    n = len(rows[columns[0]]) if columns else 0
+    records = (
+        RawRecord(f"row {first_row + i}", {c: rows[c][i] for c in columns}) for i in range(n)
+    )
+    return to_pairs(Label(label), records, fmt, alias_index=alias_index, text_field=text_field)
 
 
 def load_pairs(

@@ -80,6 +80,10 @@ class Tokenizer:
             ids = [*ids, self.eos_id]
         return ids
 
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text (no BOS/EOS); SentencePiece encodes a list in C++ threads."""
+        return self._sp.encode(list(texts))
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -93,12 +97,24 @@ class Tokenizer:
         boundary (the prompt's encoding is not a prefix of the joint one), the split falls
         back to the longest common prefix, so the straddling token counts as response.
         """
-        full = self.encode(prompt + response)
-        if not prompt:
-            return [], full
-        prompt_ids = self.encode(prompt)
-        common = 0
-        limit = min(len(prompt_ids), len(full))
-        while common < limit and prompt_ids[common] == full[common]:
-            common += 1
-        return full[:common], full[common:]
+        ((prompt_ids, response_ids),) = self.encode_pairs([prompt], [response])
+        return prompt_ids, response_ids
+
+    def encode_pairs(
+        self, prompts: Sequence[str], responses: Sequence[str]
+    ) -> list[tuple[list[int], list[int]]]:
+        """`encode_pair` for many pairs: SentencePiece encodes each list in C++ threads."""
+        fulls = self.encode_many([p + r for p, r in zip(prompts, responses, strict=True)])
+        with_prompt = [i for i, p in enumerate(prompts) if p]
+        prompt_ids = dict(
+            zip(with_prompt, self.encode_many([prompts[i] for i in with_prompt]), strict=True)
+        )
+        out = []
+        for i, full in enumerate(fulls):
+            ids = prompt_ids.get(i, [])
+            common = 0
+            limit = min(len(ids), len(full))
+            while common < limit and ids[common] == full[common]:
+                common += 1
+            out.append((full[:common], full[common:]))
+        return out

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from soft.config.errors import ConfigError
 from soft.data.tokenizer import Tokenizer
+from soft.evaluation.batched import SubModels, exit_nll_batch, generate_batch, length_batches
 from soft.evaluation.decoding import LayerRunner, greedy_generate
 from soft.evaluation.losses import TokenizedExample, exit_nll, tokenize_example
 from soft.evaluation.metrics import exact_match
@@ -121,36 +122,40 @@ def evaluate_exits(
     score_exact_match: bool = False,
     stop_at_newline: bool = False,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> ExitEvaluation:
     """Per-exit records (+ per-example exact match when scored). The full model is always
     included: it is the speed-up reference.
 
-    Generation for all exits is interleaved per example, so load drift on a shared machine
-    affects every exit alike; each exit runs as a truncated model with its own KV cache.
+    `batch_size` 1: one example at a time through `exit_nll` and `greedy_generate` (each exit a
+    truncated model with its own KV cache); timings are single-stream latency. Larger: examples
+    of similar length batched (soft.evaluation.batched: right-padded loss pass, left-padded
+    `generate`); the same losses (to float rounding) and tokens, and timings are per token of
+    the batch's throughput. Generation for all exits is interleaved per example or batch, so
+    load drift on a shared machine affects every exit alike.
     """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: expected >= 1, got {batch_size}")
     num_layers = exported.num_layers
     exits = sorted(set(exits) | {num_layers})
-    runner = LayerRunner(exported.model, exported.exit_heads)
     tokenizer = exported.tokenizer
     stops = stop_ids(tokenizer, stop_at_newline)
     tallies = {k: _ExitTally() for k in exits}
-    if max_new_tokens > 0:  # warm-up: first calls pay one-off allocation / kernel selection costs
+    if batch_size == 1:
+        nll, generated = _one_by_one(
+            exported, examples, exits, max_new_tokens, stops, tallies, progress
+        )
+    else:
+        nll, generated = _batched(
+            exported, examples, exits, max_new_tokens, stops, tallies, progress, batch_size
+        )
+    for i in range(len(examples)):  # tallies in example order, whatever order the batches ran in
         for k in exits:
-            greedy_generate(runner, examples[0].prompt_ids, 2, exit_layer=k, stop_ids=stops)
-    for example in tqdm(examples, desc="eval exits", unit="example", disable=not progress):
-        for k, (nll, count) in exit_nll(
-            exported.model, example.loss_ids, example.num_target, exits, exported.exit_heads
-        ).items():
-            tallies[k].nll += nll
-            tallies[k].tokens += count
-        if max_new_tokens <= 0:
-            continue
-        for k in exits:
-            result = greedy_generate(runner, example.prompt_ids, max_new_tokens, k, stops)
-            tallies[k].record(len(result.token_ids), result.elapsed_s)
-            if score_exact_match:
-                answer = tokenizer.decode([t for t in result.token_ids if t not in stops])
-                tallies[k].score(answer, example.answers)
+            tallies[k].nll += nll[i][k][0]
+            tallies[k].tokens += nll[i][k][1]
+            if max_new_tokens > 0 and score_exact_match:
+                tokens = [t for t in generated[k][i] if t not in stops]
+                tallies[k].score(tokenizer.decode(tokens), examples[i].answers)
     records = [_record(k, tallies[k], score_exact_match) for k in exits]
     full = records[-1]
     for record in records:
@@ -159,6 +164,88 @@ def evaluate_exits(
     scored = score_exact_match and max_new_tokens > 0
     per_example = {k: tallies[k].hits_per_example for k in exits} if scored else None
     return ExitEvaluation(records, per_example)
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    """Examples done, examples/s and the ETA (tqdm's own estimate)."""
+    return tqdm(total=total, desc=desc, unit="example", disable=not progress, smoothing=0.1)
+
+
+# Per example: {exit: (summed NLL, target tokens)}; per exit: each example's generated tokens.
+Losses = list[dict[int, tuple[float, int]]]
+Generated = dict[int, list[list[int]]]
+
+
+def _one_by_one(
+    exported: ExportedModel,
+    examples: Sequence[TokenizedExample],
+    exits: list[int],
+    max_new_tokens: int,
+    stops: set[int],
+    tallies: dict[int, _ExitTally],
+    progress: bool,
+) -> tuple[Losses, Generated]:
+    nll: Losses = [{} for _ in examples]
+    generated: Generated = {k: [[] for _ in examples] for k in exits}
+    runner = LayerRunner(exported.model, exported.exit_heads)
+    if max_new_tokens > 0:  # warm-up: first calls pay one-off allocation / kernel selection costs
+        for k in exits:
+            greedy_generate(runner, examples[0].prompt_ids, 2, exit_layer=k, stop_ids=stops)
+    with _bar(len(examples), "eval exits", progress) as bar:
+        for i, example in enumerate(examples):
+            nll[i] = exit_nll(
+                exported.model, example.loss_ids, example.num_target, exits, exported.exit_heads
+            )
+            if max_new_tokens > 0:
+                for k in exits:
+                    result = greedy_generate(runner, example.prompt_ids, max_new_tokens, k, stops)
+                    tallies[k].record(len(result.token_ids), result.elapsed_s)
+                    generated[k][i] = result.token_ids
+            bar.update(1)
+    return nll, generated
+
+
+def _batched(
+    exported: ExportedModel,
+    examples: Sequence[TokenizedExample],
+    exits: list[int],
+    max_new_tokens: int,
+    stops: set[int],
+    tallies: dict[int, _ExitTally],
+    progress: bool,
+    batch_size: int,
+) -> tuple[Losses, Generated]:
+    nll: Losses = [{} for _ in examples]
+    generated: Generated = {k: [[] for _ in examples] for k in exits}
+    model, heads = exported.model, exported.exit_heads
+    pad = exported.tokenizer.pad_id
+    batches = length_batches([len(e.loss_ids) for e in examples], batch_size)
+    with _bar(len(examples), "losses", progress) as bar:
+        for batch in batches:
+            results = exit_nll_batch(
+                model, [examples[i].loss_ids for i in batch],
+                [examples[i].num_target for i in batch], exits, heads, pad,
+            )  # fmt: skip
+            for i, result in zip(batch, results, strict=True):
+                nll[i] = result
+            bar.update(len(batch))
+    if max_new_tokens <= 0:
+        return nll, generated
+    views = SubModels(model, heads)
+    batches = length_batches([len(e.prompt_ids) for e in examples], batch_size)
+    first = [examples[i].prompt_ids for i in batches[0]]
+    for k in exits:  # warm-up at the real batch shape
+        generate_batch(views(k), first, 2, stops, pad)
+    with _bar(len(examples), "generation", progress) as bar:
+        for batch in batches:
+            prompts = [examples[i].prompt_ids for i in batch]
+            for k in exits:
+                outputs, elapsed = generate_batch(views(k), prompts, max_new_tokens, stops, pad)
+                tallies[k].record(sum(len(o) for o in outputs), elapsed)
+                for i, tokens in zip(batch, outputs, strict=True):
+                    generated[k][i] = tokens
+            bar.update(len(batch))
+    return nll, generated
 
 
 def run_eval_exits(
@@ -173,11 +260,14 @@ def run_eval_exits(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
+    batch_size: int = 1,
 ) -> dict:
     """The whole eval_exits job: returns {"records", "per_example", "table", "json", "plot",
     "mlflow_run_id"}; `per_example` is {"<layer>": [1/0 per example]} or None (EM not scored)."""
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens: expected >= 0, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: expected >= 1, got {batch_size}")
     raw = load_eval_examples(data, fmt, limit)  # cheap checks of the data before the model loads
     exported = load_exported_model(model_dir, device=device, dtype=dtype)
     chosen = resolve_exits(exits, exported)
@@ -186,6 +276,7 @@ def run_eval_exits(
     evaluation = evaluate_exits(
         exported, examples, chosen, max_new_tokens,
         score_exact_match=fmt in ("triviaqa", "alpaca"), stop_at_newline=is_qa, progress=progress,
+        batch_size=batch_size,
     )  # fmt: skip
     rows = [asdict(r) for r in evaluation.records]
     per_example = (
@@ -197,7 +288,7 @@ def run_eval_exits(
     out.parent.mkdir(parents=True, exist_ok=True)
     params = {
         "model_dir": str(model_dir), "data": str(data), "format": fmt, "exits": chosen,
-        "num_examples": len(examples), "max_new_tokens": max_new_tokens,
+        "num_examples": len(examples), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "device": str(exported.model.lm_head.weight.device), "dtype": str(exported.model.dtype),
         "exit_heads": sorted(k for k in exported.exit_heads if k in {r["layer"] for r in rows}),
     }  # fmt: skip

@@ -1,14 +1,14 @@
 """A run folder (`train.output_dir`) and the files in it; the one place that names them.
 
-    <output_dir>/config.yaml        the resolved config of the latest job (written once the
-                                    job's config, data and checkpoint have been validated)
-    <output_dir>/checkpoints/       soft.checkpointing.directory (or checkpoint.save_dir)
-    <output_dir>/train_log.jsonl    one record per training step: each step once, also after
-    <output_dir>/valid_log.jsonl    resumes (replayed steps replace the old records)
-    <output_dir>/exit_status.json   why the last job stopped (soft.runs.status)
-    <output_dir>/.lock              the job that holds the folder (soft.runs.lock)
-    <output_dir>/mlflow.db, mlflow_run_id, mlartifacts/   MLflow (soft.tracking)
-    <output_dir>/previous/<time>/   what checkpoint.start_over moved aside
+<output_dir>/config.yaml        the resolved config of the latest job (written once the
+                                job's config, data and checkpoint have been validated)
+<output_dir>/checkpoints/       soft.checkpointing.directory (or checkpoint.save_dir)
+<output_dir>/train_log.jsonl    one record per training step: each step once, also after
+<output_dir>/valid_log.jsonl    resumes (replayed steps replace the old records)
+<output_dir>/exit_status.json   why the last job stopped (soft.runs.status)
+<output_dir>/.lock              the job that holds the folder (soft.runs.lock)
+<output_dir>/mlflow.db, mlflow_run_id, mlartifacts/   MLflow (soft.tracking)
+<output_dir>/previous/<time>/   what checkpoint.start_over moved aside
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ _JOB_VARS = {
     "SLURM_JOB_PARTITION": "partition",
     "SLURM_RESTART_COUNT": "restart_count",
     "SLURM_CLUSTER_NAME": "cluster",
+    "SLURM_ARRAY_JOB_ID": "array_job_id",
+    "SLURM_ARRAY_TASK_ID": "array_task_id",
 }
 
 

@@ -14,6 +14,9 @@ Resume (a restarted or SLURM-requeued job on the same output directory):
     whose value differs (e.g. a raised `train.train_iters`) keeps its first value, a warning is
     logged and the new value is recorded as the tag `param_changed.<key>`.
 
+Tags (soft.tracking.tags): host, user, SLURM job id / array task, git commit of the checkout
+and library versions, set when the run is created and again when a job reopens it.
+
 Closing: `close(status)` with FINISHED / FAILED / KILLED. Callers either do
 `try: ... except BaseException: tracker.close("FAILED"); raise` or use the tracker as a context
 manager, which closes FINISHED on success, KILLED on KeyboardInterrupt and FAILED on any other
@@ -210,6 +213,21 @@ class MlflowTracker(Tracker):
             _write_atomic(self._output_dir / RUN_ID_FILE, run_id + "\n")
             log.info("MLflow run %s created (experiment %r, %s)", run_id, experiment, tracking_uri)
         self._run_id = run_id
+        self._tag_run()
+
+    def _tag_run(self) -> None:
+        """Host, SLURM job, git commit, library versions (soft.tracking.tags): set at creation
+        and again at every reopen, so they describe the job now running."""
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        from soft.tracking.tags import run_tags
+
+        tags = [RunTag(k, param_value(v)) for k, v in run_tags().items()]
+        try:
+            self._client.log_batch(self._run_id, tags=tags)
+        except MlflowException as exc:  # tags are context: never fail a training job for them
+            log.warning("MLflow run tags not set: %s", exc)
 
     @property
     def run_id(self) -> str:

@@ -8,6 +8,9 @@ from typing import Literal
 from soft.config.core import option
 from soft.config.errors import ConfigError
 
+# Warmup steps when train.lr_warmup_iters is null (capped at a quarter of the run).
+DEFAULT_WARMUP_ITERS = 5
+
 
 @dataclass
 class TrainConfig:
@@ -16,7 +19,11 @@ class TrainConfig:
     global_batch_size: int = option(16, "Samples per optimizer step over all data-parallel ranks.")
     lr: float = option(1e-3, "Peak learning rate (the paper: 2e-5 for 13B).")
     min_lr: float = option(1e-4, "Learning rate at the end of the decay.")
-    lr_warmup_iters: int = option(5, "Linear warmup steps.")
+    lr_warmup_iters: int | None = option(
+        None,
+        "Linear warmup steps. null = the default: 5, but at most a quarter of train_iters (a "
+        "shortened run keeps a warmup that fits; a note says so when it is shortened).",
+    )
     lr_decay_style: Literal["cosine", "linear", "constant"] = option(
         "cosine", "Decay after warmup."
     )
@@ -58,6 +65,23 @@ class TrainConfig:
         "(fp16 loss-scale overflow, or on_nonfinite=skip); 0 = never.",
     )
 
+    @property
+    def warmup_iters(self) -> int:
+        """The warmup the schedule uses: `lr_warmup_iters`, or the default when it is null."""
+        if self.lr_warmup_iters is not None:
+            return self.lr_warmup_iters
+        return min(DEFAULT_WARMUP_ITERS, self.train_iters // 4)
+
+    def warmup_note(self) -> str | None:
+        """Why the default warmup is shorter than DEFAULT_WARMUP_ITERS, when it is."""
+        if self.lr_warmup_iters is None and self.warmup_iters < DEFAULT_WARMUP_ITERS:
+            return (
+                f"train.lr_warmup_iters is null: {self.warmup_iters} warmup steps (the default "
+                f"{DEFAULT_WARMUP_ITERS}, capped at a quarter of train.train_iters="
+                f"{self.train_iters}); set it to choose another"
+            )
+        return None
+
     def validate(self, prefix: str = "train") -> None:
         for name in (
             "train_iters",
@@ -79,7 +103,7 @@ class TrainConfig:
             raise ConfigError(
                 f"config keys '{prefix}.lr'/'{prefix}.min_lr': expected 0 <= min_lr <= lr, lr > 0"
             )
-        if not 0 <= self.lr_warmup_iters < self.train_iters:
+        if self.lr_warmup_iters is not None and not 0 <= self.lr_warmup_iters < self.train_iters:
             raise ConfigError(
                 f"config key '{prefix}.lr_warmup_iters' ({self.lr_warmup_iters}): expected "
                 f"0 <= value < train.train_iters ({self.train_iters})"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import torch.distributed as dist
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -10,6 +13,8 @@ from soft.models.config import ModelConfig
 from soft.parallel.config import ParallelConfig
 from soft.training.config import TrainConfig
 from soft.training.model import SoftModel
+
+log = logging.getLogger("soft")
 
 
 def build_optimizer(
@@ -57,14 +62,20 @@ def apply_optimizer_hyperparameters(optimizer, train: TrainConfig, scheduler) ->
 def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
     """LR in optimizer steps: linear warmup, then decay to min_lr at train_iters.
 
+    A null train.lr_warmup_iters is the default warmup (TrainConfig.warmup_iters); when it had
+    to be shortened to fit a short run, rank 0 says so.
+
     On resume only the step count comes from the checkpoint: the schedule's settings are this
     job's config (megatron's default would keep the checkpoint's and drop a new train.lr)."""
+    note = train.warmup_note()
+    if note and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning(note)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=train.lr,
         min_lr=train.min_lr,
-        lr_warmup_steps=train.lr_warmup_iters,
+        lr_warmup_steps=train.warmup_iters,
         lr_decay_steps=train.train_iters,
         lr_decay_style=train.lr_decay_style,
         start_wd=train.weight_decay,

@@ -74,8 +74,8 @@ def test_precedence_defaults_yaml_cli(tmp_path):
         ("model.fp8=e5m2", r"'model.fp8': expected 'e4m3' \| 'hybrid', got 'e5m2'"),
         ("train.train_iters", r"expected key=value"),
         (
-            "train.train_iters=5",
-            r"'train.lr_warmup_iters' \(5\): expected 0 <= value < train.train_iters \(5\)",
+            "train.lr_warmup_iters=60",
+            r"'train.lr_warmup_iters' \(60\): expected 0 <= value < train.train_iters \(60\)",
         ),
     ],
 )
@@ -149,3 +149,18 @@ def test_ict_refuses_full_recompute():
                 "model.recompute_granularity=full",
             ],
         )
+
+
+def test_default_warmup_fits_a_shortened_run():
+    """A new user shortening the default job (train.train_iters=3) is not stopped by the
+    warmup: null means 5 steps, capped at a quarter of the run, with a note when capped."""
+    default = load_config(None).train
+    assert default.lr_warmup_iters is None and default.warmup_iters == 5
+    assert default.warmup_note() is None
+    short = load_config(None, ["train.train_iters=3"]).train
+    assert short.warmup_iters == 0
+    assert "0 warmup steps" in short.warmup_note()
+    assert load_config(None, ["train.train_iters=10"]).train.warmup_iters == 2
+    assert load_config(None, ["train.train_iters=20"]).train.warmup_iters == 5  # golden run
+    explicit = load_config(None, ["train.train_iters=3", "train.lr_warmup_iters=2"]).train
+    assert explicit.warmup_iters == 2 and explicit.warmup_note() is None

@@ -26,9 +26,11 @@ def make_hf_model(
     seed: int = 0,
     max_shard_size: str | None = None,
     tokenizer: Path | None = None,
+    dtype: torch.dtype = torch.float32,
 ):
-    """Save a random LlamaForCausalLM. Every tensor (norms included) gets distinct random values
-    of order-one effect, so a swapped or mis-fused tensor changes the logits visibly."""
+    """Save a random LlamaForCausalLM (stored in `dtype`). Every tensor (norms included) gets
+    distinct random values of order-one effect, so a swapped or mis-fused tensor changes the
+    logits visibly."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -45,7 +47,7 @@ def make_hf_model(
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
+    model.to(dtype).save_pretrained(path, **kwargs)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, path / "tokenizer.model")
     return model

@@ -133,7 +133,76 @@ def test_model_yaml_drives_the_launcher_config(tmp_path):
     )
     cfg = load_config(tmp_path / "run.yaml")
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_query_groups) == (3, 48, 2)
-    assert cfg.model.params_dtype == "bf16" and cfg.model.rotary_base == 10000
+    assert cfg.model.params_dtype == "fp32" and cfg.model.rotary_base == 10000  # as stored
     assert cfg.data.tokenizer_path == str(out / "tokenizer.model")
     assert (out / "tokenizer.model").read_bytes() == BUILTIN_TOKENIZER.read_bytes()
     assert (out / "latest").read_text().strip() == "iter_0000000"
+
+
+@pytest.mark.parametrize(
+    ("stored", "name"), [(torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")]
+)
+def test_default_dtype_keeps_the_stored_precision_bit_exact(tmp_path, stored, name):
+    """--dtype auto (the default): LLaMA-2's fp16 weights stay fp16 (a bf16 default would round
+    every one); the round trip back to HF returns the very same bits, and model.yaml trains in
+    the stored dtype unless overridden."""
+    import torch.distributed.checkpoint as dcp
+
+    from soft.config.root import load_config
+
+    make_hf_model(tmp_path / "hf", dtype=stored)
+    out = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "meg", progress=False)
+    assert load_config(out / "model.yaml").model.params_dtype == name
+    meta = dcp.FileSystemReader(str(out / "iter_0000000")).read_metadata().state_dict_metadata
+    # Norm weights are fp32 in every megatron checkpoint (lossless widening), the rest as stored.
+    dtypes = {m.properties.dtype for k, m in meta.items() if hasattr(m, "size") and "norm" not in k}
+    assert dtypes == {stored}
+    back = tmp_path / "back"
+    convert_megatron_to_hf(ExportRequest(out, back, tokenizer=BUILTIN_TOKENIZER, progress=False))
+    original, exported = _all_tensors(tmp_path / "hf"), _all_tensors(back)
+    assert set(exported) == set(original)
+    for key, tensor in original.items():
+        assert exported[key].dtype == stored and torch.equal(exported[key], tensor), key
+
+
+def test_auto_dtype_trusts_the_tensors_over_config_json(tmp_path, caplog):
+    import logging
+
+    from soft.config.root import load_config
+
+    make_hf_model(tmp_path / "hf", dtype=torch.float16)
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "bfloat16"  # a config that says otherwise
+    config_path.write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO, logger="soft.conversion"):
+        out = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "meg", progress=False)
+    assert load_config(out / "model.yaml").model.params_dtype == "fp16"
+    assert "config.json says 'bfloat16'; the stored tensors decide" in caplog.text
+
+
+def test_mixed_storage_becomes_fp32_and_explicit_dtype_casts(tmp_path):
+    from safetensors.torch import save_file
+
+    from soft.config.root import load_config
+
+    make_hf_model(tmp_path / "hf", dtype=torch.float16)
+    weights = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].float()  # an fp32 norm
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    out = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "auto", progress=False)
+    assert load_config(out / "model.yaml").model.params_dtype == "fp32"
+    out = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "bf16", dtype="bf16", progress=False)
+    assert load_config(out / "model.yaml").model.params_dtype == "bf16"
+
+
+def test_an_fp16_import_fine_tunes_in_bf16_by_override(tmp_path):
+    """Training dtype stays a choice: `model.params_dtype=bf16` over an fp16 import loads every
+    weight cast to bf16 (round to nearest), as transformers' .to(torch.bfloat16) does."""
+    hf = make_hf_model(tmp_path / "hf", dtype=torch.float16)
+    out = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "meg", progress=False)
+    gpt, vocab = megatron_reference(out, out / "model.yaml", ["model.params_dtype=bf16"])
+    weight = gpt.embedding.word_embeddings.weight
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight[:vocab], hf.model.embed_tokens.weight.to(torch.bfloat16))

@@ -133,9 +133,9 @@ def test_real_triviaqa_file(shared_data):
 @pytest.mark.parametrize(
     ("name", "content", "fmt", "message"),
     [
-        ("empty.json", "", "alpaca", "holds no records"),
-        ("empty_list.json", "[]", "alpaca", "holds no records"),
-        ("blank.jsonl", "\n\n", "triviaqa", "holds no records"),
+        ("empty.json", "", "alpaca", "no records"),
+        ("empty_list.json", "[]", "alpaca", "no records"),
+        ("blank.jsonl", "\n\n", "triviaqa", "no records"),
         ("bad.json", '[{"instruction": "x"}]', "alpaca", "'output'"),
         ("bad.jsonl", '{"turns": ["q"]}\n', "triviaqa", "'answer'"),
         ("broken.jsonl", "{not json\n", "triviaqa", "line 1"),
@@ -153,3 +153,33 @@ def test_reader_missing_file_and_bad_format(tmp_path):
         load_eval_examples(tmp_path / "nope.jsonl", "text")
     with pytest.raises(ConfigError, match="--format"):
         load_eval_examples(tmp_path / "nope.jsonl", "csv")
+
+
+def test_reader_takes_dataset_folders_like_training(tmp_path):
+    """--data accepts what data.train_path does: a hub-schema TriviaQA split in a saved folder
+    gives the same examples as the export's JSONL file; a bad row names dataset and row."""
+    from soft.data.sources import import_datasets
+
+    rows = [
+        {
+            "question": "Capital of France?",
+            "answer": {"aliases": ["Paris", "paris"], "value": "Paris"},
+        },
+        {"question": "2+2?", "answer": {"aliases": ["4", "four"], "value": "4"}},
+    ]
+    datasets = import_datasets()
+    folder = tmp_path / "tqa"
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder))
+    by_name = load_eval_examples(f"{folder}?split=validation", "triviaqa")
+    as_file = tmp_path / "t.jsonl"
+    as_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert by_name == load_eval_examples(as_file, "triviaqa")
+    assert len(load_eval_examples(f"{folder}?split=validation", "triviaqa", limit=1)) == 1
+    bad = tmp_path / "bad"
+    datasets.Dataset.from_list(
+        [{"question": "q?", "answer": {"aliases": [], "value": None}}]
+    ).save_to_disk(str(bad))
+    with pytest.raises(
+        ConfigError, match=r"dataset '.*bad' \(split 'train'\), row 0: field 'answer'"
+    ):
+        load_eval_examples(bad, "triviaqa")

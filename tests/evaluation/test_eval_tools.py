@@ -122,7 +122,7 @@ def test_eval_exits_bad_input(export_dir, tmp_path, trivia_file):
         eval_exits.main(["--model-dir", str(export_dir), *base, "--exits", "2,7"])
     with pytest.raises(ConfigError, match="--exits: expected comma-separated integers"):
         eval_exits.main(["--model-dir", str(export_dir), *base, "--exits", "two"])
-    with pytest.raises(ConfigError, match="holds no records"):
+    with pytest.raises(ConfigError, match="no records"):
         eval_exits.main(
             ["--model-dir", str(export_dir), "--data", str(empty), "--format", "triviaqa"]
         )

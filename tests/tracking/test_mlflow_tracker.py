@@ -234,3 +234,43 @@ def test_a_run_left_running_by_a_dead_job_is_marked_killed(tmp_path: Path) -> No
     mark_abandoned_run(TrackingConfig(), out)
     assert client.get_run(tracker.run_id).info.status == "KILLED"
     mark_abandoned_run(TrackingConfig(enabled=False), tmp_path / "nothing")  # no store: no-op
+
+
+def test_runs_are_tagged_with_host_slurm_job_commit_and_versions(
+    tmp_path: Path, store_uri: str, client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.metadata
+    import socket
+    import subprocess
+
+    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    out = tmp_path / "out"
+    tracker = build_tracker(_cfg(store_uri), out, rank=0, default_run_name="tags")
+    tracker.close("KILLED")
+    tags = client.get_run(tracker.run_id).data.tags
+    assert tags["soft.host"] == socket.gethostname()
+    assert (tags["slurm.job_id"], tags["slurm.array_job_id"], tags["slurm.array_task_id"]) == (
+        "4242", "4240", "2",
+    )  # fmt: skip
+    assert tags["slurm.restart_count"] == "0"
+    repo = Path(__file__).resolve().parents[2]
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    if head.returncode == 0:  # a git checkout (CI's clone is one)
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+        assert tags["soft.git_dirty"] in ("true", "false")
+    for dist in ("torch", "megatron-core", "transformers", "mlflow"):
+        assert tags[f"soft.version.{dist}"] == importlib.metadata.version(dist)
+    # A requeued job reopens the run and its tags describe the new job.
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    again = build_tracker(_cfg(store_uri), out, rank=0, default_run_name="tags")
+    assert again.run_id == tracker.run_id
+    again.close()
+    tags = client.get_run(tracker.run_id).data.tags
+    assert (tags["slurm.job_id"], tags["slurm.restart_count"]) == ("4243", "1")
