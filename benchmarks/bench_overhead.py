@@ -65,7 +65,7 @@ def bare_loop(cfg, vocab: int):
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_iters,
         lr_decay_steps=t.train_iters, lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay,
         end_wd=t.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
     )  # fmt: skip

@@ -334,9 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     body = table(results, flops.device_peak_tflops()) + "\n\n" + legend(torch.cuda.is_available())
     print(body)
     if args.append_results is not None:
-        title = (
-            f"{Path(args.config).stem if args.config else 'tiny default model'}, {device_name()}"
-        )
+        base = Path(args.config).stem if args.config else "embedded config"
+        title = f"{base}{' + overrides' if args.overrides else ''}, {device_name()}"
         append_results(args.append_results, title, body, argv)
     return 0
 

@@ -1,9 +1,22 @@
 """HF LLaMA-2 <-> megatron-core checkpoint conversion (declarative table in `mapping`).
 
-Public API: `convert_hf_to_megatron`, `convert_megatron_to_hf` + `ExportRequest`.
+Public API: `convert_hf_to_megatron`, `convert_megatron_to_hf` + `ExportRequest`. They are
+imported on first use, so that the torch-free `soft.conversion.export_format` (read by the
+evaluation side) does not pull megatron-core in.
 """
 
-from soft.conversion.hf_to_megatron import convert_hf_to_megatron
-from soft.conversion.megatron_to_hf import ExportRequest, convert_megatron_to_hf
+from __future__ import annotations
 
 __all__ = ["ExportRequest", "convert_hf_to_megatron", "convert_megatron_to_hf"]
+
+
+def __getattr__(name: str):
+    if name == "convert_hf_to_megatron":
+        from soft.conversion.hf_to_megatron import convert_hf_to_megatron
+
+        return convert_hf_to_megatron
+    if name in ("ExportRequest", "convert_megatron_to_hf"):
+        from soft.conversion import megatron_to_hf
+
+        return getattr(megatron_to_hf, name)
+    raise AttributeError(f"module 'soft.conversion' has no attribute {name!r}")

@@ -34,6 +34,7 @@ from soft.data.tokenizer import Tokenizer
 from soft.models.config import ModelConfig
 
 log = logging.getLogger("soft.conversion")
+IMPORTED_FROM_HF = "imported_from_hf"  # manifest key of an import's checkpoint
 
 # The model: fields written to model.yaml (the rest keep their defaults).
 MODEL_YAML_FIELDS = (
@@ -121,9 +122,10 @@ def convert_hf_to_megatron(
         if final_tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
             root.data.tokenizer_path = str(final_tokenizer)
-        identity = None
+        # Recorded in the manifest: exporting this checkpoint as it is claims no SoFT training.
+        identity: dict[str, Any] = {IMPORTED_FROM_HF: str(hf_dir.absolute())}
         if final_tokenizer is not None:  # fine-tuning runs check they use this tokenizer
-            identity = {"tokenizer": Tokenizer.from_file(tmp / "tokenizer.model").identity()}
+            identity["tokenizer"] = Tokenizer.from_file(tmp / "tokenizer.model").identity()
             identity["tokenizer"]["path"] = str(final_tokenizer)
         save(tmp, [megatron_io.ModelOnly(sharded)], TrainState(), root, identity=identity)
         del sharded

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from soft.config.errors import ConfigError
+from soft.conversion.export_format import exit_head_names
 
 LAYER = "*"
 
@@ -195,10 +196,6 @@ FINAL_NORM = Row("decoder.final_layernorm.weight", "model.norm.weight")
 OUTPUT_LAYER = Row("output_layer.weight", "lm_head.weight", vocab=True)
 TABLE: tuple[Row, ...] = (EMBEDDING, *LAYER_ROWS, FINAL_NORM, OUTPUT_LAYER)
 
-# ICT heads in an exported folder (read back by soft.evaluation.model_io, which spells the same
-# names itself so that evaluation does not import the megatron side).
-EXIT_HEADS_FILE = "exit_heads.safetensors"
-EXIT_HEADS_CONFIG_KEY = "soft_exit_heads"
 
 
 def exit_head_rows(k: int, as_final: bool = False) -> tuple[Row, Row]:
@@ -207,11 +204,7 @@ def exit_head_rows(k: int, as_final: bool = False) -> tuple[Row, Row]:
     `as_final`: named as the HF model's own `model.norm` / `lm_head`, for the standalone
     k-layer sub-model, whose head after ICT is exactly this one.
     """
-    norm_hf, head_hf = (
-        (FINAL_NORM.hf, OUTPUT_LAYER.hf)
-        if as_final
-        else (f"exit_heads.{k}.norm.weight", f"exit_heads.{k}.lm_head.weight")
-    )
+    norm_hf, head_hf = (FINAL_NORM.hf, OUTPUT_LAYER.hf) if as_final else exit_head_names(k)
     return (
         Row(f"exit_heads.{k}.final_layernorm.weight", norm_hf),
         Row(f"exit_heads.{k}.output_layer.weight", head_hf, vocab=True),

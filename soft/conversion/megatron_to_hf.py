@@ -31,12 +31,11 @@ from soft.checkpointing.checkpoint import verify
 from soft.checkpointing.directory import find_checkpoint
 from soft.config.errors import ConfigError
 from soft.config.root import RootConfig, load_config
+from soft.conversion import export_format as fmt
 from soft.conversion import hf_io, megatron_io
 from soft.conversion.hf_to_megatron import shapes_of
 from soft.conversion.mapping import (
     EMBEDDING,
-    EXIT_HEADS_CONFIG_KEY,
-    EXIT_HEADS_FILE,
     FINAL_NORM,
     LAYER_ROWS,
     OUTPUT_LAYER,
@@ -101,13 +100,13 @@ def exit_plan_fields(cfg: RootConfig, exit_layer: int | None) -> dict[str, Any]:
         if exit_layer is None or k <= exit_layer
     ]
     out: dict[str, Any] = {
-        "soft_exit_layers": [k for k, _ in pairs],
-        "soft_exit_weights": [w for _, w in pairs],
-        "soft_exit_mode": cfg.soft.mode,
+        fmt.EXIT_LAYERS_KEY: [k for k, _ in pairs],
+        fmt.EXIT_WEIGHTS_KEY: [w for _, w in pairs],
+        fmt.EXIT_MODE_KEY: cfg.soft.mode,
     }
     if exit_layer is not None:
-        out["soft_source_exit_layer"] = exit_layer
-        out["soft_source_num_layers"] = cfg.model.num_layers
+        out[fmt.SOURCE_EXIT_LAYER_KEY] = exit_layer
+        out[fmt.SOURCE_NUM_LAYERS_KEY] = cfg.model.num_layers
     return out
 
 
@@ -176,7 +175,7 @@ def _export_exit_heads(reader, out: Path, shapes, heads: list[int], dtype: torch
     for k in heads:
         for name, tensor in _read_hf(reader, [(r, None) for r in exit_head_rows(k)], shapes, dtype):
             tensors[name] = tensor.contiguous()
-    save_file(tensors, str(out / EXIT_HEADS_FILE), metadata={"format": "pt"})
+    save_file(tensors, str(out / fmt.EXIT_HEADS_FILE), metadata={"format": "pt"})
 
 
 def convert_megatron_to_hf(req: ExportRequest) -> Path:
@@ -224,13 +223,14 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
         if heads:
             _export_exit_heads(reader, tmp, shapes, heads, torch_dtype)
         hf_io.write_tokenizer(tokenizer, tmp, model.max_position_embeddings)
-        extra = {EXIT_HEADS_CONFIG_KEY: heads} if heads else {}
-        _write_configs(tmp, cfg, vocab, num_layers, dtype_name, tokenizer, req.exit_layer, extra)
+        extra = {fmt.EXIT_HEADS_KEY: heads} if heads else {}
+        plan = {} if _never_trained(ckpt) else exit_plan_fields(cfg, req.exit_layer)
+        _write_configs(tmp, cfg, vocab, num_layers, dtype_name, tokenizer, {**plan, **extra})
     log.info(
         "wrote %s (%d of %d layers, %s)", req.out_dir, num_layers, model.num_layers, dtype_name
     )
     if heads:
-        log.info("ICT heads of exits %s written to %s", heads, EXIT_HEADS_FILE)
+        log.info("ICT heads of exits %s written to %s", heads, fmt.EXIT_HEADS_FILE)
     if final_head:
         log.info("model.norm / lm_head are exit %d's ICT head", num_layers)
     return Path(req.out_dir).absolute()
@@ -240,6 +240,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in hf_io.TORCH_DTYPES.items()}[dtype]
 
 
+def _never_trained(ckpt: Path) -> bool:
+    """An HF import exported as it is: its config.json must not claim a SoFT exit plan."""
+    from soft.checkpointing.manifest import read_manifest
+    from soft.conversion.hf_to_megatron import IMPORTED_FROM_HF
+
+    return IMPORTED_FROM_HF in (read_manifest(ckpt) or {})
+
+
 def _write_configs(
     out: Path,
     cfg: RootConfig,
@@ -247,8 +255,7 @@ def _write_configs(
     num_layers: int,
     dtype: str,
     tokenizer: Path,
-    exit_layer: int | None,
-    extra_fields: dict[str, Any] | None = None,
+    extra_fields: dict[str, Any],
 ) -> None:
     from transformers import GenerationConfig
 
@@ -258,8 +265,7 @@ def _write_configs(
     extra = {
         "bos_token_id": tok.bos_id,
         "eos_token_id": tok.eos_id,
-        **exit_plan_fields(cfg, exit_layer),
-        **(extra_fields or {}),
+        **extra_fields,
     }
     config = hf_io.hf_config_from_model(cfg.model, vocab, num_layers, dtype, extra)
     config.save_pretrained(out)

@@ -21,11 +21,13 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from soft.config.errors import ConfigError
+from soft.conversion.export_format import (  # torch-free names shared with the export
+    EXIT_HEADS_FILE,
+    EXIT_HEADS_KEY,
+    EXIT_LAYERS_KEY,
+    exit_head_names,
+)
 from soft.data.tokenizer import Tokenizer
-
-EXIT_LAYERS_KEY = "soft_exit_layers"
-EXIT_HEADS_KEY = "soft_exit_heads"
-EXIT_HEADS_FILE = "exit_heads.safetensors"
 
 # One exit's own head (ICT): RMSNorm, then a bias-free vocabulary projection.
 ExitHead = tuple[nn.Module, nn.Module]
@@ -130,11 +132,6 @@ def resolve_exits(
     if exported.recorded_exits is not None:
         return list(exported.recorded_exits)
     return list(range(1, exported.num_layers + 1))
-
-
-def exit_head_names(k: int) -> tuple[str, str]:
-    """Tensor names of exit k's head in exit_heads.safetensors: (norm, lm_head)."""
-    return f"exit_heads.{k}.norm.weight", f"exit_heads.{k}.lm_head.weight"
 
 
 def _listed_heads(config: dict, path: Path) -> list[int]:
