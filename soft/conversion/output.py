@@ -4,6 +4,7 @@ failed conversion never leaves a folder that looks valid."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +42,16 @@ def atomic_output_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _readable_as_umask_allows(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """safetensors writes its files 0600; an exported model is shared like any HF download,
+    so every file gets the mode a plain `cp` would give it (0666 / 0777 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

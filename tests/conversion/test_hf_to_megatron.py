@@ -10,6 +10,7 @@ wrong QKV grouping, a RoPE permutation) changes them by O(1).
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -69,6 +70,14 @@ def test_round_trip_is_bit_exact(tmp_path, variant):
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+    # Never trained with SoFT: the export claims no exit plan (no soft_* keys at all).
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert not [k for k in config if k.startswith("soft_")], config
+    # Files others can read, like any HF download (the umask decides, as for `cp`).
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "back").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path.name, oct(path.stat().st_mode))
 
 
 def _all_tensors(folder) -> dict[str, torch.Tensor]:
