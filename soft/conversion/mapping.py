@@ -197,7 +197,6 @@ OUTPUT_LAYER = Row("output_layer.weight", "lm_head.weight", vocab=True)
 TABLE: tuple[Row, ...] = (EMBEDDING, *LAYER_ROWS, FINAL_NORM, OUTPUT_LAYER)
 
 
-
 def exit_head_rows(k: int, as_final: bool = False) -> tuple[Row, Row]:
     """(norm row, output-layer row) of exit k's ICT head.
 
