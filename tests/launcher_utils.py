@@ -47,3 +47,22 @@ def mlflow_metrics(
         for key in run.data.metrics
     }
     return history, run.data.params, run.info.status
+
+
+def run_harness(module: str, out: Path, *args: str, timeout: int) -> dict:
+    """Run a test harness module (`python -m MODULE OUT [args]`: it imports megatron-core once
+    and forks its jobs) and return the report.json it writes into OUT."""
+    import json
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, str(out), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    path = out / "report.json"
+    assert path.is_file(), proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(path.read_text())

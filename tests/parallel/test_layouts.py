@@ -25,35 +25,18 @@ Last, the golden loss curve (tests/training/golden.py) at TP2xPP2.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.launcher_utils import run_harness
 from tests.parallel.multirank import GOLDEN, RESHARDS, SCENARIOS
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("multirank")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.parallel.multirank", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    path = out / "report.json"
-    assert path.is_file(), proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(path.read_text())
+    return run_harness("tests.parallel.multirank", out, timeout=1500)
 
 
 @pytest.mark.parametrize("name", [*SCENARIOS, *RESHARDS, *GOLDEN])

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.launcher_utils import mlflow_metrics
+from tests.launcher_utils import mlflow_metrics, run_harness
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -46,18 +46,7 @@ SCENARIOS = [
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("faults")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.training.faults", str(out), *SCENARIOS],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    path = out / "report.json"
-    assert path.is_file(), proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(path.read_text())
+    return run_harness("tests.training.faults", out, *SCENARIOS, timeout=1800)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
