@@ -17,7 +17,8 @@ C-level handler writes each signal's number there at once, whatever the main thr
 SIGTERM and SIGINT start a deadline: a rank that has not stopped within it (a few times the
 longest step plus save seen so far, at least MIN_GRACE_S) runs the cleanups it was given (mark
 the MLflow run KILLED, write exit_status.json, stop helper processes) and leaves with exit
-status 128 + signal. A second SIGINT gives up at once. SIGUSR1 is a request made in advance and
+status 128 + signal. A second SIGINT (more than REPEAT_WINDOW_S after the first: torchrun
+forwards the terminal's Ctrl-C, so each worker gets it twice at once) gives up at once. SIGUSR1 is a request made in advance and
 has no deadline.
 """
 
@@ -28,6 +29,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -36,6 +38,7 @@ import torch.distributed as dist
 log = logging.getLogger("soft")
 MIN_GRACE_S = 5.0
 GRACE_FACTOR = 3.0
+REPEAT_WINDOW_S = 1.0
 
 
 def _ignore(signum, frame) -> None:
@@ -51,6 +54,7 @@ class StopRequest:
         self.received: int | None = None
         self._cleanups: list[Callable[[], None]] = []
         self._longest_s = 0.0
+        self._first_sigint = 0.0
         self._timer: threading.Timer | None = None
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._write_fd, False)
@@ -87,7 +91,17 @@ class StopRequest:
                     self._received(signum)
 
     def _received(self, signum: int) -> None:
-        again = self.received == signal.SIGINT and signum == signal.SIGINT
+        # A second Ctrl-C gives up at once; but one Ctrl-C reaches a worker twice, from the
+        # terminal (its process group) and forwarded by torchrun: repeats within
+        # REPEAT_WINDOW_S are the same request.
+        now = time.monotonic()
+        again = (
+            self.received == signal.SIGINT
+            and signum == signal.SIGINT
+            and now - self._first_sigint > REPEAT_WINDOW_S
+        )
+        if signum == signal.SIGINT and self.received != signal.SIGINT:
+            self._first_sigint = now
         self.received = signum
         if again:
             self._give_up(signum, "a second SIGINT")
