@@ -16,7 +16,8 @@ the same round: min and median over the rounds. Variants:
 - `soft-fused`, `soft-recompute`, `soft-plain`: SoFT with each exit-loss implementation
   (soft.models.exit_loss).
 Step memory: one more step per variant, its allocation peak above what was allocated before
-it (CUDA: torch.cuda.max_memory_allocated; CPU: the torch profiler's memory timeline).
+it (CUDA: torch.cuda.max_memory_allocated; CPU: the same from the torch profiler's
+allocation events).
 Predicted: the FLOPs ratio for the same baseline (soft/training/flops.py; forward-only exits
 count 2·h·V per token, trained ones 6·h·V). With --fp8 (GPU + Transformer Engine) every
 variant runs again with model.fp8=hybrid. Under torchrun a step's time is the slowest rank's.
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import shlex
@@ -36,7 +36,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,18 +180,34 @@ def step_peak_gib(m: Measured) -> float:
         one_step(m)
         _sync()
         return (torch.cuda.max_memory_allocated() - before) / 2**30
-    from torch.profiler import ProfilerActivity, profile
+    return cpu_step_peak_bytes(lambda: one_step(m)) / 2**30
 
-    with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as prof:
-        one_step(m)
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a CUDA-only API
-        path = Path(tmp) / "memory.json"
-        prof.export_memory_timeline(str(path), device="cpu")
-        _, sizes = json.loads(path.read_text())
-    return max((sum(s) for s in sizes), default=0) / 2**30
+
+def cpu_step_peak_bytes(step: Callable[[], None]) -> int:
+    """The CUDA measure's CPU counterpart: the running sum of the allocations and frees the
+    profiler records during `step`, its maximum. The CPU profiler cannot size a block made
+    before it started, so a free of such a tensor is not subtracted: an upper bound of
+    max_memory_allocated - before, by what the step frees of earlier tensors.
+
+    Not `export_memory_timeline`: its data-flow analysis asserts on some steps ("duplicate
+    outputs: aten::sum", torch 2.13, seen in CI), and it adds the earlier tensors that the
+    step frees to the step's peak."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, _utils, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    changes = sorted(
+        (event.start_time_ns, event.typed[1].alloc_size)
+        for event in _utils.traverse_dfs(tree)
+        if event.typed[0] == _EventType.Allocation
+    )
+    live = peak = 0
+    for _, size in changes:
+        live += size
+        peak = max(peak, live)
+    return peak
 
 
 def build(config, overrides, variant: Variant, precision: str, out: Path) -> Measured:
@@ -293,7 +308,7 @@ def legend(gpu: bool) -> str:
     memory = (
         "torch.cuda.max_memory_allocated during one step minus what was allocated before it"
         if gpu
-        else "the torch profiler's memory timeline of one step (CPU allocations), its peak"
+        else "one step's allocation peak above what was allocated before it (CPU: the torch profiler's allocation events)"
     )
     return (
         "Ratios are per round (paired with sft's step of the same round): min and median. "

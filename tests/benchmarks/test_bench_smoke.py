@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_soft_vs_sft.py"
 
@@ -63,3 +64,27 @@ def test_fp8_flag_without_gpu_skips_fp8_rows():
     results = bench.measure_all(args, bench.choose(args, 4), notes.append)
     assert "FP8 rows skipped" in "".join(notes)
     assert [m.variant.name for m in results] == ["sft", "soft-fused"]
+
+
+def test_cpu_step_peak_counts_what_the_step_allocates_above_its_start():
+    """Against allocations whose sizes are known: a tensor kept (1 MiB) and a temporary
+    (4 MiB) peak at 5 MiB. A tensor made before the step and freed in it (8 MiB) would lower
+    torch.cuda.memory_allocated; the CPU profiler cannot size a block allocated before it
+    started, so the CPU measure does not see that free and stays at 5 MiB (an upper bound)."""
+    bench = _load_bench()
+    mib = 2**20
+    kept = []
+
+    def step():
+        kept.append(torch.empty(mib, dtype=torch.uint8))
+        temporary = torch.empty(4 * mib, dtype=torch.uint8)
+        del temporary
+
+    assert bench.cpu_step_peak_bytes(step) == 5 * mib
+    made_before = [torch.empty(8 * mib, dtype=torch.uint8)]
+
+    def step_that_frees_first():
+        made_before.clear()
+        step()
+
+    assert bench.cpu_step_peak_bytes(step_that_frees_first) == 5 * mib
