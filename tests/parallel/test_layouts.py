@@ -6,7 +6,8 @@ virtual pipeline 2, PP2 with an uneven first stage; and at TP2xPP2 the fine-tuni
 (frozen backbone, separate heads on both stages, loaded from an SFT checkpoint) and extracted
 (the first 4 layers of an 8-layer checkpoint); the fused exit loss at TP2xPP2 with sequence
 parallelism against the recompute implementation at one rank; full activation recompute
-(uniform at TP2xPP2, block at PP2xVP2) against a run without it) and its exit plan (exits inside stages,
+(uniform at TP2xPP2, block at PP2xVP2) against a run without it; bf16 at TP2xPP2 with sequence
+parallelism against bf16 at one rank) and its exit plan (exits inside stages,
 on a stage boundary, several on one stage, none on some stages, two head replicas on one
 rank), against a 1-rank run of the same config:
 - per-exit losses: rel 1e-5 (observed: equal, or ~1e-7 where data-parallel sums reorder);
@@ -14,7 +15,10 @@ rank), against a 1-rank run of the same config:
   owned exactly once: rtol 1e-4, atol 1e-7 (observed max abs diff 3e-8);
 - the clipped global gradient norm (the shared head counted once): rel 1e-5;
 - parameters after 3 Adam steps: rtol 1e-4, atol 2e-6 (observed 2e-7);
-- head replicas on different stages (and chunks) bit-identical after the steps.
+- head replicas on different stages (and chunks) bit-identical after the steps;
+- bf16: every model parameter is bf16 in both runs; losses and the gradient norm rel 2e-3
+  (observed 4e-5), each gradient and parameter tensor ||got - ref|| / ||ref|| < 2e-2 (bf16
+  keeps 8 mantissa bits; observed 6e-3 and 8e-3).
 And checkpoints: saved at TP2xPP2 and loaded at TP1xPP1 (and the reverse); an ict run saved at
 TP2xPP2 and loaded at TP1xPP1; with the distributed optimizer (fully_reshardable, the default)
 resumed at DP2xPP2 and resharded to DP2xTP2 and to one rank, and (dp_reshardable) to DP1xPP2:
