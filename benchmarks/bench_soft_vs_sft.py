@@ -308,7 +308,8 @@ def legend(gpu: bool) -> str:
     memory = (
         "torch.cuda.max_memory_allocated during one step minus what was allocated before it"
         if gpu
-        else "one step's allocation peak above what was allocated before it (CPU: the torch profiler's allocation events)"
+        else "one step's allocation peak above what was allocated before it"
+        " (CPU: the torch profiler's allocation events)"
     )
     return (
         "Ratios are per round (paired with sft's step of the same round): min and median. "

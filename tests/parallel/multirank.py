@@ -95,6 +95,8 @@ class Scenario:
 
 
 FROM_BASE = ["checkpoint.load_dir=../base", "checkpoint.finetune=true"]  # see _config
+TP2_PP2 = golden.TP2_PP2
+TP2_PP2_SP = [*TP2_PP2, "parallel.sequence_parallel=true"]
 
 SCENARIOS = {
     s.name: s
@@ -103,18 +105,14 @@ SCENARIOS = {
         Scenario(
             "tp2_pp2",
             4,
-            ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+            TP2_PP2,
             "[2,3,5,8]",
         ),
         # sequence parallel: exits gather the sequence shards; norm grads summed over TP
         Scenario(
             "tp2_pp2_sp",
             4,
-            [
-                "parallel.tensor_model_parallel_size=2",
-                "parallel.pipeline_model_parallel_size=2",
-                "parallel.sequence_parallel=true",
-            ],
+            TP2_PP2_SP,
             "[2,3,5,8]",
         ),
         # an exit on a stage boundary (layer 2 ends stage 0); stages 1 and 2 own no exit
@@ -142,7 +140,7 @@ SCENARIOS = {
         Scenario(
             "ict_tp2_pp2",
             4,
-            ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+            TP2_PP2,
             "[2,3,5,8]",
             extra=["soft.mode=ict", *FROM_BASE],
             base=["soft.mode=sft"],
@@ -151,7 +149,7 @@ SCENARIOS = {
         Scenario(
             "extracted_tp2_pp2",
             4,
-            ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+            TP2_PP2,
             "null",
             extra=["soft.mode=extracted", "model.num_layers=4", *FROM_BASE],
             base=["soft.mode=sft", "soft.exit_layers=[4,8]", "model.num_layers=8"],
@@ -161,11 +159,7 @@ SCENARIOS = {
         Scenario(
             "tp2_pp2_sp_fused_vs_recompute",
             4,
-            [
-                "parallel.tensor_model_parallel_size=2",
-                "parallel.pipeline_model_parallel_size=2",
-                "parallel.sequence_parallel=true",
-            ],
+            TP2_PP2_SP,
             "[2,3,5,8]",
             extra=["soft.exit_loss=recompute"],
             parallel_only=["soft.exit_loss=fused"],
@@ -174,7 +168,7 @@ SCENARIOS = {
         Scenario(
             "tp2_pp2_recompute_full",
             4,
-            ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+            TP2_PP2,
             "[2,3,5,8]",
             parallel_only=[
                 "model.recompute_granularity=full",
@@ -202,11 +196,7 @@ SCENARIOS = {
         Scenario(
             "tp2_pp2_sp_bf16",
             4,
-            [
-                "parallel.tensor_model_parallel_size=2",
-                "parallel.pipeline_model_parallel_size=2",
-                "parallel.sequence_parallel=true",
-            ],
+            TP2_PP2_SP,
             "[2,3,5,8]",
             extra=["model.params_dtype=bf16"],
             bf16=True,
@@ -497,19 +487,15 @@ def check_scenario(scenario: Scenario, root: Path) -> dict:
     report["grad_norm_rel"] = norm_rel
     dtypes = {str(d) for r in [ref, *ranks] for d in r["param_dtypes"]}
     assert dtypes == {"torch.bfloat16" if scenario.bf16 else "torch.float32"}, dtypes
-    for what, compare in (("grad", scenario.compare_grads), ("param", True)):
-        attr = "grads" if what == "grad" else "params"
-        if not compare:
-            continue
-        got = assemble([r[attr] for r in ranks])
-        want = assemble([ref[attr]])
-        name = f"{scenario.name} {what}"
+    compared = [("grads", GRAD_TOL, "grad_abs")] if scenario.compare_grads else []
+    compared.append(("params", PARAM_TOL, "param_abs_after_3_steps"))
+    for attr, fp32_tol, fp32_key in compared:
+        got, want = assemble([r[attr] for r in ranks]), assemble([ref[attr]])
+        name = f"{scenario.name} {attr}"
         if scenario.bf16:
-            report[f"{what}s_rel_l2"] = compare_tensors_by_norm(got, want, BF16_NORM_RTOL, name)
+            report[f"{attr}_rel_l2"] = compare_tensors_by_norm(got, want, BF16_NORM_RTOL, name)
         else:
-            tol = GRAD_TOL if what == "grad" else PARAM_TOL
-            key = "grad_abs" if what == "grad" else "param_abs_after_3_steps"
-            report[key] = compare_tensors(got, want, tol, name)
+            report[fp32_key] = compare_tensors(got, want, fp32_tol, name)
     report["head_max_diff"] = max(r["head_max_diff"] for r in ranks)
     assert report["head_max_diff"] == 0.0, (
         f"{scenario.name}: head replicas differ by {report['head_max_diff']}"
