@@ -16,6 +16,7 @@ POINTS = (
     "save:manifest_written",  # iter_N.tmp is complete, not renamed
     "save:renamed",  # iter_N exists, `latest` still names the previous checkpoint
     "save:latest_written",  # `latest` names iter_N, old checkpoints not pruned yet
+    "prune:renamed",  # an old checkpoint renamed to iter_N.deleting, not yet removed
     "train:step_done",  # after an optimizer step, before logging and saving
 )
 ENV = "SOFT_FAILPOINT"

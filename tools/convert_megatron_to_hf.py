@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**20)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="export a checkpoint that has no manifest.json (written before checksums existed)",
+    )
     return parser
 
 
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         max_shard_bytes=int(args.max_shard_size_mb * 2**20),
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        allow_unverified=args.allow_unverified,
     )
     try:
         out = convert_megatron_to_hf(request)

@@ -23,19 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from soft.checkpointing import directory, manifest
+from soft.checkpointing.compatibility import saved_config
 from soft.checkpointing.directory import CheckpointDamaged, CheckpointError
 from soft.checkpointing.requests import model_request, model_state
 from soft.compat import checkpoint_queue, optimizer_state
 from soft.config.core import save_yaml
 from soft.failpoints import failpoint
+from soft.parallel.collectives import any_rank, barrier, gather_to_all, rank_world
 
 log = logging.getLogger("soft")
-FORMAT_VERSION = 2
+# 3: every checkpoint has a manifest (so one without it is damaged); 2 and 1 may predate them.
+FORMAT_VERSION = 3
+# A key that configs have held since manifests were introduced (with format 2): a format-2
+# checkpoint whose config.yaml has it was written with a manifest too.
+MANIFEST_ERA_KEY = "checkpoint.on_corrupt"
 
 
 @dataclass
@@ -49,41 +54,6 @@ class TrainState:
 
 class NonFiniteCheckpointError(RuntimeError):
     """Refused to save: some parameter or optimizer state is NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------- ranks
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _gather_to_all(value: Any) -> list[Any]:
-    _, world = _rank_world()
-    if world == 1:
-        return [value]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, value)
-    return out
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is True on any."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    )
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -109,7 +79,7 @@ def ensure_finite(chunks, optimizer, iteration: int) -> None:
          if t.is_floating_point() and not bool(torch.isfinite(t).all())),
         None,
     )  # fmt: skip
-    if _any_rank(bad is not None):
+    if any_rank(bad is not None):
         where = f" (on this rank: {bad})" if bad else " (on another rank)"
         raise NonFiniteCheckpointError(
             f"refusing to save the checkpoint of iteration {iteration}: parameters or optimizer "
@@ -137,7 +107,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _rng_sharded_object(state: Any) -> ShardedObject:
     """One RNG state per rank; restored only when the layout is unchanged."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
@@ -162,20 +132,24 @@ def save(
     keep_last: int = 0,
     optimizer_format: str = "fully_reshardable",
     identity: dict[str, Any] | None = None,
+    valid_loss: float | None = None,
 ) -> Path:
     """Write iter_N (model; with `optimizer`, also optimizer, scheduler, RNG and data
     position), then make it `latest` and prune. Returns the checkpoint folder.
 
-    `identity` goes into the manifest (e.g. the tokenizer's checksum) for later loads to check.
-    Nothing in `save_dir` changes when the state is not finite or the save fails."""
+    `identity` goes into the manifest (e.g. the tokenizer's checksum) for later loads to check;
+    so does `valid_loss`, the validation loss of these weights when one was measured: pruning
+    keeps the newest checkpoint whose validation loss was finite. Nothing in `save_dir`
+    changes when the state is not finite or the save fails (a failed save's files are
+    removed at once: on a full disk they would hold the last free bytes)."""
     save_dir = Path(save_dir)
     ensure_finite(chunks, optimizer, state.iteration)
     checkpoint_queue.apply()
-    rank, world = _rank_world()
+    rank, world = rank_world()
     tmp = save_dir / f"{directory.iter_name(state.iteration)}{directory.TMP_SUFFIX}"
     if rank == 0:
         directory.begin_save(save_dir, state.iteration)
-    _barrier()
+    barrier()
     sharded = model_state(chunks)
     if optimizer is not None:  # it finds its parameters' keys in the model entries
         sharded["optimizer"] = optimizer.sharded_state_dict(
@@ -190,19 +164,24 @@ def save(
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # e.g. a full disk: the previous checkpoint stays `latest`
+        # torch's writer gathers every rank's result, so all ranks are done writing here.
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_save_failure(save_dir, tmp, exc)) from exc
     if rank == 0:
         save_yaml(config, tmp / directory.CONFIG)
-    _barrier()
+    barrier()
     failpoint("save:files_written")
-    hashes = _gather_to_all(manifest.hash_share(tmp, rank, world))
+    hashes = gather_to_all(manifest.hash_share(tmp, rank, world))
     if rank == 0:
         files = {name: digest for part in hashes for name, digest in part.items()}
         extra = {"world_size": world, "weights_only": optimizer is None, **(identity or {})}
+        if valid_loss is not None:
+            extra["valid_loss"] = valid_loss
         manifest.write_manifest(tmp, files, state.iteration, extra)
         failpoint("save:manifest_written")
-        directory.commit_save(tmp, keep_last)
-    _barrier()
+        directory.commit_save(tmp, keep_last, keep=manifest.newest_validated(save_dir, tmp))
+    barrier()
     return save_dir / directory.iter_name(state.iteration)
 
 
@@ -217,30 +196,64 @@ def _save_failure(save_dir: Path, tmp: Path, exc: BaseException) -> str:
     return (
         f"saving checkpoint '{tmp.name.removesuffix(directory.TMP_SUFFIX)}' in '{save_dir}' "
         f"failed ({_summary(exc)}{free}); the previous checkpoint is untouched and the "
-        f"unfinished '{tmp.name}' is removed at the next start"
+        f"unfinished '{tmp.name}' was removed"
     )
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def verify(ckpt: Path) -> None:
+def verify(ckpt: Path, allow_unverified: bool = False) -> None:
     """Check every file against the manifest, the work split over the ranks; a mismatch
-    anywhere is a CheckpointError on every rank, naming the files."""
+    anywhere is a CheckpointDamaged on every rank, naming the files.
+
+    A checkpoint without a manifest is damaged when it was written with one (its manifest was
+    removed or lost: nothing vouches for its files); one written before manifests existed is
+    refused unless `allow_unverified` (checkpoint.allow_unverified, --allow-unverified)."""
     expected = manifest.read_manifest(ckpt)
     if expected is None:
-        log.warning(
-            "checkpoint %s has no manifest (written before checksums existed): not verified", ckpt
-        )
+        _check_unverified(ckpt, allow_unverified)
         return
-    rank, world = _rank_world()
-    problems = [p for part in _gather_to_all(manifest.verify_share(ckpt, expected, rank, world))
+    rank, world = rank_world()
+    problems = [p for part in gather_to_all(manifest.verify_share(ckpt, expected, rank, world))
                 for p in part]  # fmt: skip
     if problems:
         shown = "; ".join(problems[:5]) + (
             f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         )
         raise CheckpointDamaged(f"checkpoint '{ckpt}' is damaged: {shown}")
+
+
+def _written_with_manifest(ckpt: Path) -> str | None:
+    """Why `ckpt` must have had a manifest (None when it may predate them)."""
+    config = saved_config(ckpt) or {}
+    if MANIFEST_ERA_KEY in config:
+        return f"its config.yaml has '{MANIFEST_ERA_KEY}', which came with manifests"
+    common = _reading(ckpt, dist_checkpointing.load_common_state_dict, str(ckpt))
+    version = common.get("format_version", 1) if isinstance(common, dict) else 1
+    if version >= 3:
+        return f"it is format {version}, which always has one"
+    return None
+
+
+def _check_unverified(ckpt: Path, allow_unverified: bool) -> None:
+    why = _written_with_manifest(ckpt)
+    if why is not None:
+        raise CheckpointDamaged(
+            f"checkpoint '{ckpt}' is damaged: its {directory.MANIFEST} is missing, but it was "
+            f"written with one ({why}); without it nothing vouches for its files"
+        )
+    if not allow_unverified:
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' has no {directory.MANIFEST}: it was written before checksums "
+            "existed, so its files cannot be verified. To load it anyway, set "
+            "checkpoint.allow_unverified=true (tools: --allow-unverified)"
+        )
+    log.warning(
+        "checkpoint %s has no manifest (written before checksums existed): loaded unverified "
+        "(checkpoint.allow_unverified=true)",
+        ckpt,
+    )
 
 
 def _stored_metadata(ckpt: Path) -> dict[str, Any]:
@@ -305,21 +318,22 @@ def _load_model(loaded: dict[str, Any], chunks) -> None:
         chunk.load_state_dict(loaded[f"model{i}"], strict=True)
 
 
-def load_weights(ckpt: Path, chunks, extract: bool = False) -> None:
+def load_weights(ckpt: Path, chunks, extract: bool = False, allow_unverified: bool = False) -> None:
     """Model weights only (fine-tuning starts at step 0 with a fresh optimizer).
 
     `extract`: the model may have fewer layers than the checkpoint; it gets the first ones
-    (soft.mode=extracted)."""
-    verify(ckpt)
+    (soft.mode=extracted). `allow_unverified`: see `verify`."""
+    verify(ckpt, allow_unverified)
     stored = _stored_metadata(ckpt)
     request, partial = model_request(ckpt, chunks, stored, extract)
     _load_model(_load(ckpt, request, partial), chunks)
 
 
-def resume(ckpt: Path, chunks, optimizer, scheduler) -> TrainState:
+def resume(ckpt: Path, chunks, optimizer, scheduler, allow_unverified: bool = False) -> TrainState:
     """Everything a run needs to continue where the checkpoint stopped: weights, optimizer
-    and scheduler state, RNG states (at the same world size) and the data position."""
-    verify(ckpt)
+    and scheduler state, RNG states (at the same world size) and the data position.
+    `allow_unverified`: see `verify`."""
+    verify(ckpt, allow_unverified)
     stored = _stored_metadata(ckpt)
     request, _ = model_request(ckpt, chunks, stored, extract=False)
     distributed = _distributed(optimizer)
@@ -329,7 +343,7 @@ def resume(ckpt: Path, chunks, optimizer, scheduler) -> TrainState:
     request["optimizer"] = optimizer.sharded_state_dict(
         request, is_loading=True, metadata=_optimizer_metadata(optimizer, fmt)
     )
-    _, world = _rank_world()
+    _, world = rank_world()
     if _saved_world_size(stored) == world:  # RNG states are per rank: only at the same world size
         request["rng_state"] = _rng_sharded_object(None)
     loaded = _load(ckpt, request, partial=False)

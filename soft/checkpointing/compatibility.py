@@ -112,6 +112,7 @@ APPLIED = (
     "checkpoint.auto_resume",
     "checkpoint.start_over",
     "checkpoint.on_corrupt",
+    "checkpoint.allow_unverified",
     "checkpoint.keep_last",
     "checkpoint.optimizer_format",
     "tracking.enabled",

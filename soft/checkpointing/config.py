@@ -39,7 +39,17 @@ class CheckpointConfig:
         "A checkpoint whose files fail their checksums: error = stop with the file named; "
         "previous = move it aside (iter_N.damaged) and resume from the newest older one.",
     )
-    keep_last: int = option(2, "Keep this many newest checkpoints (0 = keep all).")
+    allow_unverified: bool = option(
+        False,
+        "Load a checkpoint that has no manifest.json (written before checksums existed) "
+        "without verifying its files. A checkpoint written with a manifest that has lost it "
+        "is damaged whatever this says (see on_corrupt).",
+    )
+    keep_last: int = option(
+        2,
+        "Keep this many newest checkpoints (0 = keep all); the newest one whose validation "
+        "loss was finite is kept too.",
+    )
     optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = option(
         "fully_reshardable",
         "Distributed-optimizer state in checkpoints: fully_reshardable loads at any TP/PP/DP "

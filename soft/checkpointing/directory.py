@@ -11,7 +11,9 @@ The rules, each checked by tests/checkpointing (with processes killed at every s
 1. A save writes into iter_N.tmp; manifest.json is written once every file is complete; then
    iter_N.tmp is renamed to iter_N, and only then is `latest` replaced (write + rename + fsync).
 2. The checkpoint `latest` names is never deleted or overwritten. Pruning keeps the newest
-   `keep_last` complete checkpoints by iteration number (never by name order).
+   `keep_last` complete checkpoints by iteration number (never by name order), and the newest
+   one whose validation loss was finite; it renames a checkpoint to iter_N.deleting before
+   removing it, so a half-deleted folder never passes for a checkpoint.
 3. `latest` missing, unreadable or naming something incomplete: the newest complete iter_*
    checkpoint is used and the caller is told why.
 """
@@ -32,6 +34,7 @@ MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 MEGATRON_METADATA = "metadata.json"  # megatron-core's own marker of a dist checkpoint
 TMP_SUFFIX = ".tmp"
+DELETING_SUFFIX = ".deleting"  # a pruned checkpoint on its way out
 _ITER_RE = re.compile(r"iter_(\d+)")
 
 
@@ -137,8 +140,9 @@ def begin_save(save_dir: Path, iteration: int) -> Path:
     return tmp
 
 
-def commit_save(tmp: Path, keep_last: int) -> Path:
-    """Make a finished save visible (rank 0 only): rename, point `latest` at it, prune."""
+def commit_save(tmp: Path, keep_last: int, keep: Path | None = None) -> Path:
+    """Make a finished save visible (rank 0 only): rename, point `latest` at it, prune (never
+    `keep`: see prune)."""
     save_dir = tmp.parent
     final = save_dir / tmp.name.removesuffix(TMP_SUFFIX)
     if final.exists():
@@ -156,7 +160,7 @@ def commit_save(tmp: Path, keep_last: int) -> Path:
     failpoint("save:renamed")
     write_latest(save_dir, final.name)
     failpoint("save:latest_written")
-    prune(save_dir, keep_last)
+    prune(save_dir, keep_last, keep)
     return final
 
 
@@ -170,28 +174,45 @@ def write_latest(save_dir: Path, name: str) -> None:
     _fsync_dir(save_dir)
 
 
-def prune(save_dir: Path, keep_last: int) -> list[Path]:
+def prune(save_dir: Path, keep_last: int, keep: Path | None = None) -> list[Path]:
     """Delete all but the newest `keep_last` complete checkpoints (by iteration number), never
-    the one `latest` names. Returns what was deleted."""
+    the one `latest` names nor `keep` (the newest whose validation loss was finite). Returns
+    what was deleted.
+
+    Each is first renamed to iter_N.deleting, then removed: a kill halfway through leaves a
+    folder no reader takes for a checkpoint (clean_debris removes it), never an iter_N that
+    lost some of its files."""
     if keep_last <= 0:
         return []
     protected, _ = read_latest(save_dir)
+    spared = {iteration_of(p.name.removesuffix(TMP_SUFFIX)) for p in (protected, keep) if p}
     complete = complete_checkpoints(save_dir)
-    doomed = [p for p in complete[:-keep_last] if protected is None or p.name != protected.name]
+    doomed = [p for p in complete[:-keep_last] if iteration_of(p) not in spared]
     for old in doomed:
-        shutil.rmtree(old, ignore_errors=True)
+        going = old.with_name(old.name + DELETING_SUFFIX)
+        old.rename(going)
+        failpoint("prune:renamed")
+        shutil.rmtree(going, ignore_errors=True)
     return doomed
 
 
+def _is_debris(p: Path) -> bool:
+    for suffix in (TMP_SUFFIX, DELETING_SUFFIX):
+        stem = p.name.removesuffix(suffix)
+        if stem != p.name and (iteration_of(stem) is not None or stem == LATEST):
+            return True
+    return False
+
+
 def clean_debris(save_dir: Path) -> list[Path]:
-    """Remove what interrupted saves left (iter_*.tmp folders, latest.tmp). Only the job that
-    holds the run folder's lock may call this: another job's save in progress looks the same."""
+    """Remove what interrupted saves and prunes left (iter_*.tmp and iter_*.deleting folders,
+    latest.tmp). Only the job that holds the run folder's lock may call this: another job's
+    save in progress looks the same."""
     if not save_dir.is_dir():
         return []
     removed = []
     for p in save_dir.iterdir():
-        stem = p.name.removesuffix(TMP_SUFFIX)
-        if p.name.endswith(TMP_SUFFIX) and (iteration_of(stem) is not None or stem == LATEST):
+        if _is_debris(p):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:

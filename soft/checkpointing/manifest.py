@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-from soft.checkpointing.directory import MANIFEST, CheckpointError
+from soft.checkpointing.directory import (
+    MANIFEST,
+    CheckpointError,
+    complete_checkpoints,
+    iteration_of,
+)
 
 FORMAT = "soft-checkpoint"
 VERSION = 2
@@ -97,3 +103,28 @@ def verify_share(ckpt: Path, manifest: dict[str, Any], rank: int, world: int) ->
         elif file_digest(path)[HASH] != want[HASH]:
             problems.append(f"'{path}' does not match its {HASH} checksum (corrupted)")
     return problems
+
+
+def recorded_valid_loss(ckpt: Path) -> float | None:
+    """The validation loss a checkpoint's weights had when it was saved (None: not measured,
+    or the manifest is unreadable)."""
+    try:
+        found = read_manifest(ckpt)
+    except CheckpointError:
+        return None
+    value = (found or {}).get("valid_loss")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def newest_validated(save_dir: Path, *extra: Path) -> Path | None:
+    """The newest complete checkpoint in `save_dir` (or among `extra`) whose validation loss
+    was finite: pruning keeps it whatever keep_last says (a run whose later checkpoints went
+    bad keeps its last good one)."""
+    candidates = sorted(
+        [*complete_checkpoints(save_dir), *extra], key=lambda p: iteration_of(p.name.split(".")[0])
+    )
+    for ckpt in reversed(candidates):
+        loss = recorded_valid_loss(ckpt)
+        if loss is not None and math.isfinite(loss):
+            return ckpt
+    return None

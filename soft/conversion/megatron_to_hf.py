@@ -59,6 +59,7 @@ class ExportRequest:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     overwrite: bool = False
     progress: bool = True
+    allow_unverified: bool = False  # a checkpoint without manifest (written before checksums)
 
 
 def read_run_config(ckpt: Path) -> RootConfig:
@@ -188,7 +189,8 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
     if found.note:
         log.warning("--checkpoint-dir: %s", found.note)
     ckpt = found.path
-    verify(ckpt)  # a damaged file is an error naming it, not an export of wrong weights
+    # A damaged file is an error naming it, not an export of wrong weights.
+    verify(ckpt, allow_unverified=req.allow_unverified)
     cfg = read_run_config(ckpt)
     model = cfg.model
     num_layers = model.num_layers if req.exit_layer is None else req.exit_layer

@@ -120,3 +120,35 @@ def test_checkpoints_written_before_manifests_are_complete(tmp_path):
     (old / d.CONFIG).write_text("model: {}\n")
     d.write_latest(tmp_path, old.name)
     assert d.find_checkpoint(tmp_path) == d.Found(old)
+
+
+def test_a_prune_killed_halfway_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
+    """The fault matrix killed a job while pruning: 6 of 8 files of iter_2 were left, with its
+    manifest, and counted as a complete checkpoint. Pruning now renames first: what a kill
+    leaves is iter_N.deleting, which no reader takes for a checkpoint and the next start
+    removes."""
+    for it in (2, 4, 6):
+        _ckpt(tmp_path, it)
+    d.write_latest(tmp_path, d.iter_name(6))
+
+    def killed(name):
+        if name == "prune:renamed":
+            raise KeyboardInterrupt  # stands in for the SIGKILL: nothing after it runs
+
+    monkeypatch.setattr(d, "failpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        d.prune(tmp_path, keep_last=2)
+    assert (tmp_path / "iter_0000002.deleting").is_dir()
+    assert [p.name for p in d.complete_checkpoints(tmp_path)] == ["iter_0000004", "iter_0000006"]
+    assert [p.name for p in d.clean_debris(tmp_path)] == ["iter_0000002.deleting"]
+
+
+def test_prune_keeps_the_newest_checkpoint_with_a_finite_validation_loss(tmp_path):
+    """A skip-policy run whose weights went bad after iter_4: keep_last=1 must not delete the
+    last good one."""
+    for it in (2, 4, 6, 8):
+        _ckpt(tmp_path, it)
+    d.write_latest(tmp_path, d.iter_name(8))
+    deleted = d.prune(tmp_path, keep_last=1, keep=tmp_path / d.iter_name(4))
+    assert [p.name for p in deleted] == ["iter_0000002", "iter_0000006"]
+    assert [p.name for p in d.complete_checkpoints(tmp_path)] == ["iter_0000004", "iter_0000008"]

@@ -72,3 +72,19 @@ def test_an_unreadable_manifest_is_a_named_error(tmp_path):
     (ckpt / MANIFEST).write_text('{"format": "something else"}')
     with pytest.raises(CheckpointError, match="is not a soft-checkpoint manifest"):
         m.read_manifest(ckpt)
+
+
+def test_the_newest_checkpoint_with_a_finite_validation_loss_is_found(tmp_path):
+    """What pruning spares (soft.checkpointing.directory.prune's `keep`)."""
+    for it, loss in ((2, 1.5), (4, 1.2), (6, float("nan")), (8, None)):
+        ckpt = tmp_path / f"iter_{it:07d}"
+        ckpt.mkdir()
+        (ckpt / ".metadata").write_bytes(b"x")
+        (ckpt / "metadata.json").write_text("{}")
+        m.write_manifest(ckpt, {}, it, {} if loss is None else {"valid_loss": loss})
+    assert m.newest_validated(tmp_path).name == "iter_0000004"
+    assert m.recorded_valid_loss(tmp_path / "iter_0000008") is None
+    fresh = tmp_path / "iter_0000010.tmp"  # the save being committed counts too
+    fresh.mkdir()
+    m.write_manifest(fresh, {}, 10, {"valid_loss": 0.9})
+    assert m.newest_validated(tmp_path, fresh) == fresh
