@@ -3,7 +3,7 @@
 `python benchmarks/bench_soft_vs_sft.py [--config CFG.yaml] [--warmup N] [--steps M] [--fp8]
 [--variants a,b,...] [--append-results benchmarks/RESULTS.md] [key=value ...]`
 
-Every variant is built once (`soft.training.loop.setup`) in this process, then the timed steps
+Every variant is built once (`soft.training.run.setup`) in this process, then the timed steps
 run in rounds: each round times one optimizer step of every variant, in an order that rotates
 from round to round, so slow drift of the machine (another job, thermal limits) falls on all
 variants alike. A variant's cost is reported as the ratio of its step time to pure SFT's in
@@ -50,8 +50,11 @@ from soft.config.root import load_config  # noqa: E402
 from soft.data import ResumableBatchSampler  # noqa: E402
 from soft.models.gpt import transformer_engine_available  # noqa: E402
 from soft.training import flops  # noqa: E402
-from soft.training.loop import Run, microbatches, setup  # noqa: E402
-from soft.training.step import train_step  # noqa: E402
+from soft.training.run import Run, setup  # noqa: E402
+from soft.training.step import (
+    microbatches,  # noqa: E402
+    train_step,  # noqa: E402
+)
 
 # Hybrid = E4M3 forward, E5M2 gradients: the usual FP8 training recipe.
 FP8_OVERRIDES = ["model.params_dtype=bf16", "model.fp8=hybrid"]

@@ -28,7 +28,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from soft.checkpointing import directory, manifest
 from soft.checkpointing.compatibility import saved_config
-from soft.checkpointing.directory import CheckpointDamaged, CheckpointError
+from soft.checkpointing.directory import CheckpointDamaged, CheckpointError, CheckpointSaveFailed
 from soft.checkpointing.requests import model_request, model_state
 from soft.compat import checkpoint_queue, optimizer_state
 from soft.config.core import save_yaml
@@ -167,7 +167,7 @@ def save(
         # torch's writer gathers every rank's result, so all ranks are done writing here.
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(_save_failure(save_dir, tmp, exc)) from exc
+        raise CheckpointSaveFailed(_save_failure(save_dir, tmp, exc)) from exc
     if rank == 0:
         save_yaml(config, tmp / directory.CONFIG)
     barrier()
@@ -364,3 +364,14 @@ def _stored_optimizer_format(ckpt: Path) -> str:
     """The distributed-optimizer layout a checkpoint was saved with (its common state)."""
     common = _reading(ckpt, dist_checkpointing.load_common_state_dict, str(ckpt))
     return (common.get("optimizer") or {}).get("param_state_sharding_type", "dp_reshardable")
+
+
+def rewind_to_validated(save_dir: Path) -> Path | None:
+    """After a non-finite validation loss: point `latest` (rank 0) at the newest checkpoint
+    whose validation loss was finite, so that a relaunch continues from weights known to be
+    good, not from the newest ones. Returns that checkpoint (None: there is none)."""
+    good = manifest.newest_validated(save_dir)
+    current, _ = directory.read_latest(save_dir)
+    if good is not None and rank_world()[0] == 0 and (current is None or current != good):
+        directory.write_latest(save_dir, good.name)
+    return good

@@ -46,6 +46,10 @@ class CheckpointDamaged(CheckpointError):
     """A checkpoint whose files do not match its manifest or cannot be read."""
 
 
+class CheckpointSaveFailed(RuntimeError):
+    """A save could not be completed (e.g. a full disk); the previous checkpoint is intact."""
+
+
 def iter_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 

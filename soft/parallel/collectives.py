@@ -71,6 +71,11 @@ def broadcast_object(value: T, src: int = 0) -> T:
 # ----------------------------------------------------------------------------- peers
 
 
+class PeerLost(RuntimeError):
+    """The job failed and a peer rank is gone: nothing collective can complete any more (the
+    process groups' teardown included, which can hang), so the rank leaves at once."""
+
+
 @dataclass(frozen=True)
 class Process:
     host: str

@@ -1,14 +1,19 @@
 """`<train.output_dir>/exit_status.json`, the stop status: why the training processes stopped.
 
-Written atomically by rank 0 as the job ends:
+Written atomically by rank 0 as the job ends (by the lowest live rank on rank 0's host when
+rank 0 itself died; soft.training.ending has the whole table with the MLflow statuses):
   {"reason": "finished", "iteration": N}        reached train.train_iters, checkpoint saved
   {"reason": "signal", "iteration": N}          SIGUSR1/SIGTERM/SIGINT: stopped after a step, saved
   {"reason": "exit_interval", "iteration": N}   stopped after train.exit_interval steps, saved
-  {"reason": "nonfinite", "iteration": N, "detail": "..."}  a NaN/inf loss or gradient: stopped,
-                                                 nothing saved after the last good checkpoint
-  {"reason": "failed", "iteration": N, "detail": "..."}     any other error
-  {"reason": "killed", "iteration": N, "detail": "..."}     a stop signal, but a peer rank was
-                                                 gone: left without saving
+  {"reason": "nonfinite", "iteration": N, "detail": "..."}  a NaN/inf loss, gradient or
+                                                 validation loss: stopped, nothing saved after
+                                                 the last good checkpoint
+  {"reason": "failed", "iteration": N, "detail": "..."}     any other error (naming a rank that
+                                                 is gone, when one is)
+  {"reason": "killed", "iteration": N, "detail": "..."}     a stop that could not finish (no
+                                                 progress within the grace, or a second stop
+                                                 signal): left without saving; the detail says
+                                                 what the rank was doing and what it saw
 The SLURM batch script reads it to decide whether to requeue the job (signal, exit_interval).
 """
 
@@ -21,6 +26,7 @@ from typing import Literal
 # The file keeps its first name: batch scripts and users' tooling read it.
 STOP_STATUS_FILE = "exit_status.json"
 Reason = Literal["signal", "exit_interval", "finished", "nonfinite", "failed", "killed"]
+MAX_DETAIL = 2000  # characters of the error kept (a traceback's worth of message, no more)
 REASONS: tuple[str, ...] = ("signal", "exit_interval", "finished", "nonfinite", "failed", "killed")
 
 
@@ -34,7 +40,7 @@ def write_stop_status(
     path.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, object] = {"reason": reason, "iteration": int(iteration)}
     if detail:
-        record["detail"] = detail
+        record["detail"] = detail[:MAX_DETAIL]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record) + "\n")
     tmp.replace(path)

@@ -6,7 +6,7 @@ from soft.tracking.mlflow_tracker import (
     NullTracker,
     Tracker,
     build_tracker,
-    mark_abandoned_run,
+    mark_run_ended,
     relocate_artifacts,
     run_status_for,
 )
@@ -19,7 +19,7 @@ __all__ = [
     "TrackingConfig",
     "build_tracker",
     "run_status_for",
-    "mark_abandoned_run",
+    "mark_run_ended",
     "plot_exit_losses",
     "relocate_artifacts",
 ]

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from soft.failpoints import failpoint
 from soft.tracking.config import TrackingConfig
 from soft.tracking.keys import exit_loss_keys
 from soft.tracking.plots import plot_exit_losses
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
 PLOT_NAME = "exit_losses.png"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+STOP_REASON_TAG = "soft.stop_reason"  # exit_status.json's reason: why the job stopped
 # MLflow 3 limits (mlflow.utils.validation); kept here so that importing this module (on every
 # rank) does not import mlflow.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -71,8 +73,10 @@ class Tracker:
     def log_artifact(self, path: str | Path) -> None:
         """Copy a file (e.g. the resolved config YAML) into the run's artifacts."""
 
-    def close(self, status: str = "FINISHED") -> None:
-        """End the run with status FINISHED, FAILED or KILLED. Idempotent."""
+    def close(self, status: str = "FINISHED", reason: str | None = None, plot: bool = True) -> None:
+        """End the run with status FINISHED, FAILED or KILLED; `reason` (why the job stopped:
+        soft.runs.status) becomes the tag `soft.stop_reason`; `plot`: draw the exit-loss plot
+        (seconds of matplotlib: skipped by a job that is being torn down). Idempotent."""
 
     def __enter__(self) -> Tracker:
         return self
@@ -152,24 +156,32 @@ def relocate_artifacts(output_dir: Path) -> None:
             log.info("MLflow artifacts of %s: %s -> %s (the run folder moved)", db, old, here)
 
 
-def mark_abandoned_run(cfg: TrackingConfig, output_dir: Path) -> None:
-    """The job that held `output_dir` died without closing its MLflow run (SIGKILL, a lost
-    node): mark that run KILLED. A job that resumes it reopens it as RUNNING."""
+def mark_run_ended(
+    cfg: TrackingConfig, output_dir: Path, status: str, reason: str, why: str
+) -> bool:
+    """Mark the run folder's MLflow run `status` when it is still RUNNING: its job died
+    without closing it (SIGKILL, a lost node), seen by another process (the next job that takes
+    the folder, or a surviving rank). `why` is logged. A job that resumes the run reopens it as
+    RUNNING. Returns whether the run was marked."""
     if not cfg.enabled or not (output_dir / RUN_ID_FILE).is_file():
-        return
+        return False
     if cfg.tracking_uri is None and not (output_dir / DB_FILE).is_file():
-        return
+        return False
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=cfg.tracking_uri or default_tracking_uri(output_dir))
     run_id = (output_dir / RUN_ID_FILE).read_text().strip()
     try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status="KILLED")
-            log.warning("MLflow run %s was left RUNNING by a job that died: marked KILLED", run_id)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_tag(run_id, STOP_REASON_TAG, reason)
+        client.set_terminated(run_id, status=status)
     except MlflowException as exc:
-        log.warning("MLflow run %s could not be marked KILLED: %s", run_id, exc)
+        log.warning("MLflow run %s could not be marked %s: %s", run_id, status, exc)
+        return False
+    log.warning("MLflow run %s was left RUNNING (%s): marked %s", run_id, why, status)
+    return True
 
 
 def build_tracker(
@@ -343,17 +355,24 @@ class MlflowTracker(Tracker):
 
     # -- closing -----------------------------------------------------------------------------
 
-    def close(self, status: str = "FINISHED") -> None:
+    def close(self, status: str = "FINISHED", reason: str | None = None, plot: bool = True) -> None:
         if status not in STATUSES:
             raise ValueError(f"tracker status must be one of {STATUSES}, got {status!r}")
         if self._closed:
             return
         self._closed = True
+        # The status first: drawing the plot takes seconds (matplotlib), and a job killed in
+        # the meantime must not leave the run RUNNING. Artifacts can be added after the end.
+        if reason is not None:
+            self._client.set_tag(self._run_id, STOP_REASON_TAG, reason)
+        self._client.set_terminated(self._run_id, status=status)
+        failpoint("tracking:closed")
+        if not plot:
+            return
         try:
             self._log_exit_loss_plot()
         except Exception as exc:  # a plotting problem must not hide the run's real status
             log.warning("exit-loss plot not logged: %s", exc)
-        self._client.set_terminated(self._run_id, status=status)
 
     def _log_exit_loss_plot(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch.distributed as dist
 
 from soft.checkpointing import compatibility, directory
 from soft.checkpointing.checkpoint import (
@@ -28,6 +27,8 @@ from soft.config.errors import ConfigError
 from soft.config.root import RootConfig
 from soft.data import SFTDataset, build_datasets
 from soft.models.gpt import check_runtime_support, padded_vocab_size
+from soft.parallel import collectives
+from soft.parallel.collectives import Peers
 from soft.parallel.setup import Topology, init_distributed
 from soft.runs import RunDir, RunFolderBusy, RunLock, acquire
 from soft.runs.lock import LOCK_FILE
@@ -52,7 +53,12 @@ class Run:
     run_dir: RunDir
     lock: RunLock | None  # held by rank 0
     state: TrainState
+    peers: Peers  # which process each rank is: a survivor can say which peer died
     saved_iteration: int | None = None  # the iteration whose checkpoint exists (never re-saved)
+    restore_s: float = 0.0  # how long loading the starting checkpoint took
+    # The last validation (iteration, loss): a checkpoint of that iteration records it, and
+    # pruning keeps the newest checkpoint whose validation loss was finite.
+    validated: tuple[int, float] | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -79,14 +85,6 @@ def setup(cfg: RootConfig) -> Run:
         raise
 
 
-def _broadcast(value: object) -> object:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _take_run_folder(run_dir: RunDir, topo: Topology, cfg: RootConfig) -> RunLock | None:
     """Collective: rank 0 takes the folder's lock; every rank fails alike when it is busy."""
     lock, refusal = None, None
@@ -95,7 +93,7 @@ def _take_run_folder(run_dir: RunDir, topo: Topology, cfg: RootConfig) -> RunLoc
             lock = acquire(run_dir.root)
         except RunFolderBusy as exc:
             refusal = str(exc)
-    refusal = _broadcast(refusal)
+    refusal = collectives.broadcast_object(refusal)
     if refusal is not None:
         raise RunFolderBusy(refusal)
     if lock is not None:
@@ -105,9 +103,11 @@ def _take_run_folder(run_dir: RunDir, topo: Topology, cfg: RootConfig) -> RunLoc
                 run_dir.root,
                 lock.previous,
             )
-            from soft.tracking import mark_abandoned_run
+            from soft.tracking import mark_run_ended
 
-            mark_abandoned_run(cfg.tracking, run_dir.root)
+            mark_run_ended(
+                cfg.tracking, run_dir.root, "KILLED", "killed", "its job died without closing it"
+            )
         for debris in directory.clean_debris(run_dir.save_dir):
             log.warning("removed %s, left by an interrupted save", debris)
     return lock
@@ -150,8 +150,11 @@ def _build(cfg: RootConfig, topo: Topology, run_dir: RunDir, lock: RunLock | Non
         run_dir=run_dir,
         lock=lock,
         state=TrainState(),
+        peers=Peers.gather(),
     )
+    started = time.perf_counter()
     run.state = restore(run)
+    run.restore_s = time.perf_counter() - started
     if topo.is_logging_rank:  # everything is validated: now the folder may change
         save_yaml(cfg, run_dir.config_path)
         run_dir.truncate_logs(run.state.iteration)
@@ -197,7 +200,9 @@ def restore(run: Run) -> TrainState:
         extract = run.model.plan.extracts_layers
         log.info("fine-tuning from the weights in %s", found.path)
         compatibility.check_weights_load(found.path, requested, run.tokenizer["tokenizer"], extract)
-        load_weights(found.path, run.model.unwrapped, extract=extract)
+        load_weights(
+            found.path, run.model.unwrapped, extract=extract, allow_unverified=ck.allow_unverified
+        )
         # Optimizer main params (fp32 copies for bf16) must pick up the loaded weights.
         if hasattr(run.optimizer, "reload_model_params"):
             run.optimizer.reload_model_params()
@@ -227,8 +232,7 @@ def _start_over(run: Run) -> None:
     if run.topo.is_logging_rank:
         moved = run.run_dir.move_aside()
         log.warning("checkpoint.start_over: moved the earlier run's files to %s", moved)
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def _resume_own(run: Run, found: directory.Found) -> TrainState:
@@ -261,7 +265,13 @@ def _resume_own(run: Run, found: directory.Found) -> TrainState:
 
 def _resumed(run: Run, ckpt: Path, changes: list[compatibility.Change]) -> TrainState:
     log.info("resuming from %s", ckpt)
-    state = resume(ckpt, run.model.unwrapped, run.optimizer, run.scheduler)
+    state = resume(
+        ckpt,
+        run.model.unwrapped,
+        run.optimizer,
+        run.scheduler,
+        allow_unverified=run.cfg.checkpoint.allow_unverified,
+    )
     for change in changes:
         log.warning("resuming with a changed setting (applied): %s", change)
     apply_optimizer_hyperparameters(run.optimizer, run.cfg.train, run.scheduler)

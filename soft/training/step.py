@@ -14,6 +14,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from soft.data import ResumableBatchSampler, SFTDataset
+from soft.training.config import TrainConfig
 from soft.training.model import SoftModel
 
 Batch = dict[str, torch.Tensor]
@@ -36,6 +38,23 @@ class StepResult:
         if self.grad_norm is not None:
             values.append(self.grad_norm)
         return all(math.isfinite(v) for v in values)
+
+
+def microbatches(
+    data: SFTDataset,
+    sampler: ResumableBatchSampler,
+    consumed: int,
+    mbs: int,
+    device: torch.device,
+) -> list[Batch]:
+    """This data-parallel rank's microbatches of the global batch that starts at sample
+    `consumed` of the sampler's order."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    out = []
+    for indices in sampler.indices_for_step(consumed, dp_rank, dp_size, mbs):
+        out.append({k: v.to(device, non_blocking=True) for k, v in data.batch(indices).items()})
+    return out
 
 
 _MASKS: dict[tuple[int, str], torch.Tensor] = {}
@@ -205,3 +224,23 @@ def eval_step(model: SoftModel, microbatches: list[Batch]) -> StepResult:
     model.train(True)
     exit_losses, tokens = reduce_exit_losses(model)
     return StepResult(exit_losses, _objective(model, exit_losses), tokens)
+
+
+def evaluate(
+    model: SoftModel, data: SFTDataset, train: TrainConfig, device: torch.device
+) -> StepResult:
+    """Validation: `train.eval_iters` global batches of `data` (the same ones every time),
+    each exit's loss averaged per token over all of them."""
+    sampler = ResumableBatchSampler(len(data), train.global_batch_size, train.seed)
+    results = []
+    for i in range(train.eval_iters):
+        mb = microbatches(
+            data, sampler, i * train.global_batch_size, train.micro_batch_size, device
+        )
+        results.append(eval_step(model, mb))
+    tokens = sum(r.num_tokens for r in results)
+    totals = {  # token-weighted mean over the eval batches
+        k: sum(r.exit_losses[k] * r.num_tokens for r in results) / max(tokens, 1)
+        for k in model.plan.layers
+    }
+    return StepResult(totals, _objective(model, totals), tokens)

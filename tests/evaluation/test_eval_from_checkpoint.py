@@ -28,7 +28,7 @@ def _data(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _train(tmp_path: Path, name: str, *overrides: str):
-    from soft.training.loop import run_training
+    from soft.training.cli import run_training
 
     train, valid = _data(tmp_path)
     single_rank_world()

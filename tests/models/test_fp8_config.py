@@ -47,7 +47,7 @@ def test_fp8_without_te_or_gpu_names_the_key(impl):
 )
 def test_fp8_on_cpu_fails_in_setup_before_any_step(tmp_path):
     """The error comes from building the model inside `setup`, before `train` runs a step."""
-    from soft.training.loop import setup
+    from soft.training.run import setup
 
     cfg = tiny_config("model.params_dtype=bf16", "model.fp8=hybrid", f"train.output_dir={tmp_path}")
     with pytest.raises(

@@ -39,6 +39,8 @@ from soft.models.heads import trainable_head_copies
 from soft.parallel.head_sync import head_replica_max_diff
 from soft.parallel.setup import destroy_distributed
 from soft.training import loop, step
+from soft.training.run import setup
+from soft.training.signals import StopRequest
 from tests.training import golden
 
 BASE = [
@@ -241,7 +243,7 @@ def base_worker(scenario: Scenario, root: Path) -> dict:
         [*BASE, f"soft.exit_layers={scenario.exits}", f"train.output_dir={root / 'base_run'}"]
         + list(scenario.base or []),
     )
-    run = loop.setup(cfg)
+    run = setup(cfg)
     _train_steps(run, 1, capture_first=False)
     save(
         root / "base",
@@ -295,7 +297,7 @@ def _train_steps(run, n: int, capture_first: bool) -> dict:
     sampler = ResumableBatchSampler(len(run.train_data), t.global_batch_size, t.seed)
     record: dict = {"losses": [], "grad_norms": []}
     for i in range(n):
-        mbs = loop.microbatches(
+        mbs = step.microbatches(
             run.train_data, sampler, run.state.consumed_samples, t.micro_batch_size, run.topo.device
         )
         if i == 0 and capture_first:
@@ -321,7 +323,7 @@ def _train_steps(run, n: int, capture_first: bool) -> dict:
 
 def scenario_worker(scenario: Scenario, out: Path, layout: bool) -> dict:
     """Body of every rank: 3 steps; first-step grads; final params; head replica check."""
-    run = loop.setup(_config(scenario, out, layout))
+    run = setup(_config(scenario, out, layout))
     record = _train_steps(run, 3, capture_first=True)
     record["params"] = dump_global(run.model.unwrapped, "data")
     record["head_max_diff"] = head_replica_max_diff(run.model.unwrapped, run.model.head_group)
@@ -334,7 +336,7 @@ def reshard_worker(
     scenario: Scenario, out: Path, layout: bool, ckpt: Path, save_first: bool
 ) -> dict:
     """save_first: 2 steps, save, 2 more steps. Else: load that checkpoint, 2 steps."""
-    run = loop.setup(_config(scenario, out, layout))
+    run = setup(_config(scenario, out, layout))
     if save_first:
         _train_steps(run, 2, capture_first=False)
         save(
@@ -575,8 +577,9 @@ def golden_worker(out: Path) -> list[dict]:
     """One rank of the golden-curve job at TP2 x PP2 (tests/training/golden.py)."""
     from soft.tracking import NullTracker
 
-    run = loop.setup(golden.golden_config(out, *golden.TP2_PP2))
-    return golden.curve(loop.train(run, NullTracker()).train_history)
+    run = setup(golden.golden_config(out, *golden.TP2_PP2))
+    with StopRequest() as stop:
+        return golden.curve(loop.train(run, NullTracker(), stop).train_history)
 
 
 def check_golden(root: Path) -> dict:

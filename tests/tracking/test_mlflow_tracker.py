@@ -224,16 +224,38 @@ def test_a_moved_run_folder_keeps_its_artifacts(tmp_path: Path) -> None:
     assert not first.parent.exists()
 
 
-def test_a_run_left_running_by_a_dead_job_is_marked_killed(tmp_path: Path) -> None:
-    from soft.tracking import mark_abandoned_run
+def test_a_run_left_running_by_a_dead_job_is_marked_and_tagged(tmp_path: Path) -> None:
+    from soft.tracking import mark_run_ended
 
     out = tmp_path / "run"
     tracker = build_tracker(TrackingConfig(), out, rank=0, default_run_name="dead")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     assert client.get_run(tracker.run_id).info.status == "RUNNING"  # SIGKILL: never closed
-    mark_abandoned_run(TrackingConfig(), out)
+    assert mark_run_ended(TrackingConfig(), out, "KILLED", "killed", "its job died")
+    run = client.get_run(tracker.run_id)
+    assert (run.info.status, run.data.tags["soft.stop_reason"]) == ("KILLED", "killed")
+    # Only a RUNNING run is marked: a run its job closed keeps its status.
+    assert not mark_run_ended(TrackingConfig(), out, "FAILED", "failed", "a peer says so")
     assert client.get_run(tracker.run_id).info.status == "KILLED"
-    mark_abandoned_run(TrackingConfig(enabled=False), tmp_path / "nothing")  # no store: no-op
+    assert not mark_run_ended(
+        TrackingConfig(enabled=False), tmp_path / "nothing", "KILLED", "killed", ""
+    )
+
+
+def test_close_sets_the_status_before_drawing_the_plot(tmp_path: Path, monkeypatch) -> None:
+    """Drawing the plot takes seconds; a job killed meanwhile must not leave RUNNING."""
+    out = tmp_path / "run"
+    tracker = build_tracker(TrackingConfig(), out, rank=0, default_run_name="slow plot")
+    tracker.log({"train/exit_1": 1.0}, 1)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    seen = []
+    monkeypatch.setattr(
+        tracker, "_log_exit_loss_plot", lambda: seen.append(client.get_run(tracker.run_id))
+    )
+    tracker.close("KILLED", reason="exit_interval")
+    assert [(r.info.status, r.data.tags["soft.stop_reason"]) for r in seen] == [
+        ("KILLED", "exit_interval")
+    ]
 
 
 def test_runs_are_tagged_with_host_slurm_job_commit_and_versions(

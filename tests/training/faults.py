@@ -237,8 +237,13 @@ def double_save(root: Path) -> dict:
     assert (
         first.log.count("saved checkpoint") == 2 and stop_status(out)["reason"] == "exit_interval"
     )
+    # A time slice is not finished: MLflow says KILLED (resumable), tagged with the reason.
+    run = mlflow_run(out)[1]
+    assert (run.info.status, run.data.tags["soft.stop_reason"]) == ("KILLED", "exit_interval")
     finished = job(out)
     assert_code(finished, 0)
+    run = mlflow_run(out)[1]
+    assert (run.info.status, run.data.tags["soft.stop_reason"]) == ("FINISHED", "finished")
     again = job(out, env={"SOFT_FAILPOINT": "save:files_written"})  # any save would die
     assert_code(again, 0, "at train.train_iters=6 already")
     assert "saved checkpoint" not in again.log and stop_status(out)["reason"] == "finished"
@@ -374,13 +379,13 @@ def corrupted_checkpoints(root: Path) -> dict:
     assert_code(fallback, 0, "falling back to iter_0000002", "moved the damaged checkpoint")
     assert (flipped / "checkpoints/iter_0000004.damaged").is_dir()
     assert_same_curve(train_log(flipped), train_log(ref))
-    # A truncated shard, and one without a manifest (written before checksums existed).
+    # A truncated shard; then its manifest deleted too: still damaged, never loaded unverified.
     truncated = _copy(base, "truncated")
     shard = _largest_shard(truncated / "checkpoints/iter_0000004")
     shard.write_bytes(shard.read_bytes()[:100])
     assert_code(job(truncated), 2, str(shard), "has 100 bytes")
     (truncated / "checkpoints/iter_0000004/manifest.json").unlink()
-    assert_code(job(truncated), 2, "could not be read")
+    assert_code(job(truncated, "checkpoint.allow_unverified=true"), 2, "manifest.json is missing")
     # Garbage in `latest`, and no `latest` at all: the newest complete checkpoint, said so.
     garbage = _copy(base, "garbage_latest")
     (garbage / "checkpoints/latest").write_bytes(bytes(range(256)))
@@ -391,6 +396,92 @@ def corrupted_checkpoints(root: Path) -> dict:
     (missing / "checkpoints/latest").unlink()
     assert_code(job(missing), 0, "latest' is missing")
     return {}
+
+
+def manifest_removed(root: Path) -> dict:
+    """The fault matrix's case: manifest.json deleted and one bit flipped in a shard. The
+    resume said 'written before checksums existed: not verified', trained on the altered
+    weights and saved a fresh manifest over them. A checkpoint this project wrote always has a
+    manifest: without it, it is damaged (on_corrupt applies), and one that really predates
+    checksums loads only with checkpoint.allow_unverified=true."""
+    ref = reference(root)
+    base = _base_run(root)
+    out = _copy(base, "no_manifest")
+    ckpt = out / "checkpoints/iter_0000004"
+    shard = _largest_shard(ckpt)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(data)
+    (ckpt / "manifest.json").unlink()
+    refused = job(out)
+    assert_code(refused, 2, f"checkpoint '{ckpt}' is damaged", "manifest.json is missing")
+    assert not (out / "checkpoints/iter_0000005").exists()
+    fallback = job(out, "checkpoint.on_corrupt=previous")
+    assert_code(fallback, 0, "falling back to iter_0000002", "moved the damaged checkpoint")
+    assert_same_curve(train_log(out), train_log(ref))
+    verify_all(out)
+    return {}
+
+
+def nonfinite_validation(root: Path) -> dict:
+    """train.on_nonfinite=skip with weights that went bad but stayed finite (the fault
+    matrix's lr 1e30: 19 NaN steps skipped, the run ended 'finished', MLflow FINISHED with NaN
+    losses, and keep_last pruned the last good checkpoints). Here the weights are scaled by
+    1e15 after step 5's update (1e30 would overflow even the norms, which then give a uniform,
+    finite loss): steps 6-8 are skipped, the final validation is NaN, so the run fails (exit 1,
+    nonfinite, MLflow FAILED); pruning (keep_last=1) spared iter_4, the newest checkpoint with a
+    finite validation loss, and `latest` names it again."""
+    out = root / "run"
+    bad = job(
+        out,
+        "train.on_nonfinite=skip",
+        "train.train_iters=8",
+        "train.eval_interval=4",
+        "checkpoint.save_interval=1",
+        "checkpoint.keep_last=1",
+        patch=_scale_weights_after_step(5, 1e15),
+    )
+    assert_code(bad, 1, "validation at step 8: non-finite loss", "'latest' now names iter_0000004")
+    assert [r.get("skipped") for r in train_log(out)] == [None] * 5 + ["nonfinite"] * 3
+    status = stop_status(out)
+    assert (status["reason"], status["iteration"]) == ("nonfinite", 8), status
+    run = mlflow_run(out)[1]
+    assert (run.info.status, run.data.tags["soft.stop_reason"]) == ("FAILED", "nonfinite")
+    assert complete_iterations(out) == [4, 7], complete_iterations(out)
+    assert directory.find_checkpoint(out / "checkpoints").path.name == "iter_0000004"
+    assert manifest.recorded_valid_loss(out / "checkpoints/iter_0000004") < 10
+    verify_all(out)
+    return {}
+
+
+def _scale_weights_after_step(n: int, factor: float):
+    """Patch: after the n-th optimizer step, every parameter is multiplied by `factor`: finite
+    weights whose forward overflows, as a blown-up learning rate leaves them."""
+
+    def patch():
+        import torch
+
+        from soft.training import step
+
+        original = step.train_step
+        calls = [0]
+
+        def train_step(model, *args, **kwargs):
+            result = original(model, *args, **kwargs)
+            calls[0] += 1
+            if calls[0] == n:
+                with torch.no_grad():
+                    for chunk in model.chunks:
+                        for p in chunk.parameters():
+                            p.mul_(factor)
+            return result
+
+        step.train_step = train_step
+        from soft.training import loop
+
+        loop.train_step = train_step
+
+    return patch
 
 
 def _other_tokenizer(root: Path) -> Path:
@@ -502,8 +593,9 @@ def nothing_written_on_bad_input(root: Path) -> dict:
 
 
 def full_disk(root: Path) -> dict:
-    """A save that hits a full disk fails with a clear error; the previous checkpoint stays
-    `latest`; the next start removes the unfinished save and resumes."""
+    """A save that hits a full disk fails with a clear error (exit 1: not bad input); the
+    previous checkpoint stays `latest`; the unfinished save is removed at once, so the status
+    and MLflow are recorded; the next start resumes."""
     if os.geteuid() != 0:
         if os.environ.get("CI") == "true":
             raise AssertionError("the full-disk scenario needs root (mount -t tmpfs) in CI")
@@ -517,14 +609,17 @@ def full_disk(root: Path) -> dict:
         save_dir = disk / "checkpoints"
         # keep_last=1: iter_2 (~3.4 MB) fits, iter_4 does not.
         full = job(out, f"checkpoint.save_dir={save_dir}", "checkpoint.keep_last=1")
-        assert_code(full, 2, "No space left on device", "the previous checkpoint is untouched")
+        assert_code(full, 1, "No space left on device", "the previous checkpoint is untouched")
         assert directory.find_checkpoint(save_dir).path.name == "iter_0000002"
-        assert (save_dir / "iter_0000004.tmp").exists()
+        # The unfinished save is gone at once (it held the last free bytes), so the status
+        # and MLflow were written: no chained traceback from a second 'No space left'.
+        assert not list(save_dir.glob("*.tmp")) and "During handling" not in full.log
         assert stop_status(out)["reason"] == "failed"
+        assert "No space left on device" in stop_status(out)["detail"]
+        assert mlflow_run(out)[1].info.status == "FAILED"
         subprocess.run(["mount", "-o", "remount,size=32m", str(disk)], check=True)
         resumed = job(out, f"checkpoint.save_dir={save_dir}", "checkpoint.keep_last=1")
-        assert_code(resumed, 0, "left by an interrupted save")
-        assert not list(save_dir.glob("*.tmp"))
+        assert_code(resumed, 0, "resuming from")
         assert_same_curve(train_log(out), train_log(ref))
     finally:
         subprocess.run(["umount", str(disk)], check=False)
@@ -580,6 +675,8 @@ SCENARIOS = {
     "nonfinite_policies": nonfinite_policies,
     "fp16_overflow": fp16_overflow,
     "corrupted_checkpoints": corrupted_checkpoints,
+    "manifest_removed": manifest_removed,
+    "nonfinite_validation": nonfinite_validation,
     "changed_config_on_resume": changed_config_on_resume,
     "one_writer_per_folder": one_writer_per_folder,
     "nothing_written_on_bad_input": nothing_written_on_bad_input,

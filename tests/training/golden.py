@@ -78,7 +78,7 @@ def compare(got: list[dict], rtol: float) -> float:
 
 def _run_single_rank(output_dir: Path) -> list[dict]:
     from soft.parallel.setup import init_distributed
-    from soft.training.loop import run_training
+    from soft.training.cli import run_training
 
     cfg = golden_config(output_dir)
     init_distributed(cfg.parallel, cfg.train.seed)

@@ -9,7 +9,7 @@ from tests.training import golden
 
 
 def test_single_rank_reproduces_the_golden_loss_curve(tmp_path):
-    from soft.training.loop import run_training
+    from soft.training.cli import run_training
 
     single_rank_world()
     result = run_training(golden.golden_config(tmp_path / "run"))

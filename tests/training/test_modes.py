@@ -19,7 +19,7 @@ STEPS = (
 
 
 def _train(out, *overrides):
-    from soft.training.loop import run_training
+    from soft.training.cli import run_training
 
     single_rank_world()
     return run_training(tiny_config(f"train.output_dir={out}", *STEPS, *overrides))
@@ -27,7 +27,7 @@ def _train(out, *overrides):
 
 def _load(*overrides):
     """A model set up from a checkpoint (fine-tune load), not trained."""
-    from soft.training.loop import setup
+    from soft.training.run import setup
 
     single_rank_world()
     return setup(tiny_config(*STEPS, *overrides))

@@ -17,7 +17,7 @@ from tests.megatron_env import single_rank_world, tiny_config
 
 
 def _run(out, *overrides):
-    from soft.training.loop import run_training
+    from soft.training.cli import run_training
 
     single_rank_world()
     cfg = tiny_config(
@@ -83,7 +83,7 @@ def test_weights_only_checkpoint_needs_finetune_flag(tmp_path):
     """A model-only checkpoint (like a converted HF model) cannot be resumed, only fine-tuned."""
     from soft.checkpointing.checkpoint import TrainState, save
     from soft.config.errors import ConfigError
-    from soft.training.loop import setup
+    from soft.training.run import setup
 
     single_rank_world()
     run = setup(tiny_config(f"train.output_dir={tmp_path / 'src'}", "tracking.enabled=false"))
