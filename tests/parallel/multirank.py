@@ -35,7 +35,7 @@ from soft.compat import checkpoint_queue
 from soft.config.root import load_config
 from soft.data import ResumableBatchSampler
 from soft.models.gpt import walk_leaves
-from soft.models.heads import trainable_head_copies
+from soft.models.heads import head_copies
 from soft.parallel.head_sync import head_replica_max_diff
 from soft.parallel.setup import destroy_distributed
 from soft.training import loop, step
@@ -324,8 +324,8 @@ def scenario_worker(scenario: Scenario, out: Path, layout: bool) -> dict:
     run = loop.setup(_config(scenario, out, layout))
     record = _train_steps(run, 3, capture_first=True)
     record["params"] = dump_global(run.model.unwrapped, "data")
-    record["head_max_diff"] = head_replica_max_diff(run.model.unwrapped, run.model.head_group)
-    record["head_copies"] = len(trainable_head_copies(run.model.unwrapped))
+    record["head_max_diff"] = head_replica_max_diff(run.model.unwrapped, run.model.head_groups)
+    record["head_copies"] = [len(c) for c in head_copies(run.model.unwrapped)]
     record["param_dtypes"] = sorted({str(p.dtype) for p in run.model.unwrapped[0].parameters()})
     return record
 
