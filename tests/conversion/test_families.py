@@ -159,3 +159,25 @@ def test_speculative_decoding_on_the_export_equals_greedy(tmp_path, name, capsys
         results[mode[1]] = json.loads(capsys.readouterr().out)
     assert results["speculative"]["token_ids"] == results["full"]["token_ids"]
     assert len(results["full"]["token_ids"]) > 0
+
+
+def test_an_ict_sub_model_of_a_tied_model_is_untied(tmp_path):
+    """soft.mode=ict gives exit k its own head; the k-layer export's head IS that head, so it
+    is written as lm_head with tie_word_embeddings false, while the full export stays tied."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conversion.helpers import make_ict_checkpoint
+
+    make_family_model(tmp_path / "hf", "qwen2_tied")
+    heads = make_ict_checkpoint(tmp_path / "hf", tmp_path / "ict", [1, 3])
+    for k, out in ((1, tmp_path / "exit1"), (None, tmp_path / "full")):
+        convert_megatron_to_hf(ExportRequest(tmp_path / "ict", out, exit_layer=k, progress=False))
+    sub, info = AutoModelForCausalLM.from_pretrained(tmp_path / "exit1", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert sub.config.tie_word_embeddings is False
+    tensors = _all_tensors(tmp_path / "exit1")
+    ict_head = heads["exit_heads.1.output_layer.weight"][: sub.config.vocab_size]
+    assert torch.equal(tensors["lm_head.weight"], ict_head)
+    assert torch.equal(tensors["model.norm.weight"], heads["exit_heads.1.final_layernorm.weight"])
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["tie_word_embeddings"]
+    assert "lm_head.weight" not in _all_tensors(tmp_path / "full")

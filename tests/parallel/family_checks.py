@@ -5,10 +5,9 @@ odd head_dim), a tiny random HF model is imported and loaded at TP2 x PP2:
 
 - every exit's logits (layer k's output through the exit's head on the stage that owns it,
   gathered over TP) equal transformers' (the first k layers + final norm + head, from
-  output_hidden_states), fp32: atol 5e-5 + rtol 1e-5. One rank matches at 2e-5
-  (tests/conversion/test_families.py); TP splits the attention heads and the MLP, and the row-
-  parallel output projections sum two partial products, which moves logits of magnitude ~4 by
-  a few 1e-6 more;
+  output_hidden_states), fp32: atol 2e-5 + rtol 1e-5, as at one rank
+  (tests/conversion/test_families.py): TP and the pipeline only reorder sums (row-parallel
+  projections add two partial products). Observed: at most 4.4e-6 on logits of magnitude ~4;
 - then SoFT trains it 6 steps on the built-in tasks: every exit's loss falls.
 """
 
@@ -36,7 +35,7 @@ from tests.conversion.helpers import (
 )
 from tests.training import golden
 
-LOGIT_TOL = dict(atol=5e-5, rtol=1e-5)
+LOGIT_TOL = dict(atol=2e-5, rtol=1e-5)
 TRAIN_STEPS = 6
 RUN = [
     "soft.exit_layers=null",

@@ -234,6 +234,15 @@ SCENARIOS = {
         ),  # fmt: skip
         # interleaved: rank 0 holds the embedding (chunk 0) and a replica (chunk 2, exit 5)
         Scenario("tied_pp2_vp2", 2, PP2_VP2, "[1,3,5,8]", extra=TIED),
+        # ict on a tied model: the separate heads start from the embedding (the tied head)
+        Scenario(
+            "ict_tied_tp2_pp2",
+            4,
+            TP2_PP2,
+            "[2,3,5,8]",
+            extra=["soft.mode=ict", *FROM_BASE, *TIED],
+            base=["soft.mode=sft", *TIED],
+        ),
         # the other family switches under TP (q/k norm gradients summed over TP, the q/k/v
         # bias split per query group) and pipelining: biases, q/k norms, a head_dim that is
         # not hidden/heads, grouped-query attention and llama3 RoPE scaling
