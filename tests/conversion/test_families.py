@@ -181,3 +181,18 @@ def test_an_ict_sub_model_of_a_tied_model_is_untied(tmp_path):
     assert torch.equal(tensors["model.norm.weight"], heads["exit_heads.1.final_layernorm.weight"])
     assert json.loads((tmp_path / "full" / "config.json").read_text())["tie_word_embeddings"]
     assert "lm_head.weight" not in _all_tensors(tmp_path / "full")
+
+
+def test_evaluation_views_of_every_family_give_exit_k(family):
+    """eval_exits' batched generation runs sub-model k as a view of the loaded model of the
+    model's own class (soft.evaluation.batched.SubModels): its logits are exit k's."""
+    from soft.evaluation.batched import SubModels
+
+    name, hf, _, _ = family
+    tokens = _tokens(hf.config.vocab_size)
+    _, hf_exits = hf_logits_and_exits(hf, tokens)
+    views = SubModels(hf)
+    with torch.no_grad():
+        for k in (1, 2):
+            assert type(views(k)) is type(hf)
+            torch.testing.assert_close(views(k)(tokens).logits, hf_exits[k], rtol=0, atol=0)
