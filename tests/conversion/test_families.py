@@ -196,3 +196,41 @@ def test_evaluation_views_of_every_family_give_exit_k(family):
         for k in (1, 2):
             assert type(views(k)) is type(hf)
             torch.testing.assert_close(views(k)(tokens).logits, hf_exits[k], rtol=0, atol=0)
+
+
+# config.json as the released models were saved (transformers 4): rope_theta and rope_scaling
+# at the top level (Llama-3.1), and Qwen2.5's inactive sliding-window keys.
+LEGACY = {
+    "llama3": {
+        "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+    },
+    "qwen2_tied": {
+        "rope_theta": 1000000.0, "sliding_window": 131072, "use_sliding_window": False,
+        "max_window_layers": 21,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_released_config_layouts_import(tmp_path, name):
+    """The same weights under a transformers-4 config.json: the import reads it to the same
+    model, and its logits still equal transformers' (which reads that layout too)."""
+    from transformers import AutoModelForCausalLM
+
+    make_family_model(tmp_path / "hf", name)
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    config.pop("rope_parameters")
+    config.pop("layer_types", None)
+    path.write_text(json.dumps({**config, **LEGACY[name]}))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    meg = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "meg", dtype="fp32", progress=False)
+    gpt, vocab = megatron_reference(meg, meg / "model.yaml")
+    logits, exits = megatron_logits_and_exits(gpt, _tokens(vocab), vocab)
+    hf_logits, hf_exits = hf_logits_and_exits(hf, _tokens(vocab))
+    for k in hf_exits:
+        torch.testing.assert_close(exits[k], hf_exits[k], **TOL)
+    assert gpt.rotary_scaling == (name == "llama3")  # read from the top-level rope_scaling
