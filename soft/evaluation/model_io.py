@@ -1,4 +1,4 @@
-"""Loading exported Hugging Face LLaMA folders and resolving which exits to use.
+"""Loading exported Hugging Face folders (any supported family) and resolving which exits to use.
 
 An ICT export (`soft_exit_heads: [k, ...]` in config.json) also has `exit_heads.safetensors`
 with `exit_heads.<k>.norm.weight` [hidden] and `exit_heads.<k>.lm_head.weight` [vocab, hidden]
