@@ -42,9 +42,7 @@ READ_SHARED_HEAD = "soft_exit_heads_read_shared_head"
 # Where GPTModel stores the real head (chunks' sharded state dicts use global keys).
 NORM_KEY = "decoder.final_layernorm."
 OUTPUT_KEY = "output_layer."
-
-
-EMBEDDING_KEY = "embedding.word_embeddings."
+EMBEDDING_KEY = "embedding.word_embeddings."  # the head's matrix when tied
 
 
 class HeadRef(NamedTuple):
