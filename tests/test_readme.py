@@ -25,6 +25,7 @@ NEEDS = {
     "/data/": "a user's data files",
     "/models/": "the released LLaMA-2 weights",
     "llama2-13b": "a 13B model",
+    "llama3.2-3b": "the released Llama-3.2-3B weights",
     "CORPUS": "a pretraining corpus the user picks",
     "hf://": "the Hugging Face hub (no network here)",
     "...": "a placeholder the user fills in",

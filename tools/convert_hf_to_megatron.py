@@ -1,4 +1,5 @@
-"""Convert a Hugging Face LLaMA-2 folder into a megatron-core checkpoint for SoFT fine-tuning.
+"""Convert a Hugging Face folder (LLaMA-2/3, Mistral, Qwen2/2.5, Qwen3) into a megatron-core
+checkpoint for SoFT fine-tuning.
 
     python tools/convert_hf_to_megatron.py --hf-dir HF_DIR --out-dir OUT [--dtype auto]
 

@@ -1,4 +1,5 @@
-"""Export a SoFT megatron-core checkpoint as a Hugging Face LlamaForCausalLM folder.
+"""Export a SoFT megatron-core checkpoint as a Hugging Face folder of its family
+(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM).
 
     python tools/convert_megatron_to_hf.py --checkpoint-dir RUN/checkpoints --out-dir HF_OUT
         [--exit-layer K] [--dtype auto|fp32|bf16|fp16]

@@ -24,7 +24,9 @@ from soft.evaluation.runner import run_eval_exits  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True, help="exported HF LlamaForCausalLM folder")
+    parser.add_argument(
+        "--model-dir", required=True, help="exported HF folder (any supported family)"
+    )
     parser.add_argument(
         "--data", required=True,
         help="evaluation data: a .json/.jsonl/.parquet/.txt file, a dataset folder, or "

@@ -34,7 +34,9 @@ SUMMARY_KEYS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True, help="exported HF LlamaForCausalLM folder")
+    parser.add_argument(
+        "--model-dir", required=True, help="exported HF folder (any supported family)"
+    )
     parser.add_argument("--prompt", required=True, help="prompt text (BOS is added, no EOS)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--mode", default="full", choices=MODES)

@@ -38,6 +38,14 @@ ARCHITECTURE = (
     "model.num_query_groups",
     "model.rotary_base",
     "model.norm_epsilon",
+    "model.head_dim",
+    "model.qkv_bias",
+    "model.qk_layernorm",
+    "model.tie_word_embeddings",
+    "model.rope_scaling",
+    "model.rope_scaling_factor",
+    # What an export writes (config.json's architecture); a fine-tune inherits it.
+    "model.family",
 )
 RUN = (
     "soft.mode",
@@ -186,6 +194,9 @@ def _normalised(flat: dict[str, Any]) -> dict[str, Any]:
     layers = out.get("model.num_layers")
     if out.get("model.num_query_groups") is None:
         out["model.num_query_groups"] = out.get("model.num_attention_heads")
+    hidden, heads = out.get("model.hidden_size"), out.get("model.num_attention_heads")
+    if "model.head_dim" in out and out["model.head_dim"] is None and hidden and heads:
+        out["model.head_dim"] = hidden // heads
     if out.get("soft.exit_layers") is None and isinstance(layers, int):
         out["soft.exit_layers"] = list(range(1, layers + 1))
     weights, exits = out.get("soft.exit_weights"), out.get("soft.exit_layers")

@@ -1,4 +1,5 @@
-"""HF LLaMA-2 <-> megatron-core checkpoint conversion (declarative table in `mapping`).
+"""HF <-> megatron-core checkpoint conversion for the LLaMA-architecture families (LLaMA-2/3,
+Mistral, Qwen2/2.5, Qwen3; declarative tables in `mapping`).
 
 Public API: `convert_hf_to_megatron`, `convert_megatron_to_hf` + `ExportRequest`. They are
 imported on first use, so that the torch-free `soft.conversion.export_format` (read by the

@@ -1,5 +1,6 @@
-"""The Hugging Face side: config.json <-> ModelConfig, lazy tensor reading, sharded writing,
-and tokenizer files that `transformers.AutoTokenizer` loads with LLaMA-2's BOS convention."""
+"""The Hugging Face side: config.json <-> ModelConfig (the supported families, everything else
+refused by key), lazy tensor reading, sharded writing, and tokenizer files that
+`transformers.AutoTokenizer` loads with LLaMA-2's BOS convention."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from soft.config.errors import ConfigError
-from soft.conversion.mapping import CONFIG_PAIRS
-from soft.models.config import ModelConfig
+from soft.conversion.mapping import CONFIG_PAIRS, FAMILIES, REFUSED_BECAUSE, Family
+from soft.models.config import LLAMA3_ROPE_FIXED, ModelConfig
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -36,42 +37,115 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if not hf_dir.is_dir():
         raise ConfigError(f"--hf-dir '{hf_dir}' is not a directory")
     if not path.is_file():
-        raise ConfigError(f"--hf-dir '{hf_dir}' has no config.json (expected a HF LLaMA folder)")
+        raise ConfigError(f"--hf-dir '{hf_dir}' has no config.json (expected a HF model folder)")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"'{path}' is not valid JSON ({exc})") from exc
-    _check_llama(config, path)
+    check_supported(config, path)
     return config
 
 
-def _check_llama(config: dict[str, Any], path: Path) -> None:
-    """Only the LLaMA-2 shape maps onto our megatron model; anything else is refused up front."""
-    arch = config.get("architectures") or []
-    if config.get("model_type") != "llama" or (arch and "LlamaForCausalLM" not in arch):
+# Keys that make a model one we do not build, whatever the family says (Mixture of Experts).
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok")
+
+
+def family_of(config: dict[str, Any], path: Path) -> Family:
+    """The family of a config.json, by model_type and architecture; anything else refused."""
+    model_type, arch = config.get("model_type"), config.get("architectures") or []
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None or (arch and family.architecture not in arch):
+        known = ", ".join(f"{f.model_type} ({f.architecture})" for f in FAMILIES.values())
         raise ConfigError(
-            f"'{path}': model_type={config.get('model_type')!r}, architectures={arch!r}; "
-            "expected a LLaMA model (model_type 'llama', LlamaForCausalLM)"
+            f"'{path}': model_type={model_type!r}, architectures={arch!r}; supported families: "
+            f"{known}. Mixture-of-experts and multimodal models are out of scope (README, "
+            "'Which models')"
         )
-    problems = []
+    return family
+
+
+def check_supported(config: dict[str, Any], path: Path) -> None:
+    """Every config.json value our megatron model cannot express is refused up front, naming
+    the key, its value and why (the family's `required` values, MoE keys, other activations,
+    rope scaling other than llama3 with megatron-core's fixed values, sliding layers)."""
+    family = family_of(config, path)
+    problems = [_problem(key, value, config) for key, value in family.required.items()]
+    problems = [p for p in problems if p is not None]
+    for key in _MOE_KEYS:
+        if config.get(key):
+            problems.append(f"{key}={config[key]!r}: Mixture-of-experts models are out of scope")
     if config.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={config['hidden_act']!r} (expected 'silu')")
-    for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-        if config.get(key, False):
-            problems.append(f"{key}=true (LLaMA-2 has none)")
-    if _rope_scaling(config) not in (None, "default"):
-        problems.append(f"rope scaling {_rope_scaling(config)!r} (only plain RoPE is supported)")
-    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
-    if heads and hidden and config.get("head_dim", hidden // heads) != hidden // heads:
-        problems.append(f"head_dim={config['head_dim']} != hidden_size/num_attention_heads")
+        problems.append(f"hidden_act={config['hidden_act']!r}: SwiGLU needs 'silu'")
+    sliding = [t for t in config.get("layer_types") or [] if t != "full_attention"]
+    if sliding:
+        problems.append(
+            f"layer_types contains {sorted(set(sliding))}: {REFUSED_BECAUSE['sliding_window']}"
+        )
+    problems += rope_problems(config)
     if problems:
-        raise ConfigError(f"'{path}': unsupported LLaMA variant: {'; '.join(problems)}")
+        raise ConfigError(
+            f"'{path}': unsupported {family.model_type} model: " + "; ".join(problems)
+        )
 
 
-def _rope_scaling(config: dict[str, Any]) -> str | None:
-    scaling = config.get("rope_scaling") or {}
-    params = config.get("rope_parameters") or {}
-    return scaling.get("rope_type", scaling.get("type")) or params.get("rope_type")
+def _hf_default(model_type: str, key: str) -> Any:
+    """What transformers assumes for a key config.json leaves out (MistralConfig: a 4096-token
+    sliding window)."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.for_model(model_type), key, None)
+
+
+def _problem(key: str, required: Any, config: dict[str, Any]) -> str | None:
+    if key in config:
+        value, spelled = config[key], f"{key}={config[key]!r}"
+    else:
+        value = _hf_default(config["model_type"], key)
+        spelled = f"{key} absent (transformers' default: {value!r})"
+    if value == required:
+        return None
+    return f"{spelled}, expected {required!r}: {REFUSED_BECAUSE[key]}"
+
+
+def rope_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(where the scaling was read: 'rope_scaling' or 'rope_parameters', its dict): the legacy
+    top-level `rope_scaling` (transformers 4 configs, e.g. Llama-3.1's) or transformers 5's
+    `rope_parameters` (which also holds rope_theta)."""
+    if config.get("rope_scaling"):
+        return "rope_scaling", dict(config["rope_scaling"])
+    return "rope_parameters", dict(config.get("rope_parameters") or {})
+
+
+def rope_type(config: dict[str, Any]) -> str:
+    _, params = rope_parameters(config)
+    return str(params.get("rope_type", params.get("type")) or "default")
+
+
+def rope_problems(config: dict[str, Any]) -> list[str]:
+    """Plain RoPE, or llama3 scaling with exactly megatron-core's fixed values."""
+    where, params = rope_parameters(config)
+    kind = rope_type(config)
+    out = []
+    if float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))) != 1.0:
+        out.append(f"{where}.partial_rotary_factor != 1: only full-width RoPE is supported")
+    if kind == "default":
+        return out
+    if kind != "llama3":
+        return [
+            *out,
+            f"{where}.rope_type={kind!r}: only plain RoPE and 'llama3' scaling are supported "
+            "(megatron-core's own RoPE scaling is Llama-3's)",
+        ]
+    if "factor" not in params:
+        out.append(f"{where} has rope_type 'llama3' but no 'factor'")
+    for key, fixed in LLAMA3_ROPE_FIXED.items():
+        if key in params and float(params[key]) != float(fixed):
+            out.append(
+                f"{where}.{key}={params[key]!r}: megatron-core 0.16.1 applies llama3 RoPE "
+                f"scaling with {key}={fixed} fixed (RotaryEmbedding._apply_scaling), so this "
+                "model's frequencies would differ"
+            )
+    return out
 
 
 def rope_theta(config: dict[str, Any]) -> float:
@@ -81,45 +155,89 @@ def rope_theta(config: dict[str, Any]) -> float:
 
 
 def model_config_from_hf(config: dict[str, Any], dtype: str, divisor: int) -> ModelConfig:
+    """ModelConfig of a checked config.json (read_hf_config): CONFIG_PAIRS, the family's fixed
+    switches, RoPE base and scaling."""
+    family = FAMILIES[config["model_type"]]
     values: dict[str, Any] = {}
+    optional = {"num_key_value_heads", "head_dim", "tie_word_embeddings"}
     for ours, theirs in CONFIG_PAIRS:
-        if theirs in config:
+        if theirs in config and config[theirs] is not None:
             values[ours] = config[theirs]
-        elif theirs != "num_key_value_heads":  # absent = multi-head attention
+        elif theirs not in optional:
             raise ConfigError(f"config.json has no '{theirs}'")
     values["num_query_groups"] = values.get("num_query_groups") or config["num_attention_heads"]
+    if values.get("head_dim") == config["hidden_size"] // config["num_attention_heads"]:
+        values["head_dim"] = None  # the default: model.yaml says only what differs
     theta = rope_theta(config)
     if theta != int(theta):
         raise ConfigError(
             f"config.json rope_theta={theta} is not an integer (model.rotary_base is)"
         )
+    _, params = rope_parameters(config)
+    if rope_type(config) == "llama3":
+        values.update(rope_scaling="llama3", rope_scaling_factor=float(params["factor"]))
     values["norm_epsilon"] = float(values["norm_epsilon"])
     model = ModelConfig(
-        **values, rotary_base=int(theta), params_dtype=dtype, make_vocab_size_divisible_by=divisor
+        **values,
+        rotary_base=int(theta),
+        qkv_bias=family.qkv_bias,
+        qk_layernorm=family.qk_layernorm,
+        family=family.model_type,
+        params_dtype=dtype,
+        make_vocab_size_divisible_by=divisor,
     )
     model.validate()
     return model
 
 
-def hf_config_from_model(
-    model: ModelConfig, vocab: int, num_layers: int, dtype: str, extra: dict[str, Any]
-):
-    """A LlamaConfig for `model` (possibly truncated to `num_layers`), with `extra` attributes."""
-    from transformers import LlamaConfig
+def export_family(model: ModelConfig) -> Family:
+    """The family an export writes; an error when its architecture cannot express the model."""
+    family = FAMILIES[model.family]
+    for switch in ("qkv_bias", "qk_layernorm"):
+        if getattr(model, switch) != getattr(family, switch):
+            fits = [
+                f.model_type
+                for f in FAMILIES.values()
+                if getattr(f, switch) == getattr(model, switch)
+            ]
+            raise ConfigError(
+                f"config key 'model.family' is '{model.family}', whose {family.architecture} has "
+                f"{switch}={getattr(family, switch)}, but 'model.{switch}' is "
+                f"{getattr(model, switch)}: set model.family to one of {fits}"
+            )
+    return family
 
+
+def hf_config_from_model(
+    model: ModelConfig,
+    vocab: int,
+    num_layers: int,
+    dtype: str,
+    extra: dict[str, Any],
+    tied: bool | None = None,
+):
+    """The transformers config of `model`'s family (possibly truncated to `num_layers`), with
+    `extra` attributes. `tied`: whether the export's LM head is the embedding (default: the
+    model's; an ICT sub-model whose head is its own exit head is untied)."""
+    from transformers import AutoConfig
+
+    family = export_family(model)
     values = {theirs: getattr(model, ours) for ours, theirs in CONFIG_PAIRS}
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(model.rotary_base)}
+    if model.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=model.rope_scaling_factor, **LLAMA3_ROPE_FIXED)
     values.update(
         num_hidden_layers=num_layers,
         num_key_value_heads=model.query_groups,
+        head_dim=model.kv_channels,
         vocab_size=vocab,
-        rope_theta=float(model.rotary_base),
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
+        tie_word_embeddings=model.tie_word_embeddings if tied is None else tied,
+        rope_parameters=rope,
         hidden_act="silu",
+        **family.required,
     )
-    config = LlamaConfig(**values, **extra)
-    config.architectures = ["LlamaForCausalLM"]
+    config = AutoConfig.for_model(family.model_type, **values, **extra)
+    config.architectures = [family.architecture]
     config.dtype = HF_DTYPE_NAMES[dtype]
     return config
 

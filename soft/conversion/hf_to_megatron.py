@@ -1,4 +1,5 @@
-"""HF LLaMA-2 folder -> megatron-core distributed checkpoint + model.yaml, without building a model.
+"""HF folder (LLaMA-2/3, Mistral, Qwen2/2.5, Qwen3) -> megatron-core distributed checkpoint +
+model.yaml, without building a model.
 
 Output layout (what `checkpoint.load_dir=OUT checkpoint.finetune=true` expects):
 
@@ -27,7 +28,14 @@ from soft.checkpointing.checkpoint import TrainState, save
 from soft.config.errors import ConfigError
 from soft.config.root import RootConfig
 from soft.conversion import hf_io, megatron_io
-from soft.conversion.mapping import LAYER_ROWS, Shapes, check_shape, iter_rows
+from soft.conversion.mapping import (
+    EMBEDDING,
+    OUTPUT_LAYER,
+    Shapes,
+    check_shape,
+    iter_rows,
+    layer_rows,
+)
 from soft.conversion.output import atomic_output_dir
 from soft.conversion.vocab import DEFAULT_MAX_TP, stable_divisor
 from soft.data.tokenizer import Tokenizer
@@ -41,6 +49,9 @@ MODEL_YAML_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "vocab_size", "make_vocab_size_divisible_by", "norm_epsilon", "rotary_base",
     "max_position_embeddings", "params_dtype",
+    # the family's feature switches (the model code reads these, never `family`)
+    "family", "head_dim", "qkv_bias", "qk_layernorm", "tie_word_embeddings", "rope_scaling",
+    "rope_scaling_factor",
 )  # fmt: skip
 
 
@@ -50,6 +61,7 @@ def shapes_of(model: ModelConfig, vocab: int, padded_vocab: int) -> Shapes:
         ffn=model.ffn_hidden_size,
         heads=model.num_attention_heads,
         groups=model.query_groups,
+        head_dim=model.kv_channels,
         vocab=vocab,
         padded_vocab=padded_vocab,
     )
@@ -64,7 +76,8 @@ def build_sharded_state(
 ) -> dict[str, Any]:
     """{megatron parameter name: ShardedTensor/ShardedObject}, read from HF one tensor at a time."""
     sharded: dict[str, Any] = {}
-    rows = list(iter_rows(model.num_layers))
+    rows = list(iter_rows(model))
+    last_of_layer = layer_rows(model)[-1]
     for row, layer in tqdm(rows, desc="HF -> megatron", unit="tensor", disable=not progress):
         names = row.hf_names(layer)
         tensors = []
@@ -75,9 +88,23 @@ def build_sharded_state(
         param = row.megatron.replace("*", str(layer)) if layer is not None else row.megatron
         fused = row.to_megatron(tensors, shapes).contiguous()
         sharded[param] = megatron_io.sharded_tensor(param, fused, model.num_layers)
-        if layer is not None and row is LAYER_ROWS[-1]:  # once per layer
-            sharded.update(megatron_io.extra_state_objects(layer, model.num_layers))
+        if layer is not None and row is last_of_layer:  # once per layer
+            sharded.update(megatron_io.extra_state_objects(model, layer))
+    if model.tie_word_embeddings:
+        check_tied_head(source)
     return sharded
+
+
+def check_tied_head(source: hf_io.HFTensorSource) -> None:
+    """A tied model's LM head is its embedding: transformers writes no lm_head.weight, and one
+    that is stored anyway must be the embedding (else the weights are not a tied model)."""
+    if OUTPUT_LAYER.hf not in source.weight_map:
+        return
+    if not torch.equal(source.get(OUTPUT_LAYER.hf), source.get(EMBEDDING.hf)):
+        raise ConfigError(
+            f"'{source.dir}': config.json says tie_word_embeddings=true but "
+            f"'{OUTPUT_LAYER.hf}' differs from '{EMBEDDING.hf}'"
+        )
 
 
 def model_yaml(model: ModelConfig, tokenizer_path: Path | None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""HF LLaMA <-> megatron-core parameter mapping: one declarative table, used in both directions.
+"""HF <-> megatron-core parameter mapping: one declarative table, used in both directions.
 
 Each row names a megatron parameter and the HF tensor(s) it corresponds to; `*` stands for the
 0-based layer index. Plain rows copy the tensor; two named special cases fuse/split:
@@ -7,31 +7,41 @@ Each row names a megatron parameter and the HF tensor(s) it corresponds to; `*` 
   in g, then g's key rows, then g's value rows (head_dim rows each). Grouped-query aware:
   with 8 query groups (70B) each group holds num_heads/8 query heads. HF's q/k weights are
   already in rotate-half order, which megatron's RoPE (rotary_interleaved=False) uses too, so
-  no permutation is needed (checked by the logits-parity tests).
+  no permutation is needed (checked by the logits-parity tests). The q/k/v biases (Qwen2) are
+  fused the same way, per query group.
 - `GatedMLPRow`: megatron's `linear_fc1` is cat[gate, up] on dim 0.
 
 Vocabulary rows (`vocab=True`) are padded with zero rows to megatron's padded vocabulary on
 import and cut back on export (see soft.conversion.vocab).
+
+The model families are feature switches, not forks (Megatron-Bridge's per-family bridges share
+one row vocabulary the same way): a row with a `feature` exists only when that ModelConfig
+switch is on (q/k/v biases, q/k norms); the LM head row only when the head is not tied to the
+embedding (`unless`). `FAMILIES` says what each HF architecture fixes and which config.json
+values it needs for our model to express it: the import refuses other values, the export
+writes these.
 
 `CONFIG_PAIRS` maps ModelConfig fields to HF config.json keys, also in both directions.
 
 ICT heads (`soft.mode=ict`, the paper's SFT+ICT baseline): each early exit k has its own
 norm + output layer, stored in the checkpoint under plain keys `exit_heads.<k>.final_layernorm
 .weight` [hidden] and `exit_heads.<k>.output_layer.weight` [padded_vocab, hidden]. On export
-they go to a separate `exit_heads.safetensors` (so the HF weight files stay exactly
-LlamaForCausalLM's) as `exit_heads.<k>.norm.weight` / `exit_heads.<k>.lm_head.weight`, and
+they go to a separate `exit_heads.safetensors` (so the HF weight files stay exactly the
+architecture's own) as `exit_heads.<k>.norm.weight` / `exit_heads.<k>.lm_head.weight`, and
 config.json lists the exits under `soft_exit_heads`; see `exit_head_rows`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from soft.config.errors import ConfigError
 from soft.conversion.export_format import exit_head_names
+from soft.models.config import ModelConfig
 
 LAYER = "*"
 
@@ -44,12 +54,9 @@ class Shapes:
     ffn: int
     heads: int
     groups: int
+    head_dim: int  # megatron's kv_channels (HF's head_dim; Qwen3 0.6B-4B: != hidden / heads)
     vocab: int  # the true (unpadded) vocabulary: HF's row count
     padded_vocab: int  # megatron's row count
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
 
     @property
     def heads_per_group(self) -> int:
@@ -62,15 +69,23 @@ def _at(pattern: str, layer: int | None) -> str:
 
 @dataclass(frozen=True)
 class Row:
-    """A one-to-one parameter (optionally a vocabulary-sized one)."""
+    """A one-to-one parameter (optionally a vocabulary-sized one). `feature`: the ModelConfig
+    switch the row exists under; `unless`: the switch under which it does not."""
 
     megatron: str
     hf: str
     vocab: bool = False
+    feature: str | None = field(default=None, kw_only=True)
+    unless: str | None = field(default=None, kw_only=True)
 
     @property
     def is_norm(self) -> bool:
         return "layernorm" in self.megatron
+
+    def exists_in(self, model: ModelConfig) -> bool:
+        return (self.feature is None or bool(getattr(model, self.feature))) and (
+            self.unless is None or not getattr(model, self.unless)
+        )
 
     def stored_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """megatron's local-spec RMSNorm keeps its weight in fp32 whatever params_dtype is, and
@@ -102,7 +117,7 @@ class Row:
 
 @dataclass(frozen=True)
 class QKVRow(Row):
-    """Fused, grouped-query attention input projection (see the module docstring)."""
+    """Fused, grouped-query attention input projection, weight or bias (module docstring)."""
 
     k: str = ""
     v: str = ""
@@ -110,27 +125,32 @@ class QKVRow(Row):
     def hf_names(self, layer: int | None = None) -> list[str]:
         return [_at(self.hf, layer), _at(self.k, layer), _at(self.v, layer)]
 
+    def _trailing(self, s: Shapes) -> tuple[int, ...]:
+        """The dims after the output rows: (hidden,) for the weight, () for the bias."""
+        return () if self.megatron.endswith(".bias") else (s.hidden,)
+
     def _hf_shapes(self, s: Shapes) -> list[tuple[int, ...]]:
-        kv = s.groups * s.head_dim
-        return [(s.hidden, s.hidden), (kv, s.hidden), (kv, s.hidden)]
+        q, kv, rest = s.heads * s.head_dim, s.groups * s.head_dim, self._trailing(s)
+        return [(q, *rest), (kv, *rest), (kv, *rest)]
 
     def megatron_shape(self, s: Shapes) -> tuple[int, ...]:
-        return ((s.heads + 2 * s.groups) * s.head_dim, s.hidden)
+        return ((s.heads + 2 * s.groups) * s.head_dim, *self._trailing(s))
 
     def to_megatron(self, tensors: list[torch.Tensor], s: Shapes) -> torch.Tensor:
         q, k, v = tensors
-        d, g = s.head_dim, s.groups
-        fused = torch.cat(
-            [q.reshape(g, s.heads_per_group * d, -1), k.reshape(g, d, -1), v.reshape(g, d, -1)],
-            dim=1,
-        )
-        return fused.reshape(-1, s.hidden)
+        d, g, rest = s.head_dim, s.groups, self._trailing(s)
+        per_group = [
+            q.reshape(g, s.heads_per_group * d, *rest),
+            k.reshape(g, d, *rest),
+            v.reshape(g, d, *rest),
+        ]
+        return torch.cat(per_group, dim=1).reshape(-1, *rest)
 
     def to_hf(self, tensor: torch.Tensor, s: Shapes) -> list[torch.Tensor]:
-        d, g = s.head_dim, s.groups
-        per_group = tensor.reshape(g, (s.heads_per_group + 2) * d, s.hidden)
+        d, g, rest = s.head_dim, s.groups, self._trailing(s)
+        per_group = tensor.reshape(g, (s.heads_per_group + 2) * d, *rest)
         q, k, v = torch.split(per_group, [s.heads_per_group * d, d, d], dim=1)
-        return [t.reshape(-1, s.hidden).contiguous() for t in (q, k, v)]
+        return [t.reshape(-1, *rest).contiguous() for t in (q, k, v)]
 
 
 @dataclass(frozen=True)
@@ -163,7 +183,9 @@ _PLAIN_SHAPES = {
     "input_layernorm": lambda s: (s.hidden,),
     "post_attention_layernorm": lambda s: (s.hidden,),
     "norm": lambda s: (s.hidden,),
-    "o_proj": lambda s: (s.hidden, s.hidden),
+    "q_norm": lambda s: (s.head_dim,),  # one RMSNorm shared by every head
+    "k_norm": lambda s: (s.head_dim,),
+    "o_proj": lambda s: (s.hidden, s.heads * s.head_dim),
     "down_proj": lambda s: (s.hidden, s.ffn),
 }
 
@@ -176,6 +198,23 @@ LAYER_ROWS: tuple[Row, ...] = (
         "model.layers.*.self_attn.q_proj.weight",
         k="model.layers.*.self_attn.k_proj.weight",
         v="model.layers.*.self_attn.v_proj.weight",
+    ),
+    QKVRow(
+        "decoder.layers.*.self_attention.linear_qkv.bias",
+        "model.layers.*.self_attn.q_proj.bias",
+        k="model.layers.*.self_attn.k_proj.bias",
+        v="model.layers.*.self_attn.v_proj.bias",
+        feature="qkv_bias",
+    ),
+    Row(
+        "decoder.layers.*.self_attention.q_layernorm.weight",
+        "model.layers.*.self_attn.q_norm.weight",
+        feature="qk_layernorm",
+    ),
+    Row(
+        "decoder.layers.*.self_attention.k_layernorm.weight",
+        "model.layers.*.self_attn.k_norm.weight",
+        feature="qk_layernorm",
     ),
     Row(
         "decoder.layers.*.self_attention.linear_proj.weight",
@@ -193,8 +232,21 @@ LAYER_ROWS: tuple[Row, ...] = (
     Row("decoder.layers.*.mlp.linear_fc2.weight", "model.layers.*.mlp.down_proj.weight"),
 )
 FINAL_NORM = Row("decoder.final_layernorm.weight", "model.norm.weight")
-OUTPUT_LAYER = Row("output_layer.weight", "lm_head.weight", vocab=True)
+# Tied: the LM head is the embedding; HF writes no lm_head.weight and megatron stores none.
+OUTPUT_LAYER = Row(
+    "output_layer.weight", "lm_head.weight", vocab=True, unless="tie_word_embeddings"
+)
 TABLE: tuple[Row, ...] = (EMBEDDING, *LAYER_ROWS, FINAL_NORM, OUTPUT_LAYER)
+
+
+def layer_rows(model: ModelConfig) -> tuple[Row, ...]:
+    """The per-layer rows this model has (its feature switches decide)."""
+    return tuple(row for row in LAYER_ROWS if row.exists_in(model))
+
+
+def head_rows(model: ModelConfig) -> tuple[Row, ...]:
+    """The final norm and, unless tied, the LM head."""
+    return tuple(row for row in (FINAL_NORM, OUTPUT_LAYER) if row.exists_in(model))
 
 
 def exit_head_rows(k: int, as_final: bool = False) -> tuple[Row, Row]:
@@ -210,8 +262,9 @@ def exit_head_rows(k: int, as_final: bool = False) -> tuple[Row, Row]:
     )
 
 
-# ModelConfig field <-> HF LlamaConfig key (rotary_base and params_dtype are special-cased in
-# hf_io because HF moved rope_theta into rope_parameters and spells dtypes differently).
+# ModelConfig field <-> HF config.json key (rotary_base, rope scaling and params_dtype are
+# special-cased in hf_io because HF moved rope_theta into rope_parameters and spells dtypes
+# differently; the q/k/v bias and q/k norm switches come with the family, FAMILIES).
 CONFIG_PAIRS: tuple[tuple[str, str], ...] = (
     ("num_layers", "num_hidden_layers"),
     ("hidden_size", "hidden_size"),
@@ -221,17 +274,71 @@ CONFIG_PAIRS: tuple[tuple[str, str], ...] = (
     ("vocab_size", "vocab_size"),
     ("norm_epsilon", "rms_norm_eps"),
     ("max_position_embeddings", "max_position_embeddings"),
+    ("head_dim", "head_dim"),
+    ("tie_word_embeddings", "tie_word_embeddings"),
 )
 
 
-def iter_rows(num_layers: int) -> Iterator[tuple[Row, int | None]]:
+@dataclass(frozen=True)
+class Family:
+    """An HF architecture that megatron-core's GPTModel expresses with our switches.
+
+    `qkv_bias`, `qk_layernorm`: what its modeling code fixes (Qwen2 always has q/k/v biases,
+    Qwen3 always q/k norms). `required`: config.json keys and the value each must have for the
+    model to be one we build (HF's class default counts for an absent key); the import refuses
+    any other value, saying why (`REFUSED_BECAUSE`), and the export writes them.
+    """
+
+    model_type: str
+    architecture: str
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    required: dict[str, Any] = field(default_factory=dict)
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        # LLaMA-2, LLaMA-3/3.1/3.2 (GQA, llama3 RoPE scaling, tied in 3.2 1B/3B)
+        Family("llama", "LlamaForCausalLM", required={"attention_bias": False, "mlp_bias": False}),
+        # Mistral v0.3 style: full attention (v0.1's 4096-token sliding window is refused)
+        Family("mistral", "MistralForCausalLM", required={"sliding_window": None}),
+        # Qwen2 / Qwen2.5: biases on q, k, v (fixed in Qwen2Attention), tied when small
+        Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, required={"use_sliding_window": False}),
+        # Qwen3 (dense): RMSNorm on each q and k head, no biases
+        Family(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            qk_layernorm=True,
+            required={"attention_bias": False, "use_sliding_window": False},
+        ),
+    )
+}
+
+_SLIDING = (
+    "sliding-window attention is out of scope (README, 'Which models'): training, evaluation, "
+    "decoding and export here use full causal attention, and a model trained with a window "
+    "computes another function without it"
+)
+REFUSED_BECAUSE: dict[str, str] = {
+    "attention_bias": "it puts biases on q, k, v AND o_proj; megatron-core's add_qkv_bias covers "
+    "q/k/v only and add_bias_linear would add biases to every linear layer (the MLP's too)",
+    "mlp_bias": "MLP biases are not mapped (megatron-core's add_bias_linear would also add them "
+    "to the attention projections)",
+    "sliding_window": _SLIDING,
+    "use_sliding_window": _SLIDING,
+}
+
+
+def iter_rows(model: ModelConfig) -> Iterator[tuple[Row, int | None]]:
     """(row, layer) in checkpoint order: embedding, layer 0 rows, layer 1 rows, ..., head."""
     yield EMBEDDING, None
-    for layer in range(num_layers):
-        for row in LAYER_ROWS:
+    rows = layer_rows(model)
+    for layer in range(model.num_layers):
+        for row in rows:
             yield row, layer
-    yield FINAL_NORM, None
-    yield OUTPUT_LAYER, None
+    for row in head_rows(model):
+        yield row, None
 
 
 def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], source: str) -> None:

@@ -21,7 +21,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from soft.checkpointing.partial_read import read_slices
 from soft.config.errors import ConfigError
-from soft.conversion.mapping import LAYER_ROWS, Row, Shapes
+from soft.conversion.mapping import Row, Shapes, layer_rows
+from soft.models.config import ModelConfig
 
 _LAYER_PARAM = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
@@ -57,17 +58,17 @@ def sharded_tensor(param: str, tensor: torch.Tensor, num_layers: int) -> Sharded
     )
 
 
-def extra_state_objects(layer: int, num_layers: int) -> dict[str, ShardedObject]:
+def extra_state_objects(model: ModelConfig, layer: int) -> dict[str, ShardedObject]:
     """The (empty) `_extra_state` entries of a layer's linear modules: the local spec saves and
     requests them, so a checkpoint without them fails a strict load."""
     out = {}
-    for row in LAYER_ROWS:
+    for row in layer_rows(model):
         module = row.megatron.rsplit(".", 1)[0].replace("*", str(layer))
         if "layernorm" in module:
             continue
         param = f"{module}._extra_state"
         key, _ = checkpoint_key(param)
-        out[param] = ShardedObject(key, None, (num_layers,), (layer,), replica_id=0)
+        out[param] = ShardedObject(key, None, (model.num_layers,), (layer,), replica_id=0)
     return out
 
 

@@ -1,4 +1,5 @@
-"""megatron-core distributed checkpoint (any TP/PP layout) -> HF LlamaForCausalLM folder.
+"""megatron-core distributed checkpoint (any TP/PP layout) -> HF folder of the model's family
+(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM: `model.family`).
 
 The checkpoint is read one layer at a time and written into safetensors shards as it goes, so
 memory stays at about one layer plus one shard. With `exit_layer=K` the output is the
@@ -9,11 +10,14 @@ config.json records the exit plan the model was trained with (`soft_exit_layers`
 `soft_source_exit_layer: K` and keeps the exits <= K with their trained weights.
 
 ICT checkpoints (`soft.mode=ict`: frozen SFT backbone, one trained norm + head per early exit)
-also get `exit_heads.safetensors` beside HF's own files (which stay plain LlamaForCausalLM
+also get `exit_heads.safetensors` beside HF's own files (which stay the architecture's plain
 weights): `exit_heads.<k>.norm.weight` [hidden] and `exit_heads.<k>.lm_head.weight`
 [vocab, hidden] per early exit k, listed in config.json as `soft_exit_heads: [k, ...]`.
 A sub-model export at K keeps the heads of exits k < K; if K has a head, the K-layer model's
-own `model.norm` / `lm_head` ARE that head (that is what sub-model K is after ICT).
+own `model.norm` / `lm_head` ARE that head (that is what sub-model K is after ICT), and its
+head is then not tied to the embedding even when the model's is.
+
+Tied embeddings: no `lm_head.weight` is written and config.json says tie_word_embeddings.
 """
 
 from __future__ import annotations
@@ -34,15 +38,9 @@ from soft.config.root import RootConfig, load_config
 from soft.conversion import export_format as fmt
 from soft.conversion import hf_io, megatron_io
 from soft.conversion.hf_to_megatron import shapes_of
-from soft.conversion.mapping import (
-    EMBEDDING,
-    FINAL_NORM,
-    LAYER_ROWS,
-    OUTPUT_LAYER,
-    Row,
-    exit_head_rows,
-)
+from soft.conversion.mapping import EMBEDDING, Row, exit_head_rows, head_rows, layer_rows
 from soft.conversion.output import atomic_output_dir
+from soft.models.config import ModelConfig
 
 log = logging.getLogger("soft.conversion")
 
@@ -123,17 +121,19 @@ def _export_weights(
     reader,
     writer,
     shapes,
+    model: ModelConfig,
     num_layers: int,
     dtype: torch.dtype,
     progress: bool,
-    final_head: tuple[Row, Row] = (FINAL_NORM, OUTPUT_LAYER),
+    final_head: tuple[Row, ...],
 ) -> None:
     """Embedding, then one layer per load, then the final norm and head, each written at once.
 
-    `final_head`: the rows written as `model.norm` / `lm_head` (an ICT exit's own head for a
-    sub-model export at that exit)."""
+    `final_head`: the rows written as `model.norm` / `lm_head` (the model's own, without a
+    head when tied; an ICT exit's own head for a sub-model export at that exit)."""
+    rows = layer_rows(model)
     groups: list[list[tuple[Row, int | None]]] = [[(EMBEDDING, None)]]
-    groups += [[(row, layer) for row in LAYER_ROWS] for layer in range(num_layers)]
+    groups += [[(row, layer) for row in rows] for layer in range(num_layers)]
     groups.append([(row, None) for row in final_head])
     for group in tqdm(groups, desc="megatron -> HF", unit="group", disable=not progress):
         for name, tensor in _read_hf(reader, group, shapes, dtype):
@@ -193,6 +193,7 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
     verify(ckpt, allow_unverified=req.allow_unverified)
     cfg = read_run_config(ckpt)
     model = cfg.model
+    hf_io.export_family(model)  # an architecture that cannot express the model: fail first
     num_layers = model.num_layers if req.exit_layer is None else req.exit_layer
     if not 1 <= num_layers <= model.num_layers:
         raise ConfigError(
@@ -219,15 +220,17 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
     inputs = [Path(req.checkpoint_dir), ckpt]
     with atomic_output_dir(Path(req.out_dir), req.overwrite, inputs=inputs) as tmp:
         writer = hf_io.ShardedSafetensorsWriter(tmp, req.max_shard_bytes)
-        head = final_head or (FINAL_NORM, OUTPUT_LAYER)
-        _export_weights(reader, writer, shapes, num_layers, torch_dtype, req.progress, head)
+        head = final_head or head_rows(model)
+        _export_weights(reader, writer, shapes, model, num_layers, torch_dtype, req.progress, head)
         writer.finish()
         if heads:
             _export_exit_heads(reader, tmp, shapes, heads, torch_dtype)
         hf_io.write_tokenizer(tokenizer, tmp, model.max_position_embeddings)
         extra = {fmt.EXIT_HEADS_KEY: heads} if heads else {}
         plan = {} if _never_trained(ckpt) else exit_plan_fields(cfg, req.exit_layer)
-        _write_configs(tmp, cfg, vocab, num_layers, dtype_name, tokenizer, {**plan, **extra})
+        tied = model.tie_word_embeddings and final_head is None
+        fields = {**plan, **extra}
+        _write_configs(tmp, cfg, vocab, num_layers, dtype_name, tokenizer, fields, tied)
     log.info(
         "wrote %s (%d of %d layers, %s)", req.out_dir, num_layers, model.num_layers, dtype_name
     )
@@ -258,6 +261,7 @@ def _write_configs(
     dtype: str,
     tokenizer: Path,
     extra_fields: dict[str, Any],
+    tied: bool,
 ) -> None:
     from transformers import GenerationConfig
 
@@ -269,6 +273,6 @@ def _write_configs(
         "eos_token_id": tok.eos_id,
         **extra_fields,
     }
-    config = hf_io.hf_config_from_model(cfg.model, vocab, num_layers, dtype, extra)
+    config = hf_io.hf_config_from_model(cfg.model, vocab, num_layers, dtype, extra, tied)
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)

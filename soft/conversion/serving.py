@@ -21,7 +21,7 @@ from soft.conversion.hf_io import read_hf_config
 # Fields that must agree for the draft to read the target's tokens and run at its TP size.
 SAME_FIELDS = (
     "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
-    "bos_token_id", "eos_token_id", "rms_norm_eps",
+    "bos_token_id", "eos_token_id", "rms_norm_eps", "head_dim",
 )  # fmt: skip
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 
@@ -33,10 +33,12 @@ def draft_problems(
     (the draft runs at the target's TP size by default); [] when nothing does."""
     target_dir, draft_dir = Path(target_dir), Path(draft_dir)
     target, draft = read_hf_config(target_dir), read_hf_config(draft_dir)
-    problems = []
-    for name, config in (("target", target), ("draft", draft)):
-        if config.get("architectures") != ["LlamaForCausalLM"]:
-            problems.append(f"{name} architectures {config.get('architectures')!r}")
+    problems = []  # (read_hf_config has refused families we do not support)
+    if target.get("architectures") != draft.get("architectures"):
+        problems.append(
+            f"architectures: target {target.get('architectures')!r}, "
+            f"draft {draft.get('architectures')!r}"
+        )
     for key in SAME_FIELDS:
         if _field(target, key) != _field(draft, key):
             problems.append(f"{key}: target {_field(target, key)!r}, draft {_field(draft, key)!r}")

@@ -116,7 +116,7 @@ class SubModels:
         config = base.config.__class__.from_dict(base.config.to_dict())
         config.num_hidden_layers = k
         with torch.device("meta"):
-            view = LlamaForCausalLM(config)
+            view = type(base)(config)  # the model's own class: Llama, Mistral, Qwen2, Qwen3
         norm, lm_head = self.exit_heads.get(k, (base.model.norm, base.lm_head))
         view.model.embed_tokens = base.model.embed_tokens
         view.model.layers = nn.ModuleList(base.model.layers[:k])

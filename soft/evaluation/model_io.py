@@ -1,4 +1,4 @@
-"""Loading exported Hugging Face LLaMA folders and resolving which exits to use.
+"""Loading exported Hugging Face folders (any supported family) and resolving which exits to use.
 
 An ICT export (`soft_exit_heads: [k, ...]` in config.json) also has `exit_heads.safetensors`
 with `exit_heads.<k>.norm.weight` [hidden] and `exit_heads.<k>.lm_head.weight` [vocab, hidden]
@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from soft.config.errors import ConfigError
 from soft.conversion.export_format import (  # torch-free names shared with the export
@@ -38,7 +37,7 @@ class ExportedModel:
     """A loaded export: the HF model, its tokenizer, the exits recorded at training time and
     the ICT heads of early exits that have their own (empty: every exit uses the shared head)."""
 
-    model: LlamaForCausalLM
+    model: PreTrainedModel  # LlamaForCausalLM, MistralForCausalLM, Qwen2/Qwen3ForCausalLM
     tokenizer: Tokenizer
     recorded_exits: list[int] | None
     path: Path
@@ -203,15 +202,16 @@ def _head_tensor(
 
 
 def build_exit_heads(
-    model: LlamaForCausalLM, tensors: dict[int, dict[str, torch.Tensor]]
+    model: PreTrainedModel, tensors: dict[int, dict[str, torch.Tensor]]
 ) -> dict[int, ExitHead]:
-    """Norm + head modules beside `model`'s own: same eps, dtype and device, inference mode."""
+    """Norm + head modules beside `model`'s own: same norm class, eps, dtype and device,
+    inference mode."""
     config = model.config
     weight = model.lm_head.weight
     heads: dict[int, ExitHead] = {}
     place = {"device": weight.device, "dtype": weight.dtype}
     for k, pair in tensors.items():
-        norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(**place)
+        norm = type(model.model.norm)(config.hidden_size, eps=config.rms_norm_eps).to(**place)
         # Built in place: no fp32 CPU copy of a vocabulary-sized matrix per head.
         lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **place)
         with torch.no_grad():
@@ -238,7 +238,7 @@ def _export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
 def load_exported_model(
     model_dir: str | Path, device: str = "auto", dtype: str = "auto"
 ) -> ExportedModel:
-    """Load an exported LlamaForCausalLM folder (config.json + safetensors + tokenizer.model,
+    """Load an exported HF folder of any supported family (config.json + safetensors + tokenizer.model,
     + exit_heads.safetensors for ICT), or a megatron checkpoint of a training run, converted on the fly to a temporary HF folder
     by the conversion code (the same export `tools/convert_megatron_to_hf.py` writes)."""
     model_dir = Path(model_dir)
@@ -258,7 +258,7 @@ def load_exported_model(
     torch_device = pick_device(device)
     # sdpa: our layer driver builds explicit additive masks, which eager and sdpa both accept
     # (flash-attention kernels take no 4-D masks).
-    model = LlamaForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=pick_dtype(dtype, torch_device), attn_implementation="sdpa"
     )
     model.to(torch_device).eval()

@@ -8,10 +8,23 @@ from typing import Literal
 from soft.config.core import option
 from soft.config.errors import ConfigError
 
+# Llama-3 RoPE scaling in megatron-core 0.16.1 (`RotaryEmbedding._apply_scaling`, the HF
+# `llama3` formula): GPTModel passes only the factor, so these three are its defaults, fixed.
+# The HF import refuses other values (tests/models/test_rope_scaling.py checks these against
+# megatron-core's signature and the formula against transformers').
+LLAMA3_ROPE_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
 
 @dataclass
 class ModelConfig:
-    """A megatron-core GPTModel in the LLaMA-2 shape (RMSNorm, SwiGLU, RoPE, no biases, untied)."""
+    """A megatron-core GPTModel in the LLaMA shape (RMSNorm, SwiGLU, RoPE, grouped-query
+    attention). The model families differ only in the feature switches below (q/k/v biases,
+    q/k norms, tied embeddings, RoPE scaling, head width); the model code reads the switches,
+    never `family`, which names the HF architecture an export writes."""
 
     num_layers: int = option(4, "Transformer layers (LLaMA-2: 32 for 7B, 40 for 13B, 80 for 70B).")
     hidden_size: int = option(64, "Model width.")
@@ -19,6 +32,33 @@ class ModelConfig:
     num_attention_heads: int = option(4, "Query heads.")
     num_query_groups: int | None = option(
         None, "Key/value heads for grouped-query attention (70B: 8); null = one per query head."
+    )
+    head_dim: int | None = option(
+        None,
+        "Per-head width (megatron kv_channels); null = hidden_size / num_attention_heads. "
+        "Set where HF's config.json has a head_dim that differs (Qwen3 0.6B-4B: 128).",
+    )
+    qkv_bias: bool = option(False, "Biases on the query, key and value projections (Qwen2/2.5).")
+    qk_layernorm: bool = option(
+        False, "RMSNorm on every query and key head before RoPE (Qwen3: q_norm, k_norm)."
+    )
+    tie_word_embeddings: bool = option(
+        False,
+        "The LM head is the input embedding matrix (Llama-3.2 1B/3B, small Qwen): every exit "
+        "head reads it; its copies on pipeline stages are kept identical (soft.parallel.head_sync).",
+    )
+    rope_scaling: Literal["none", "llama3"] = option(
+        "none",
+        "RoPE frequency scaling: llama3 = Llama-3.1/3.2's (megatron-core's own implementation, "
+        "with low/high frequency factors 1/4 and original context 8192 fixed by it).",
+    )
+    rope_scaling_factor: float = option(
+        8.0, "rope_scaling=llama3: the factor (Llama-3.1: 8, Llama-3.2: 32)."
+    )
+    family: Literal["llama", "mistral", "qwen2", "qwen3"] = option(
+        "llama",
+        "HF model family an export writes (config.json model_type and architecture); set by "
+        "the HF import. The model is built from the feature switches alone.",
     )
     vocab_size: int | None = option(None, "Vocabulary size; null = the tokenizer's.")
     make_vocab_size_divisible_by: int = option(
@@ -63,14 +103,22 @@ class ModelConfig:
                 raise ConfigError(
                     f"config key '{prefix}.{name}': expected >= 1, got {getattr(self, name)}"
                 )
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"config key '{prefix}.hidden_size' ({self.hidden_size}) must be divisible by "
-                f"'{prefix}.num_attention_heads' ({self.num_attention_heads})"
+                f"'{prefix}.num_attention_heads' ({self.num_attention_heads}) "
+                f"(or set '{prefix}.head_dim')"
             )
-        if (self.hidden_size // self.num_attention_heads) % 2:
+        if self.kv_channels < 2 or self.kv_channels % 2:
+            key = "head_dim" if self.head_dim is not None else "hidden_size"
             raise ConfigError(
-                f"config key '{prefix}.hidden_size': the head dim must be even for RoPE"
+                f"config key '{prefix}.{key}': the head dim ({self.kv_channels}) must be even "
+                "for RoPE"
+            )
+        if self.rope_scaling_factor <= 0:
+            raise ConfigError(
+                f"config key '{prefix}.rope_scaling_factor': expected > 0, "
+                f"got {self.rope_scaling_factor}"
             )
         groups = self.num_query_groups
         if groups is not None and (groups < 1 or self.num_attention_heads % groups):
@@ -90,6 +138,15 @@ class ModelConfig:
     @property
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        """Per-head width: head_dim, else hidden_size / num_attention_heads."""
+        return (
+            self.head_dim
+            if self.head_dim is not None
+            else self.hidden_size // self.num_attention_heads
+        )
 
 
 @dataclass

@@ -95,7 +95,7 @@ def exit_ce_sum(
         x = gather_from_sequence_parallel_region(normed, tensor_parallel_output_grad=True)
     else:
         x = copy_to_tensor_model_parallel_region(normed)
-    weight = head.output.weight
+    weight = head.weight
     if not torch.is_grad_enabled():
         return exit_loss.measured_ce_sum(x, weight, labels_sb, mask_sb, chunk_tokens)
     if impl == "fused":

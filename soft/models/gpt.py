@@ -1,6 +1,8 @@
-"""Build one pipeline stage (or virtual chunk) of the LLaMA-2-shaped megatron-core GPTModel.
+"""Build one pipeline stage (or virtual chunk) of the LLaMA-shaped megatron-core GPTModel.
 
 Parallelism and precision are TransformerConfig fields; the model itself is never patched.
+The model families (LLaMA-2/3, Mistral, Qwen2/2.5, Qwen3) are feature switches of ModelConfig
+mapped to megatron-core's own fields (`family_features`, `gpt_model_features`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,26 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def family_features(model: ModelConfig) -> dict[str, Any]:
+    """The TransformerConfig fields that tell the model families apart (Megatron-Bridge's
+    per-family provider settings): biases on q/k/v only (Qwen2), RMSNorm on q and k heads
+    (Qwen3). The head width is `kv_channels`; tied embeddings and RoPE scaling are GPTModel
+    arguments (`gpt_model_features`)."""
+    return dict(add_qkv_bias=model.qkv_bias, qk_layernorm=model.qk_layernorm)
+
+
+def gpt_model_features(model: ModelConfig) -> dict[str, Any]:
+    """GPTModel's family arguments: the tied LM head and Llama-3's RoPE scaling (megatron-core's
+    own: `RotaryEmbedding._apply_scaling`, the HF `llama3` formula with low/high frequency
+    factors 1 and 4 and original context 8192 fixed, only the factor passed; the conversion
+    refuses other values, tests/models/test_rope_scaling.py proves the match)."""
+    return dict(
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        rope_scaling=model.rope_scaling == "llama3",
+        rope_scaling_factor=model.rope_scaling_factor,
+    )
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     on_gpu = torch.cuda.is_available()
     dtype = _DTYPES[model.params_dtype]
@@ -77,13 +99,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=model.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -113,6 +134,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         # same-tag receives from it at once, so a forward activation and a backward gradient
         # can swap. The unbatched path posts in a rank-parity order that pairs them correctly.
         batch_p2p_comm=on_gpu,
+        **family_features(model),
     )
     if model.recompute_granularity == "selective":
         kwargs["recompute_granularity"] = "selective"
@@ -153,10 +175,13 @@ def stage_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | No
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model.qk_layernorm)
     layer.submodules.input_layernorm = LocalRMSNorm
     layer.submodules.pre_mlp_layernorm = LocalRMSNorm
+    if model.qk_layernorm:  # per head: megatron-core sums their gradients over TP by name
+        attention = layer.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = LocalRMSNorm
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=LocalRMSNorm,
@@ -180,10 +205,10 @@ def build_stage_model(
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
-        share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
         vp_stage=vp_stage,
+        **gpt_model_features(model),
     )
 
 
@@ -197,9 +222,12 @@ def build_stage_model(
 
 
 def _init_std(key: str, model: ModelConfig) -> float | None:
-    """None = ones (norm weights); else the normal std megatron-core uses for this tensor."""
+    """None = ones (norm weights); else the normal std megatron-core uses for this tensor (0:
+    biases start at zero, as megatron-core's)."""
     if "layernorm" in key or "layer_norm" in key:
         return None
+    if key.endswith(".bias"):
+        return 0.0
     if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return model.init_method_std / (2.0 * model.num_layers) ** 0.5
     return model.init_method_std

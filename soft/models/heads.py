@@ -10,6 +10,13 @@ that owns an early exit but not the real head gets a replica (`exit_head`). Repl
 Keeping the copies identical during training (their gradients summed over stages) is a
 parallelism concern: soft.parallel.head_sync.
 
+Tied embeddings (`model.tie_word_embeddings`): the head's matrix IS the input embedding. Its
+copies are the first stage's embedding (the main one), megatron-core's own copy on the last
+stage (`output_layer.weight`, stored as a replica of the embedding) and the matrix of every
+replica; a replica on a chunk that holds the embedding reads the embedding itself and holds
+only a norm. Replica matrices are stored under the embedding's key. `head_copies` lists every
+copy of each head tensor on a rank, which is what head_sync sums.
+
 In ict mode each early exit has its own head instead (`exit_heads.<k>`), see SeparateExitHeads.
 Model code only: nothing here talks to other ranks.
 """
@@ -35,32 +42,46 @@ READ_SHARED_HEAD = "soft_exit_heads_read_shared_head"
 # Where GPTModel stores the real head (chunks' sharded state dicts use global keys).
 NORM_KEY = "decoder.final_layernorm."
 OUTPUT_KEY = "output_layer."
+EMBEDDING_KEY = "embedding.word_embeddings."  # the head's matrix when tied
 
 
 class HeadRef(NamedTuple):
-    """The two modules an exit reads its logits through."""
+    """What an exit reads its logits through: a norm, then the vocab-parallel matrix [V/tp, h]
+    (the output layer's weight, or the embedding's when tied)."""
 
     norm: torch.nn.Module
-    output: torch.nn.Module
+    weight: torch.nn.Parameter
+
+
+def shared_output_key(tied: bool) -> str:
+    """Checkpoint key prefix of the shared head's matrix: the embedding's when tied."""
+    return EMBEDDING_KEY if tied else OUTPUT_KEY
+
+
+def is_tied(chunk) -> bool:
+    return bool(chunk.share_embeddings_and_output_weights)
 
 
 class ExitHead(MegatronModule):
-    """A final RMSNorm + vocab-parallel output layer, shaped like the model's own head."""
+    """A final RMSNorm + vocab-parallel output layer, shaped like the model's own head;
+    `with_output=False`: the norm only (a tied replica beside the embedding it reads)."""
 
-    def __init__(self, config, norm_spec, vocab_size: int) -> None:
+    def __init__(self, config, norm_spec, vocab_size: int, with_output: bool = True) -> None:
         super().__init__(config=config)
         self.final_layernorm = build_module(
             norm_spec, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
         )
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size,
-            vocab_size,
-            config=config,
-            init_method=config.init_method,
-            bias=False,
-            skip_bias_add=False,
-            gather_output=False,
-        )
+        self.output_layer = None
+        if with_output:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+            )
 
     def head_sharded_state_dict(
         self, prefix: str, norm_key: str, output_key: str, sharded_offsets, metadata, replica=None
@@ -73,6 +94,8 @@ class ExitHead(MegatronModule):
             ("final_layernorm", self.final_layernorm, norm_key),
             ("output_layer", self.output_layer, output_key),
         ):
+            if module is None:
+                continue
             # The TP group must be explicit: without it the norm's replica id omits the TP rank
             # (get_pg_rank(None) = 0), so every TP rank would claim the main replica.
             sub = sharded_state_dict_default(
@@ -90,13 +113,20 @@ class ExitHead(MegatronModule):
 
 class SharedHeadReplica(ExitHead):
     """A copy of the real head on a chunk that owns early exits but not the head. Its
-    checkpoint entries are the real head's keys (given when it is built), with a replica id
-    that is never the main replica."""
+    checkpoint entries are the real head's keys (given when it is built: the embedding's for
+    a tied matrix), with a replica id that is never the main replica."""
 
     def __init__(
-        self, config, norm_spec, vocab_size: int, replica_index: int, norm_key: str, output_key: str
+        self,
+        config,
+        norm_spec,
+        vocab_size: int,
+        replica_index: int,
+        norm_key: str,
+        output_key: str,
+        with_output: bool = True,
     ) -> None:
-        super().__init__(config, norm_spec, vocab_size)
+        super().__init__(config, norm_spec, vocab_size, with_output)
         self.replica_index = replica_index
         self.norm_key, self.output_key = norm_key, output_key
         for param in self.parameters():
@@ -122,8 +152,11 @@ class SeparateExitHeads(MegatronModule):
     head's keys as non-main replicas, exactly like SharedHeadReplica (so any TP/PP layout works).
     """
 
-    def __init__(self, config, norm_spec, vocab_size: int, layers: list[int]) -> None:
+    def __init__(
+        self, config, norm_spec, vocab_size: int, layers: list[int], shared_output_key: str
+    ) -> None:
         super().__init__(config=config)
+        self.shared_output_key = shared_output_key  # the matrix they start from
         for k in layers:
             self.add_module(str(k), ExitHead(config, norm_spec, vocab_size))
 
@@ -136,7 +169,8 @@ class SeparateExitHeads(MegatronModule):
         for k, head in self.heads().items():
             own = f"{prefix}{k}."
             if read_shared:
-                norm_key, output_key, replica = NORM_KEY, OUTPUT_KEY, 1  # load-only: not main
+                norm_key, output_key = NORM_KEY, self.shared_output_key
+                replica = 1  # load-only: not main
             else:
                 norm_key, output_key = f"{own}final_layernorm.", f"{own}output_layer."
                 replica = None
@@ -162,12 +196,15 @@ def add_exit_heads(chunk, plan: ExitPlan, vocab_size: int, replica_index: int) -
     if not layers:
         return
     norm_spec = chunk.decoder.submodules.layer_norm
+    output_key = shared_output_key(is_tied(chunk))
     if plan.separate_heads:
-        heads = SeparateExitHeads(chunk.config, norm_spec, vocab_size, layers)
+        heads = SeparateExitHeads(chunk.config, norm_spec, vocab_size, layers, output_key)
         chunk.add_module(SEPARATE_HEADS_NAME, heads)
     elif not chunk.post_process:
+        # Tied, beside the embedding: the embedding is the matrix, the replica is a norm.
+        own_matrix = not (is_tied(chunk) and chunk.pre_process)
         replica = SharedHeadReplica(
-            chunk.config, norm_spec, vocab_size, replica_index, NORM_KEY, OUTPUT_KEY
+            chunk.config, norm_spec, vocab_size, replica_index, NORM_KEY, output_key, own_matrix
         )
         chunk.add_module(REPLICA_NAME, replica)
 
@@ -177,7 +214,10 @@ def exit_heads_of(chunk, plan: ExitPlan) -> dict[int, HeadRef]:
     shared head (the real one or the chunk's replica)."""
     separate = getattr(chunk, SEPARATE_HEADS_NAME, None)
     if separate is not None:
-        return {k: HeadRef(h.final_layernorm, h.output_layer) for k, h in separate.heads().items()}
+        return {
+            k: HeadRef(h.final_layernorm, h.output_layer.weight)
+            for k, h in separate.heads().items()
+        }
     head = head_of(chunk)
     layers = owned_exits(chunk, plan)
     if layers and head is None:
@@ -197,14 +237,54 @@ def has_separate_heads(chunks) -> bool:
 
 
 def head_of(chunk) -> HeadRef | None:
-    """The shared head of this chunk's exits: the real head or the replica."""
+    """The shared head of this chunk's exits: the real head or the replica (whose matrix is
+    the embedding when tied and the chunk holds it)."""
     if chunk.post_process:
-        return HeadRef(chunk.decoder.final_layernorm, chunk.output_layer)
+        return HeadRef(chunk.decoder.final_layernorm, _real_output_weight(chunk))
     replica = getattr(chunk, REPLICA_NAME, None)
-    return HeadRef(replica.final_layernorm, replica.output_layer) if replica is not None else None
+    if replica is None:
+        return None
+    if replica.output_layer is None:
+        return HeadRef(replica.final_layernorm, chunk.embedding.word_embeddings.weight)
+    return HeadRef(replica.final_layernorm, replica.output_layer.weight)
 
 
-def trainable_head_copies(chunks) -> list[HeadRef]:
-    """This rank's copies of the shared head whose gradients must agree (ict freezes them)."""
-    heads = [head_of(chunk) for chunk in chunks]
-    return [h for h in heads if h is not None and h.output.weight.requires_grad]
+def _real_output_weight(chunk) -> torch.nn.Parameter:
+    """GPTModel's head matrix: its output layer's, or when tied the shared one (the embedding
+    on the first stage, megatron-core's copy of it on the last)."""
+    return (
+        chunk.shared_embedding_or_output_weight() if is_tied(chunk) else chunk.output_layer.weight
+    )
+
+
+class HeadCopies(NamedTuple):
+    """This rank's copies of each shared-head tensor (every chunk's, each parameter once)."""
+
+    norm: list[torch.nn.Parameter]
+    matrix: list[torch.nn.Parameter]
+
+
+def head_copies(chunks) -> HeadCopies:
+    """The trainable copies on this rank whose gradients must be summed and agree (ict freezes
+    them): the final norm's, and the head matrix's, which when tied includes the embedding of
+    a first stage with no exit."""
+    norms: list[torch.nn.Parameter] = []
+    matrices: list[torch.nn.Parameter] = []
+    for chunk in chunks:
+        head = head_of(chunk)
+        if head is not None:
+            norms.append(head.norm.weight)
+            matrices.append(head.weight)
+        if is_tied(chunk) and chunk.pre_process:
+            matrices.append(chunk.embedding.word_embeddings.weight)
+    return HeadCopies(_trainable_once(norms), _trainable_once(matrices))
+
+
+def _trainable_once(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out

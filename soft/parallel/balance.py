@@ -39,6 +39,7 @@ class CostModel:
     layer_params: int
     head_params: int  # LM head (h*V) + final norm (h)
     embedding_params: int  # first stage only: V*h
+    tied: bool = False  # the LM head is the embedding: beside it, a head replica is a norm
 
     @classmethod
     def build(
@@ -49,16 +50,22 @@ class CostModel:
         no_heads = flops.train_flops_per_token(model, seq_length, vocab_size, 0)
         head = flops.train_flops_per_token(model, seq_length, vocab_size, 1) - no_heads
         forward_head = head / 3  # train = 3 x forward (flops.py)
-        h, f = model.hidden_size, model.ffn_hidden_size
-        kv = model.query_groups * (h // model.num_attention_heads)
+        h, f, d = model.hidden_size, model.ffn_hidden_size, model.kv_channels
+        q, kv = model.num_attention_heads * d, model.query_groups * d
+        attention = h * (q + 2 * kv) + q * h  # QKV and output projections
+        if model.qkv_bias:
+            attention += q + 2 * kv
+        if model.qk_layernorm:
+            attention += 2 * d
         return cls(
             layer=no_heads / model.num_layers,
             trained_head=head + (forward_head if head_recompute else 0.0),
             evaluated_head=forward_head,
-            # QKV + output projection + SwiGLU (gate, up, down) + two RMSNorm weights.
-            layer_params=h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h,
+            # attention + SwiGLU (gate, up, down) + two RMSNorm weights.
+            layer_params=attention + 3 * h * f + 2 * h,
             head_params=h * vocab_size + h,
             embedding_params=vocab_size * h,
+            tied=model.tie_word_embeddings,
         )
 
 
@@ -116,7 +123,7 @@ def stage_costs(counts: list[int], plan: ExitPlan, cost: CostModel) -> tuple[Sta
     """Cost of each stage for the given layer counts. An exit at depth k is computed right
     after layer k, so it lives on the stage owning layer k; the final exit is the last stage's
     own LM head. Every exit-owning stage holds a head replica (params), the first stage the
-    embedding."""
+    embedding (tied: also the head's matrix)."""
     stages, start = [], 1
     for index, n in enumerate(counts):
         end = start + n - 1
@@ -126,12 +133,22 @@ def stage_costs(counts: list[int], plan: ExitPlan, cost: CostModel) -> tuple[Sta
         flops_per_token = (
             n * cost.layer + trained * cost.trained_head + evaluated * cost.evaluated_head
         )
-        params = n * cost.layer_params + (cost.head_params if exits else 0)
+        params = n * cost.layer_params + _head_params(cost, index == 0, bool(exits))
         if index == 0:
             params += cost.embedding_params
         stages.append(StageCost(index, start, end, exits, flops_per_token, params))
         start = end + 1
     return tuple(stages)
+
+
+def _head_params(cost: CostModel, first_stage: bool, has_exits: bool) -> int:
+    """A stage with exits holds the head (norm + matrix); when tied, the first stage's matrix
+    is its embedding (counted once, as the embedding), so its head adds only the norm."""
+    if not has_exits:
+        return 0
+    if cost.tied and first_stage:
+        return cost.head_params - cost.embedding_params
+    return cost.head_params
 
 
 def layout(parallel: ParallelConfig, plan: ExitPlan, cost: CostModel) -> Layout:

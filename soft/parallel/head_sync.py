@@ -2,9 +2,15 @@
 before the optimizer step (the model side is soft.models.heads).
 
 Each pipeline column (the stages one sample flows through) holds the real head on its last
-stage and a replica on every other stage that owns an early exit. Their gradients are summed
-over a dedicated process group of those ranks, and across chunks of one rank (virtual
-pipeline), so every copy takes the same optimizer step.
+stage and a replica on every other stage that owns an early exit. With tied embeddings the
+head's matrix is also the first stage's input embedding, so that stage holds a copy too.
+Each head tensor (the final norm; the matrix) has its own process group of the ranks of the
+column that hold a copy of it; its gradients are summed across the chunks of a rank (virtual
+pipeline) and then over that group, so every copy takes the same optimizer step having
+received every gradient: the embedding's, every exit's and the last layer's. megatron-core's
+own first+last stage sum of a tied embedding is turned off (soft.parallel.setup
+`embedding_ranks`), so nothing is counted twice; the gradient norm counts the tensor once
+because every copy but the main one is marked `shared` (megatron-core's `param_is_not_shared`).
 
 When the sum happens depends on when the data-parallel reduction runs:
 - default (no overlap): before megatron-core's `finalize_model_grads`, on the local
@@ -17,71 +23,90 @@ When the sum happens depends on when the data-parallel reduction runs:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from soft.models.heads import trainable_head_copies
+from soft.models.heads import head_copies
+
+
+class HeadGroups(NamedTuple):
+    """Per head tensor (the fields of soft.models.heads.HeadCopies), the process group of the
+    ranks of this pipeline column holding a copy; None when there is nobody to sum with."""
+
+    norm: dist.ProcessGroup | None
+    matrix: dist.ProcessGroup | None
 
 
 def give_head_copies_own_buckets(chunks) -> None:
     """For overlap_grad_reduce: every head copy in its own DDP bucket (see module docstring).
     Call before the chunks are wrapped in DDP."""
-    for head in trainable_head_copies(chunks):
-        head.norm.weight.shared_embedding = True
-        head.output.weight.shared_embedding = True
+    for copies in head_copies(chunks):
+        for param in copies:
+            param.shared_embedding = True
 
 
-def build_head_group(chunks) -> dist.ProcessGroup | None:
-    """Process group of the ranks holding a head copy in this rank's pipeline column.
+def build_head_groups(chunks) -> HeadGroups:
+    """Per head tensor, the process group of the ranks holding a copy of it in this rank's
+    pipeline column (None where this rank holds none, or is the only holder).
 
-    Collective: every rank calls it. Each distinct pipeline group gets one group of its
-    head-owning ranks, created on all ranks in the same order (torch requires that).
+    Collective: every rank calls it. Each distinct member list gets one group, created on all
+    ranks in the same order (torch requires that); the norm and the matrix share one group
+    when the same ranks hold them (always, unless tied).
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
-    owns = bool(trainable_head_copies(chunks))
+        return HeadGroups(None, None)
+    holds = tuple(bool(copies) for copies in head_copies(chunks))
     pp_ranks = tuple(
         dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
     )
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (dist.get_rank(), pp_ranks, owns))
-    owners = {rank for rank, _, own in everyone if own}
-    mine = None
+    dist.all_gather_object(everyone, (dist.get_rank(), pp_ranks, holds))
+    created: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+    mine: list[dist.ProcessGroup | None] = [None] * len(holds)
     for column in sorted({ranks for _, ranks, _ in everyone}):
-        members = [r for r in column if r in owners]
-        group = dist.new_group(members) if len(members) > 1 else None
-        if column == pp_ranks and dist.get_rank() in members:
-            mine = group
-    return mine
+        for kind in range(len(holds)):
+            owners = {rank for rank, _, held in everyone if held[kind]}
+            members = tuple(r for r in column if r in owners)
+            if members not in created:
+                created[members] = dist.new_group(list(members)) if len(members) > 1 else None
+            if column == pp_ranks and dist.get_rank() in members:
+                mine[kind] = created[members]
+    return HeadGroups(*mine)
 
 
-def allreduce_head_grads(chunks, group: dist.ProcessGroup | None) -> None:
-    """Sum the head gradients over every copy (chunks on this rank, then ranks in the group)."""
-    copies = trainable_head_copies(chunks)
-    if len(copies) == 0 or (len(copies) == 1 and group is None):
+def allreduce_head_grads(chunks, groups: HeadGroups) -> None:
+    """Sum each head tensor's gradients over every copy (chunks on this rank, then ranks in
+    its group)."""
+    for copies, group in zip(head_copies(chunks), groups, strict=True):
+        _sum_copies([p.main_grad for p in copies], group)
+
+
+def _sum_copies(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    if len(grads) == 0 or (len(grads) == 1 and group is None):
         return
-    for i in range(2):  # norm weight, output weight
-        grads = [head[i].weight.main_grad for head in copies]
-        total = grads[0].clone() if len(grads) > 1 else grads[0]
-        for g in grads[1:]:
-            total.add_(g)
-        if group is not None:
-            dist.all_reduce(total, group=group)
-        for g in grads:
-            if g is not total:
-                g.copy_(total)
+    total = grads[0].clone() if len(grads) > 1 else grads[0]
+    for g in grads[1:]:
+        total.add_(g)
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    for g in grads:
+        if g is not total:
+            g.copy_(total)
 
 
-def head_replica_max_diff(chunks, group: dist.ProcessGroup | None) -> float:
-    """Largest absolute difference between this rank's head copies and the group's first."""
-    copies = trainable_head_copies(chunks)
-    if not copies:
-        return 0.0
+def head_replica_max_diff(chunks, groups: HeadGroups) -> float:
+    """Largest absolute difference between this rank's head copies and its group's first
+    rank's (every head tensor)."""
     worst = 0.0
-    for i in range(2):
-        ref = copies[0][i].weight.detach().clone()
+    for copies, group in zip(head_copies(chunks), groups, strict=True):
+        if not copies:
+            continue
+        ref = copies[0].detach().clone()
         if group is not None:
             dist.broadcast(ref, src=dist.get_process_group_ranks(group)[0], group=group)
-        for head in copies:
-            worst = max(worst, (head[i].weight.detach() - ref).abs().max().item())
+        for param in copies:
+            worst = max(worst, (param.detach() - ref).abs().max().item())
     return worst

@@ -71,9 +71,20 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> Topology:
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            get_embedding_ranks=embedding_ranks,
         )
     seed_everything(seed)
     return current_topology()
+
+
+def embedding_ranks(pp_ranks: list[int], split_rank: int | None = None) -> list[int]:
+    """megatron-core's word-embedding group: the first pipeline stage only (its default adds
+    the last stage). With tied embeddings the LM head is the embedding matrix, and besides the
+    first and last stage every stage with an early exit holds a copy; one owner sums all their
+    gradients, soft.parallel.head_sync. A one-rank group turns megatron-core's own first+last
+    sum off (finalize_model_grads.py `_allreduce_word_embedding_grads` skips groups of size 1),
+    so no copy's gradient is counted twice; untied models never use the group."""
+    return [pp_ranks[0]]
 
 
 def current_topology() -> Topology:

@@ -54,7 +54,7 @@ def wrap_chunks(
 def install_schedule_hooks(
     config: TransformerConfig,
     wrapped: list[DistributedDataParallel],
-    head_group,
+    head_groups: head_sync.HeadGroups,
     sum_heads_after_dp: bool,
 ) -> None:
     """What megatron-core's schedule calls: gradient finalisation (with the head-copy sum)
@@ -65,12 +65,12 @@ def install_schedule_hooks(
         # Sum the head copies over stages before the DP reduction (any bucket layout), or, when
         # that reduction already ran during backward, after it (own buckets; see head_sync).
         if not sum_heads_after_dp:
-            head_sync.allreduce_head_grads(raw_chunks, head_group)
+            head_sync.allreduce_head_grads(raw_chunks, head_groups)
         megatron_finalize_model_grads(
             chunks, num_tokens, pg_collection, force_all_reduce=force_all_reduce
         )
         if sum_heads_after_dp:
-            head_sync.allreduce_head_grads(raw_chunks, head_group)
+            head_sync.allreduce_head_grads(raw_chunks, head_groups)
 
     config.finalize_model_grads_func = finalize_model_grads
     no_sync = [c.no_sync for c in wrapped]

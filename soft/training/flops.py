@@ -13,11 +13,12 @@ def forward_flops_per_token(
     model: ModelConfig, seq_length: int, vocab_size: int, num_heads_evaluated: int
 ) -> float:
     h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
-    kv = model.query_groups * (h // model.num_attention_heads)
+    q = model.num_attention_heads * model.kv_channels  # = h unless head_dim is set (Qwen3)
+    kv = model.query_groups * model.kv_channels
     per_layer = (
-        2 * h * (h + 2 * kv)  # QKV projection (grouped-query aware)
-        + 2 * 2 * seq_length * h  # scores and weighted values
-        + 2 * h * h  # output projection
+        2 * h * (q + 2 * kv)  # QKV projection (grouped-query aware)
+        + 2 * 2 * seq_length * q  # scores and weighted values
+        + 2 * q * h  # output projection
         + 2 * 3 * h * f  # SwiGLU: gate, up, down
     )
     return L * per_layer + num_heads_evaluated * 2 * h * vocab_size

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from megatron.core.transformer import TransformerConfig
 
 from soft.models.build import build_chunks
@@ -16,7 +15,7 @@ from soft.models.exits import ExitHooks, ExitTallies
 from soft.models.gpt import transformer_config
 from soft.models.heads import exit_heads_of
 from soft.parallel.config import ParallelConfig
-from soft.parallel.head_sync import build_head_group
+from soft.parallel.head_sync import HeadGroups, build_head_groups
 from soft.parallel.wrap import install_schedule_hooks, unwrap, wrap_chunks
 
 
@@ -26,7 +25,7 @@ class SoftModel:
     plan: ExitPlan
     config: TransformerConfig
     vocab_size: int  # padded
-    head_group: dist.ProcessGroup | None
+    head_groups: HeadGroups  # process groups summing the shared head's copies
     hooks: list[ExitHooks]  # aligned with `chunks`
     tallies: ExitTallies = field(default_factory=ExitTallies)
 
@@ -54,8 +53,8 @@ def build_soft_model(
     config = transformer_config(model_cfg, parallel_cfg)
     chunks = build_chunks(model_cfg, config, plan, vocab_size, seed, init)
     wrapped = wrap_chunks(chunks, config, parallel_cfg)
-    head_group = build_head_group(chunks)
-    install_schedule_hooks(config, wrapped, head_group, parallel_cfg.overlap_grad_reduce)
+    head_groups = build_head_groups(chunks)
+    install_schedule_hooks(config, wrapped, head_groups, parallel_cfg.overlap_grad_reduce)
     tallies = ExitTallies()
     hooks = [
         ExitHooks(
@@ -68,4 +67,4 @@ def build_soft_model(
         )
         for c in chunks
     ]
-    return SoftModel(wrapped, plan, config, vocab_size, head_group, hooks, tallies)
+    return SoftModel(wrapped, plan, config, vocab_size, head_groups, hooks, tallies)

@@ -32,14 +32,111 @@ def _convert_fails(hf_dir, out, match: str) -> None:
     assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
 
 
-def test_not_a_llama_folder(hf_dir, tmp_path):
-    _edit_config(hf_dir, model_type="mistral", architectures=["MistralForCausalLM"])
-    _convert_fails(hf_dir, tmp_path / "out", "expected a LLaMA model")
+@pytest.mark.parametrize(
+    ("model_type", "arch"),
+    [("gemma", "GemmaForCausalLM"), ("mixtral", "MixtralForCausalLM"),
+     ("qwen2_moe", "Qwen2MoeForCausalLM"), ("llama", "MistralForCausalLM")],
+)  # fmt: skip
+def test_an_unsupported_family(hf_dir, tmp_path, model_type, arch):
+    _edit_config(hf_dir, model_type=model_type, architectures=[arch])
+    _convert_fails(
+        hf_dir,
+        tmp_path / "out",
+        rf"model_type='{model_type}', architectures=\['{arch}'\]; supported families: llama "
+        r"\(LlamaForCausalLM\), mistral .* Mixture-of-experts and multimodal models are out of scope",
+    )
 
 
-def test_unsupported_llama_variant(hf_dir, tmp_path):
-    _edit_config(hf_dir, rope_scaling={"rope_type": "linear", "factor": 2.0})
-    _convert_fails(hf_dir, tmp_path / "out", "rope scaling 'linear'")
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+# (config.json changes, what the error says): the key, the value and why
+UNSUPPORTED = {
+    "linear rope": (
+        {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+        r"rope_scaling.rope_type='linear': only plain RoPE and 'llama3' scaling",
+    ),
+    "llama3 rope, other low factor": (
+        {"rope_scaling": {**LLAMA3_ROPE, "low_freq_factor": 2.0}},
+        r"rope_scaling.low_freq_factor=2.0: megatron-core 0.16.1 applies llama3 RoPE scaling "
+        r"with low_freq_factor=1.0 fixed",
+    ),
+    "llama3 rope, other context (transformers 5 spelling)": (
+        {
+            "rope_parameters": {
+                **LLAMA3_ROPE,
+                "rope_theta": 5e5,
+                "original_max_position_embeddings": 4096,
+            }
+        },
+        r"rope_parameters.original_max_position_embeddings=4096: .* fixed",
+    ),  # fmt: skip
+    "partial rope": (
+        {
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "partial_rotary_factor": 0.5,
+            }
+        },
+        r"partial_rotary_factor != 1",
+    ),
+    "llama attention bias": (
+        {"attention_bias": True},
+        r"attention_bias=True, expected False: it puts biases on q, k, v AND o_proj",
+    ),
+    "llama mlp bias": ({"mlp_bias": True}, r"mlp_bias=True, expected False: MLP biases"),
+    "moe": ({"num_local_experts": 8}, r"num_local_experts=8: Mixture-of-experts"),
+    "activation": ({"hidden_act": "gelu"}, r"hidden_act='gelu': SwiGLU needs 'silu'"),
+    "sliding layers": (
+        {"layer_types": ["full_attention", "sliding_attention"]},
+        r"layer_types contains \['sliding_attention'\]: sliding-window attention is out of scope",
+    ),
+    "mistral v0.1 window": (
+        {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4096},
+        r"unsupported mistral model: sliding_window=4096, expected None: sliding-window",
+    ),
+    "mistral window by default": (
+        {"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+        r"sliding_window absent \(transformers' default: 4096\), expected None",
+    ),
+    "qwen2 window": (
+        {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True},
+        r"use_sliding_window=True, expected False: sliding-window attention is out of scope",
+    ),
+    "qwen3 bias": (
+        {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "attention_bias": True},
+        r"unsupported qwen3 model: attention_bias=True, expected False",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNSUPPORTED)
+def test_unsupported_values_name_the_key_and_why(hf_dir, tmp_path, case):
+    changes, message = UNSUPPORTED[case]
+    _edit_config(hf_dir, **changes)
+    _convert_fails(hf_dir, tmp_path / "out", message)
+
+
+def test_a_tied_model_whose_lm_head_differs(tmp_path):
+    """tie_word_embeddings=true with a stored lm_head.weight that is not the embedding."""
+    make_hf_model(tmp_path / "hf", layers=2)
+    _edit_config(tmp_path / "hf", tie_word_embeddings=True)
+    _convert_fails(
+        tmp_path / "hf",
+        tmp_path / "out",
+        r"tie_word_embeddings=true but 'lm_head.weight' differs from 'model.embed_tokens.weight'",
+    )
+
+
+def test_an_export_family_that_cannot_express_the_model():
+    from soft.conversion.hf_io import export_family
+    from soft.models.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"'model.family' is 'llama', whose LlamaForCausalLM "
+                       r"has qkv_bias=False, but 'model.qkv_bias' is True: set model.family "
+                       r"to one of \['qwen2'\]"):  # fmt: skip
+        export_family(ModelConfig(qkv_bias=True))
+    assert export_family(ModelConfig(qk_layernorm=True, family="qwen3")).model_type == "qwen3"
 
 
 def test_folder_without_config(tmp_path):

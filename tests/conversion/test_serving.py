@@ -47,3 +47,19 @@ def test_exit_export_is_a_valid_vllm_draft_for_the_full_export(tmp_path):
     config["vocab_size"] = 640
     (draft / "config.json").write_text(json.dumps(config))
     assert "vocab_size: target 512, draft 640" in draft_problems(full, draft)
+
+
+def test_a_family_exit_export_drafts_for_its_full_export(tmp_path):
+    """Qwen2 with q/k/v biases and a tied head: the exit-1 export is a valid draft too."""
+    from tests.conversion.helpers import make_family_model
+
+    make_family_model(
+        tmp_path / "hf", "qwen2_tied", vocab=512, layers=3, tokenizer=BUILTIN_TOKENIZER
+    )
+    meg = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "meg", dtype="fp32", progress=False)
+    full = convert_megatron_to_hf(ExportRequest(meg, tmp_path / "full", progress=False))
+    draft = convert_megatron_to_hf(
+        ExportRequest(meg, tmp_path / "exit1", exit_layer=1, progress=False)
+    )
+    assert draft_problems(full, draft, tensor_parallel=2) == []
+    assert json.loads((draft / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]

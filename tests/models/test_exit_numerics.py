@@ -148,7 +148,7 @@ def test_every_exit_loss_implementation_gives_the_same_loss_and_gradients(dtype)
         for t in (hidden, output.weight, norm.weight):
             t.grad = None
         loss = exit_ce_sum(
-            hidden, HeadRef(norm, output), labels, mask,
+            hidden, HeadRef(norm, output.weight), labels, mask,
             chunk_tokens=chunk, sequence_parallel=False, impl=impl, scale=scale,
         )  # fmt: skip
         (loss * scale).backward() if impl != "fused" else loss.backward(scale)

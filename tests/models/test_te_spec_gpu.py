@@ -78,8 +78,22 @@ def _forward_backward(chunk: torch.nn.Module, batch) -> tuple[torch.Tensor, torc
     return logits.detach().float(), loss.detach()
 
 
-def test_te_spec_matches_local_spec_in_bf16():
-    local, te = _build("local"), _build("transformer_engine")
+# The family switches in both specs: LLaMA-2 (none), Qwen2-like (q/k/v biases, tied head),
+# Qwen3-like (q/k norms, head_dim that is not hidden/heads, llama3 RoPE scaling).
+FAMILY_SWITCHES = {
+    "llama2": (),
+    "qwen2_tied": ("model.qkv_bias=true", "model.tie_word_embeddings=true"),
+    "qwen3_like": (
+        "model.qk_layernorm=true", "model.head_dim=24", "model.rope_scaling=llama3",
+        "model.num_query_groups=2",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILY_SWITCHES)
+def test_te_spec_matches_local_spec_in_bf16(family):
+    switches = FAMILY_SWITCHES[family]
+    local, te = _build("local", *switches), _build("transformer_engine", *switches)
     local_params = dict(local.named_parameters())
     te_params = dict(te.named_parameters())
     assert {_te_name(n) for n in local_params} == set(te_params), "parameter sets differ"

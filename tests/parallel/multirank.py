@@ -35,12 +35,13 @@ from soft.compat import checkpoint_queue
 from soft.config.root import load_config
 from soft.data import ResumableBatchSampler
 from soft.models.gpt import walk_leaves
-from soft.models.heads import trainable_head_copies
+from soft.models.heads import head_copies
 from soft.parallel.head_sync import head_replica_max_diff
 from soft.parallel.setup import destroy_distributed
 from soft.training import loop, step
 from soft.training.run import setup
 from soft.training.signals import StopRequest
+from tests.parallel import family_checks
 from tests.training import golden
 
 BASE = [
@@ -99,6 +100,19 @@ class Scenario:
 FROM_BASE = ["checkpoint.load_dir=../base", "checkpoint.finetune=true"]  # see _config
 TP2_PP2 = golden.TP2_PP2
 TP2_PP2_SP = [*TP2_PP2, "parallel.sequence_parallel=true"]
+PP2_VP2 = [
+    "parallel.pipeline_model_parallel_size=2",
+    "parallel.virtual_pipeline_model_parallel_size=2",
+]
+TIED = ["model.tie_word_embeddings=true"]
+FEATURES = [
+    "model.qkv_bias=true",
+    "model.qk_layernorm=true",
+    "model.head_dim=12",
+    "model.num_query_groups=2",
+    "model.rope_scaling=llama3",
+    "model.rope_scaling_factor=4.0",
+]
 
 SCENARIOS = {
     s.name: s
@@ -212,6 +226,29 @@ SCENARIOS = {
             ],
             "[1,2,5,8]",
         ),
+        # Tied embeddings: the exit heads are the embedding matrix. Exits on the first stage
+        # (they read the embedding itself, a norm replica beside it) and the last (megatron-
+        # core's copy of the embedding); every copy gets the sum of all gradients.
+        Scenario("tied_tp2_pp2", 4, TP2_PP2, "[2,3,5,8]", extra=TIED),
+        # an exit on every stage: the middle stages hold matrix replicas of the embedding
+        Scenario(
+            "tied_pp4", 4, ["parallel.pipeline_model_parallel_size=4"], "[1,3,6,8]", extra=TIED
+        ),  # fmt: skip
+        # interleaved: rank 0 holds the embedding (chunk 0) and a replica (chunk 2, exit 5)
+        Scenario("tied_pp2_vp2", 2, PP2_VP2, "[1,3,5,8]", extra=TIED),
+        # ict on a tied model: the separate heads start from the embedding (the tied head)
+        Scenario(
+            "ict_tied_tp2_pp2",
+            4,
+            TP2_PP2,
+            "[2,3,5,8]",
+            extra=["soft.mode=ict", *FROM_BASE, *TIED],
+            base=["soft.mode=sft", *TIED],
+        ),
+        # the other family switches under TP (q/k norm gradients summed over TP, the q/k/v
+        # bias split per query group) and pipelining: biases, q/k norms, a head_dim that is
+        # not hidden/heads, grouped-query attention and llama3 RoPE scaling
+        Scenario("features_tp2_pp2", 4, TP2_PP2, "[2,3,5,8]", extra=FEATURES),
     ]
 }
 
@@ -326,8 +363,8 @@ def scenario_worker(scenario: Scenario, out: Path, layout: bool) -> dict:
     run = setup(_config(scenario, out, layout))
     record = _train_steps(run, 3, capture_first=True)
     record["params"] = dump_global(run.model.unwrapped, "data")
-    record["head_max_diff"] = head_replica_max_diff(run.model.unwrapped, run.model.head_group)
-    record["head_copies"] = len(trainable_head_copies(run.model.unwrapped))
+    record["head_max_diff"] = head_replica_max_diff(run.model.unwrapped, run.model.head_groups)
+    record["head_copies"] = [len(c) for c in head_copies(run.model.unwrapped)]
     record["param_dtypes"] = sorted({str(p.dtype) for p in run.model.unwrapped[0].parameters()})
     return record
 
@@ -570,6 +607,9 @@ RESHARDS = {
     "reshard_distopt_dp2pp2_to_dp2tp2": ("dp2_pp2_distopt", True, True, DISTOPT_DP2_TP2),
     "reshard_distopt_dp2pp2_to_1rank": ("dp2_pp2_distopt", True, True, DISTOPT_ONE_RANK),
     "reshard_dp_reshardable_dp2pp2_to_dp1pp2": (DISTOPT_DPRS, True, True, DISTOPT_PP2),
+    # tied embeddings: saved at TP2xPP2 (the last stage's copy and the replicas stored as
+    # non-main replicas of the embedding), resumed at one rank
+    "reshard_tied_tp2pp2_to_tp1pp1": ("tied_tp2_pp2", True, False, None),
 }
 
 
@@ -589,7 +629,13 @@ def check_golden(root: Path) -> dict:
     return {"golden_rel": golden.compare(ranks[0], golden.TP2_PP2_RTOL)}
 
 
-GOLDEN = {"golden_tp2_pp2": check_golden}
+def check_families(root: Path) -> dict:
+    """Every model family imported from HF: per-exit logits at TP2xPP2 equal transformers',
+    and SoFT's losses fall (tests/parallel/family_checks.py)."""
+    return family_checks.check_families(root, run_ranks)
+
+
+GOLDEN = {"golden_tp2_pp2": check_golden, "families_tp2_pp2": check_families}
 
 
 def main(argv: list[str]) -> int:

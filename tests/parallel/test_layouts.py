@@ -19,7 +19,16 @@ rank), against a 1-rank run of the same config:
 - bf16: every model parameter is bf16 in both runs; losses and the gradient norm rel 2e-3
   (observed 4e-5), each gradient and parameter tensor ||got - ref|| / ||ref|| < 2e-2 (bf16
   keeps 8 mantissa bits; observed 6e-3 and 8e-3).
-And checkpoints: saved at TP2xPP2 and loaded at TP1xPP1 (and the reverse); an ict run saved at
+Model families: tied embeddings (the exit heads are the embedding matrix; its copies on the
+first stage, the last stage and every exit stage receive the sum of all gradients) at
+TP2xPP2, PP4 with an exit on every stage, PP2 interleaved with virtual pipeline 2 and ict on a
+tied model at TP2xPP2, and q/k/v biases + q/k norms + an explicit head_dim + llama3 RoPE
+scaling at TP2xPP2, with the same tolerances (observed as above) and every copy of the tied
+matrix bit-identical; `families_tp2_pp2` imports a tiny HF model of every family
+(tests/parallel/family_checks.py): per-exit logits at TP2xPP2 equal transformers' (atol 2e-5, observed 4.4e-6),
+and 6 SoFT steps lower every exit's loss.
+And checkpoints: saved at TP2xPP2 and loaded at TP1xPP1 (and the reverse; also for a tied
+model); an ict run saved at
 TP2xPP2 and loaded at TP1xPP1; with the distributed optimizer (fully_reshardable, the default)
 resumed at DP2xPP2 and resharded to DP2xTP2 and to one rank, and (dp_reshardable) to DP1xPP2:
 the next two steps' losses equal the unbroken run's (observed exactly, or 6e-8 where the DP sum
