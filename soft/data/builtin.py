@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from soft.config.errors import ConfigError
-from soft.data.prompts import alpaca_prompt
+from soft.data.prompts import alpaca_prompt, instruction_example
 
 Record = dict[str, str]
 # A task draws (instruction, input, output) from the generator it is given.
@@ -144,6 +144,22 @@ def generate_records(
             seen.add(key)
             records.append(record)
     return records
+
+
+def generate_conversations(
+    seed: int, count: int, *, turns: int = 2, split: str = "train"
+) -> list[dict[str, list[dict[str, str]]]]:
+    """`count` messages records `{"messages": [...]}` of `turns` built-in tasks each (one user
+    and one assistant turn per task), deterministic in its inputs."""
+    records = generate_records(seed, count * turns, split=split)
+    out = []
+    for i in range(count):
+        messages: list[dict[str, str]] = []
+        for r in records[i * turns : (i + 1) * turns]:
+            example = instruction_example("chat", r["instruction"], r["input"], r["output"])
+            messages += example.messages  # type: ignore[union-attr]
+        out.append({"messages": messages})
+    return out
 
 
 def tokenizer_corpus(

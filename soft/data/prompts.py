@@ -290,9 +290,10 @@ def _prefix_targets(
         through = _chat_text(tokenizer, messages[: i + 1], False)
         if not (full.startswith(through) and through.startswith(before)):
             raise RenderError(
-                f"the chat template renders message {i} differently once later turns follow "
-                "(it rewrites earlier turns), so assistant turns cannot be found by prefixes; "
-                "use a template with {% generation %} blocks"
+                f"the chat template renders the turns before assistant message {i} differently "
+                "depending on what follows them (it rewrites earlier turns), so the assistant "
+                "turns cannot be found by rendering prefixes; use a template with "
+                "{% generation %} blocks"
             )
         start, end = len(before), len(through.rstrip())
         first = next((t for c in range(start, end) if (t := char_to_token(c)) is not None), None)
