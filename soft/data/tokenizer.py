@@ -344,11 +344,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             )
         return HFTokenizer.load(path.parent, path)
     return SentencePieceTokenizer.load(path)
-
-
-def tokenizer_kind(path: str | Path) -> Kind:
-    """Which kind `load_tokenizer(path)` would load (without loading it)."""
-    path = Path(path)
-    if path.is_dir():
-        return "hf" if (path / HF_FILE).is_file() else "sentencepiece"
-    return "hf" if path.suffix == ".json" else "sentencepiece"

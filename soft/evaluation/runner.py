@@ -283,6 +283,12 @@ def run_eval_exits(
         chat_tokenizer(exported.tokenizer, "--prompt-template")
     chosen = resolve_exits(exits, exported)
     examples = [tokenize_example(exported.tokenizer, e) for e in raw]
+    if max_new_tokens > 0 and any(not e.prompt_ids for e in examples):
+        raise ConfigError(
+            f"--format {fmt}: a document with an empty prompt and a tokenizer without BOS "
+            f"('{exported.tokenizer.path}') leaves nothing to generate from; pass "
+            "--max-new-tokens 0 (losses only)"
+        )
     is_qa = fmt == "triviaqa"
     evaluation = evaluate_exits(
         exported, examples, chosen, max_new_tokens,

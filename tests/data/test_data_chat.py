@@ -126,6 +126,19 @@ def test_alpaca_records_become_one_user_and_one_assistant_turn(hf_tokenizers) ->
     assert tok.hf.decode(rendered.ids[start:end]) == "cba<|im_end|>"
 
 
+def test_triviaqa_records_in_the_chat_template_are_question_and_alias() -> None:
+    from soft.data.prompts import question_example
+
+    assert question_example("chat", "Capital of France?", "Paris") == ChatExample(
+        (
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris"},
+        )
+    )
+    plain = question_example("alpaca", "Capital of France?", "Paris")
+    assert plain.response == " Paris" and plain.prompt.endswith("Answer:")
+
+
 def test_a_truncated_conversation_keeps_the_turns_that_fit(hf_tokenizers) -> None:
     tok = load_tokenizer(hf_tokenizers["llama3"])
     rendered = render(tok, ChatExample(TWO_TURNS))

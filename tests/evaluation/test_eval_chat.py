@@ -137,3 +137,13 @@ def test_plain_template_with_an_hf_tokenizer_without_bos(chat_export, tmp_path):
     tokenized = tokenize_example(tok, example)
     assert tokenized.prompt_ids == tok.encode(example.prompt)  # no BOS
     assert tokenized.loss_ids[-1] == tok.eos_id
+
+
+def test_text_without_bos_is_refused_for_generation_only(chat_export, tmp_path):
+    data = tmp_path / "docs.txt"
+    data.write_text("What is 1 plus 1? 2\n")
+    kwargs = dict(out=tmp_path / "r.json", device="cpu", dtype="float32", progress=False)
+    with pytest.raises(ConfigError, match=r"without BOS .* pass --max-new-tokens 0"):
+        run_eval_exits(chat_export, data, "text", max_new_tokens=2, **kwargs)
+    result = run_eval_exits(chat_export, data, "text", max_new_tokens=0, **kwargs)
+    assert all(r["loss"] > 0 for r in result["records"])
