@@ -208,10 +208,14 @@ def _render_plain(tokenizer: Tokenizer, examples: Sequence[PlainExample]) -> lis
 def chat_tokenizer(tokenizer: Tokenizer, key: str = "data.prompt_template") -> HFTokenizer:
     """`tokenizer` when it has a chat template; else a ConfigError naming `key`."""
     if not isinstance(tokenizer, HFTokenizer):
+        where = (
+            "the model folder has no tokenizer.json"
+            if key.startswith("--")
+            else "point data.tokenizer_path at the model's folder or tokenizer.json"
+        )
         raise ConfigError(
             f"{key}=chat needs a Hugging Face tokenizer with a chat template; "
-            f"'{tokenizer.path}' is a SentencePiece model (no chat template): point "
-            "data.tokenizer_path at the model's folder or tokenizer.json"
+            f"'{tokenizer.path}' is a SentencePiece model (no chat template): {where}"
         )
     if not tokenizer.chat_template:
         raise ConfigError(
