@@ -35,6 +35,24 @@ def llama2_tokenizer(shared_data: Path) -> Path:
     return shared_data / "llama2-tokenizer" / "tokenizer.model"
 
 
+@pytest.fixture(scope="session")
+def hf_tokenizers(tmp_path_factory) -> dict[str, Path]:
+    """Hugging Face tokenizer folders built here (never downloaded): byte-level BPEs trained on
+    the built-in tasks, with a LLaMA-3-style chat template (BOS, <|eot_id|>, no pad), a
+    Qwen-style ChatML one (no BOS, <|im_end|>, pad <|endoftext|>), and that ChatML template with
+    {% generation %} blocks."""
+    from soft.data.builtin import train_hf_tokenizer
+
+    root = tmp_path_factory.mktemp("hf_tokenizers")
+    return {
+        "llama3": train_hf_tokenizer(root / "llama3", "llama3"),
+        "chatml": train_hf_tokenizer(root / "chatml", "chatml"),
+        "chatml_generation": train_hf_tokenizer(
+            root / "chatml_generation", "chatml", generation_blocks=True
+        ),
+    }
+
+
 # ----------------------------------------------------------------------------- hermetic tests
 # Tests write only under their own temporary folders. A test that wrote into the checkout
 # (runs/default is where a user's default job lives) would fail, or overwrite, the user's run;

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto = as stored"
     )
     parser.add_argument(
-        "--tokenizer", default=None, help="tokenizer.model (default: the run's data.tokenizer_path)"
+        "--tokenizer",
+        default=None,
+        help="the tokenizer, in any form data.tokenizer_path takes (default: the run's)",
     )
     parser.add_argument("--max-shard-size-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**20)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")

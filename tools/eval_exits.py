@@ -1,7 +1,8 @@
 """Evaluate every SoFT exit of an exported HF model: loss, perplexity, exact match, speed.
 
-`python tools/eval_exits.py --model-dir HF_DIR --data FILE|FOLDER|hf://ID --format alpaca|triviaqa|text
-[--exits 12,16,...] [--max-new-tokens N] [--limit N] [--batch-size 8] [--out results.json] [--mlflow-uri URI]`
+`python tools/eval_exits.py --model-dir HF_DIR --data FILE|FOLDER|hf://ID
+--format alpaca|triviaqa|messages|text [--prompt-template alpaca|chat] [--exits 12,16,...]
+[--max-new-tokens N] [--limit N] [--batch-size 8] [--out results.json] [--mlflow-uri URI]`
 
 Writes results.json (one record per exit), results.md (the table also printed here) and
 results.png (quality and speed against exit depth); logs all of it to MLflow when asked.
@@ -17,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soft.config.errors import ConfigError  # noqa: E402
+from soft.data.prompts import PROMPT_TEMPLATES  # noqa: E402
 from soft.evaluation.model_io import parse_int_list  # noqa: E402
 from soft.evaluation.records import FORMATS  # noqa: E402
 from soft.evaluation.runner import run_eval_exits  # noqa: E402
@@ -25,7 +27,9 @@ from soft.evaluation.runner import run_eval_exits  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model-dir", required=True, help="exported HF folder (any supported family)"
+        "--model-dir",
+        required=True,
+        help="exported HF folder of any supported family (with its tokenizer)",
     )
     parser.add_argument(
         "--data", required=True,
@@ -33,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         "hf://OWNER/NAME?config=...&split=... (as data.train_path)",
     )  # fmt: skip
     parser.add_argument("--format", required=True, choices=FORMATS, help="record format of --data")
+    parser.add_argument(
+        "--prompt-template", default="alpaca", choices=PROMPT_TEMPLATES,
+        help="how the model was trained to read prompts (data.prompt_template): alpaca = the "
+        "format's own prompt; chat = the tokenizer's chat template",
+    )  # fmt: skip
     parser.add_argument(
         "--exits", default=None,
         help="comma-separated exit layers; default: soft_exit_layers in config.json, else every "
@@ -65,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model_dir, args.data, args.format, exits=exits, max_new_tokens=args.max_new_tokens,
         limit=args.limit, out=args.out, mlflow_uri=args.mlflow_uri, device=args.device,
         dtype=args.dtype, progress=not args.no_progress, batch_size=args.batch_size,
+        prompt_template=args.prompt_template,
     )  # fmt: skip
     print(result["table"])
     print(f"\nwrote {result['json']} and {result['plot']}")

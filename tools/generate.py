@@ -1,6 +1,6 @@
 """Greedy generation with an exported SoFT model: full, one exit, dynamic exit or speculative.
 
-`python tools/generate.py --model-dir HF_DIR --prompt TEXT [--max-new-tokens N]
+`python tools/generate.py --model-dir HF_DIR --prompt TEXT [--prompt-template alpaca|chat] [--max-new-tokens N]
 [--mode full|exit|dynamic|speculative] [--exit-layer K] [--draft-exit K] [--num-draft N]
 [--thresholds T1,T2,...] [--exits K1,K2,...] [--compare-full] [--json]`
 
@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soft.config.errors import ConfigError  # noqa: E402
+from soft.data.prompts import PROMPT_TEMPLATES  # noqa: E402
 from soft.evaluation.inference import MODES, GenerateOptions, generate_text  # noqa: E402
 from soft.evaluation.model_io import (  # noqa: E402
     load_exported_model,
@@ -37,7 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-dir", required=True, help="exported HF folder (any supported family)"
     )
-    parser.add_argument("--prompt", required=True, help="prompt text (BOS is added, no EOS)")
+    parser.add_argument(
+        "--prompt", required=True,
+        help="prompt text: fed as it is after BOS (alpaca), or as one user turn (chat)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prompt-template", default="alpaca", choices=PROMPT_TEMPLATES,
+        help="alpaca = the text as it is; chat = the tokenizer's chat template with its "
+        "generation prompt (as data.prompt_template=chat trained it)",
+    )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--mode", default="full", choices=MODES)
     parser.add_argument("--exit-layer", type=int, default=None, help="exit mode: layers to run")
@@ -79,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         stop_at_newline=args.stop_at_newline,
     )
     exported = load_exported_model(args.model_dir, device=args.device, dtype=args.dtype)
-    result = generate_text(exported, args.prompt, options, compare_full=args.compare_full)
+    result = generate_text(
+        exported, args.prompt, options, compare_full=args.compare_full,
+        prompt_template=args.prompt_template,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return 0

@@ -1,11 +1,19 @@
 """Regenerate soft/data/assets/builtin_tokenizer.model from the built-in task generator, or
-write a held-out split of the built-in tasks as an Alpaca JSON file for evaluation.
+write a held-out split of the built-in tasks as an Alpaca JSON file for evaluation, or the
+tasks as multi-turn chat records, or a small Hugging Face tokenizer with a chat template.
 
     python tools/make_builtin_data.py [--out PATH]          # the tokenizer (commit the result)
     python tools/make_builtin_data.py --test-records FILE [--count N] [--seed S] [--train-count M]
+    python tools/make_builtin_data.py --messages FILE.jsonl [--count N] [--turns T] [--split S]
+    python tools/make_builtin_data.py --hf-tokenizer DIR [--chat-style chatml|llama3]
 
 The test split excludes every question of a training run that used the built-in tasks with
 `train.seed=S` and `data.builtin_num_samples=M` (the defaults match the default job).
+`--messages` writes {"messages": [...]} records of T tasks each (data.format=messages); the
+`test` split is drawn from another stream than `train` (the tasks' domains are large, but not
+every question is excluded). `--hf-tokenizer` writes a byte-level BPE trained on the tasks as
+tokenizer.json + tokenizer_config.json + chat_template.jinja in the ChatML (Qwen) or LLaMA-3
+convention: an offline stand-in for a chat model's tokenizer.
 """
 
 from __future__ import annotations
@@ -20,9 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soft.data.builtin import (  # noqa: E402
     BUILTIN_TOKENIZER_PATH,
+    CHAT_STYLES,
+    generate_conversations,
     generate_records,
     record_key,
     train_builtin_tokenizer,
+    train_hf_tokenizer,
 )
 from soft.data.tokenizer import Tokenizer  # noqa: E402
 
@@ -43,7 +54,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--test-records", type=Path, help="write a held-out Alpaca JSON file instead"
     )
-    parser.add_argument("--count", type=int, default=200, help="held-out records to write")
+    parser.add_argument(
+        "--messages", type=Path, help="write multi-turn chat records (JSON Lines) instead"
+    )
+    parser.add_argument("--turns", type=int, default=2, help="--messages: tasks per conversation")
+    parser.add_argument("--split", default="train", help="--messages: train, test, ...")
+    parser.add_argument(
+        "--hf-tokenizer", type=Path, help="write a Hugging Face tokenizer folder instead"
+    )
+    parser.add_argument("--chat-style", default="chatml", choices=CHAT_STYLES)
+    parser.add_argument("--count", type=int, default=200, help="records to write")
     parser.add_argument("--seed", type=int, default=42, help="the training run's train.seed")
     parser.add_argument(
         "--train-count", type=int, default=2000, help="the training run's data.builtin_num_samples"
@@ -51,6 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.test_records is not None:
         write_test_records(args.test_records, args.count, args.seed, args.train_count)
+        return
+    if args.messages is not None:
+        records = generate_conversations(args.seed, args.count, turns=args.turns, split=args.split)
+        args.messages.parent.mkdir(parents=True, exist_ok=True)
+        args.messages.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {args.messages}: {len(records)} conversations of {args.turns} tasks")
+        return
+    if args.hf_tokenizer is not None:
+        folder = train_hf_tokenizer(args.hf_tokenizer, args.chat_style)
+        tok = Tokenizer.from_file(folder)
+        print(f"wrote {folder} ({args.chat_style} chat template, {tok.vocab_size} tokens)")
         return
     path = train_builtin_tokenizer(args.out)
     tok = Tokenizer.from_file(path)

@@ -1,7 +1,10 @@
 """Does a checkpoint belong to the run this config asks for?
 
 Every checkpoint holds the resolved config it was saved with (config.yaml) and, in its
-manifest, the identity of the tokenizer (sha256 of the SentencePiece model, vocabulary size).
+manifest, the identity of the tokenizer (its kind, sentencepiece or hf; the sha256 of the
+SentencePiece model or of the Hugging Face tokenizer files; the vocabulary size). An HF import
+also lists every form its folder offers (`tokenizer_forms`: the tokenizer.model and the
+tokenizer.json of one model), any of which may fine-tune it.
 Before any weight is read, the request is compared with them, key by key. Every config key is
 in exactly one class (tests/checkpointing/test_compatibility.py keeps it so):
 
@@ -55,6 +58,7 @@ RUN = (
     "train.seed",
     "train.global_batch_size",
     "data.format",
+    "data.prompt_template",
     "data.train_path",
     "data.valid_fraction",
     "data.seq_length",
@@ -129,7 +133,7 @@ APPLIED = (
     "tracking.run_name",
 )
 # Compared in other ways: the vocabulary by the tokenizer's identity and the stored tensor
-# shapes; the tokenizer by its checksum (the same file may sit at another path).
+# shapes; the tokenizer by its kind and checksum (the same files may sit at another path).
 BY_IDENTITY = ("model.vocab_size", "model.make_vocab_size_divisible_by", "data.tokenizer_path")
 
 _HINT_RESUME = (
@@ -219,17 +223,31 @@ def differences(saved: dict[str, Any], requested: dict[str, Any], keys) -> list[
     ]
 
 
+def _describe(identity: dict[str, Any]) -> str:
+    # Identities recorded before Hugging Face tokenizers were supported have no kind.
+    kind = identity.get("kind", "sentencepiece")
+    return (
+        f"{identity.get('path')} ({kind}, {identity.get('vocab_size')} pieces, sha256 "
+        f"{str(identity.get('sha256'))[:12]})"
+    )
+
+
+def _same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    kind = ("kind", "sentencepiece")
+    return a.get("sha256") == b.get("sha256") and a.get(*kind) == b.get(*kind)
+
+
 def _check_tokenizer(ckpt: Path, identity: dict[str, Any] | None) -> None:
-    stored = (read_manifest(ckpt) or {}).get("tokenizer")
+    manifest = read_manifest(ckpt) or {}
+    stored = manifest.get("tokenizer")
     if stored is None or identity is None:
         return  # written before tokenizer identities were recorded
-    if stored.get("sha256") != identity.get("sha256"):
+    accepted = [stored, *manifest.get("tokenizer_forms", [])]
+    if not any(_same_tokenizer(form, identity) for form in accepted):
         raise CheckpointError(
-            f"checkpoint '{ckpt}' was trained with another tokenizer: "
-            f"{stored.get('path')} ({stored.get('vocab_size')} pieces, sha256 "
-            f"{str(stored.get('sha256'))[:12]}) there, {identity.get('path')} "
-            f"({identity.get('vocab_size')} pieces, sha256 {str(identity.get('sha256'))[:12]}) "
-            "in this run; set data.tokenizer_path to the checkpoint's tokenizer"
+            f"checkpoint '{ckpt}' was trained with another tokenizer: {_describe(stored)} "
+            f"there, {_describe(identity)} in this run; set data.tokenizer_path to the "
+            "checkpoint's tokenizer"
         )
 
 

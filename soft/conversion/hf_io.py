@@ -1,5 +1,6 @@
 """The Hugging Face side: config.json <-> ModelConfig (the supported families, everything else
-refused by key), lazy tensor reading, sharded writing, and tokenizer files that
+refused by key), lazy tensor reading, sharded writing, and tokenizer files: a Hugging Face
+tokenizer's own files carried along as they are, or for a SentencePiece model files that
 `transformers.AutoTokenizer` loads with LLaMA-2's BOS convention."""
 
 from __future__ import annotations
@@ -394,6 +395,18 @@ class ShardedSafetensorsWriter:
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
+
+
+def copy_tokenizer_files(src_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer files `src_dir` has (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, the chat template, tokenizer.model, ...: soft.data.tokenizer's
+    TOKENIZER_FILES) byte for byte, so the copy has the same identity; returns their names."""
+    from soft.data.tokenizer import TOKENIZER_FILES
+
+    copied = [name for name in TOKENIZER_FILES if (src_dir / name).is_file()]
+    for name in copied:
+        shutil.copyfile(src_dir / name, out_dir / name)
+    return copied
 
 
 def write_tokenizer(sp_model: Path, out_dir: Path, max_length: int) -> None:

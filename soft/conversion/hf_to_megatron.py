@@ -6,7 +6,9 @@ Output layout (what `checkpoint.load_dir=OUT checkpoint.finetune=true` expects):
     OUT/iter_0000000/    torch_dist checkpoint (+ config.yaml, the resolved RootConfig)
     OUT/latest           "iter_0000000"
     OUT/model.yaml       model: section (+ data.tokenizer_path) for `--config` / `defaults:`
-    OUT/tokenizer.model  copied from the HF folder when present
+    OUT/tokenizer.*      the HF folder's tokenizer files, copied as they are (tokenizer.json,
+                         tokenizer_config.json, special_tokens_map.json, chat template,
+                         tokenizer.model, ...): `data.tokenizer_path=OUT` loads them
 
 Memory: HF tensors are read one at a time (safetensors `safe_open`, mmap'd .bin), fused and cast
 to the target dtype, and the source tensor is dropped; the checkpoint writer then holds one copy
@@ -16,7 +18,6 @@ of the weights in the target dtype (never a HF model plus a megatron model).
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from soft.conversion.mapping import (
 )
 from soft.conversion.output import atomic_output_dir
 from soft.conversion.vocab import DEFAULT_MAX_TP, stable_divisor
-from soft.data.tokenizer import Tokenizer
+from soft.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, load_tokenizer
 from soft.models.config import ModelConfig
 
 log = logging.getLogger("soft.conversion")
@@ -114,6 +115,28 @@ def model_yaml(model: ModelConfig, tokenizer_path: Path | None) -> dict[str, Any
     return out
 
 
+def tokenizer_forms(folder: Path, final_dir: Path) -> list[dict[str, Any]]:
+    """Identities of the tokenizers the copied files in `folder` make, with their paths under
+    `final_dir`: the SentencePiece tokenizer.model first (what model.yaml names, as before
+    Hugging Face tokenizers were supported), then the folder's tokenizer.json. One that does
+    not load is left out with a warning (the import does not need it)."""
+    candidates = [
+        (folder / SENTENCEPIECE_FILE, final_dir / SENTENCEPIECE_FILE),
+        (folder, final_dir) if (folder / HF_FILE).is_file() else None,
+    ]
+    forms = []
+    for candidate in candidates:
+        if candidate is None or not candidate[0].exists():
+            continue
+        try:
+            identity = load_tokenizer(candidate[0]).identity()
+        except ConfigError as exc:
+            log.warning("the tokenizer files are copied, but %s", exc)
+            continue
+        forms.append({**identity, "path": str(candidate[1])})
+    return forms
+
+
 def convert_hf_to_megatron(
     hf_dir: str | Path,
     out_dir: str | Path,
@@ -139,21 +162,21 @@ def convert_hf_to_megatron(
     divisor, padded = stable_divisor(int(config["vocab_size"]), max_tp)
     model = hf_io.model_config_from_hf(config, dtype, divisor)
     shapes = shapes_of(model, int(config["vocab_size"]), padded)
-    tokenizer = hf_dir / "tokenizer.model"
-    final_tokenizer = out_dir / "tokenizer.model" if tokenizer.is_file() else None
     megatron_io.ensure_single_rank_world()
     with atomic_output_dir(out_dir, overwrite, inputs=[hf_dir]) as tmp:
         sharded = build_sharded_state(source, model, shapes, hf_io.TORCH_DTYPES[dtype], progress)
         source.close()
         root = RootConfig(model=model)
+        hf_io.copy_tokenizer_files(hf_dir, tmp)
+        forms = tokenizer_forms(tmp, out_dir)
+        final_tokenizer = Path(forms[0]["path"]) if forms else None
         if final_tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
             root.data.tokenizer_path = str(final_tokenizer)
         # Recorded in the manifest: exporting this checkpoint as it is claims no SoFT training.
         identity: dict[str, Any] = {IMPORTED_FROM_HF: str(hf_dir.absolute())}
-        if final_tokenizer is not None:  # fine-tuning runs check they use this tokenizer
-            identity["tokenizer"] = Tokenizer.from_file(tmp / "tokenizer.model").identity()
-            identity["tokenizer"]["path"] = str(final_tokenizer)
+        if forms:  # fine-tuning runs check they use this tokenizer (in any form it came in)
+            identity["tokenizer"] = forms[0]
+            identity["tokenizer_forms"] = forms[1:]
         save(tmp, [megatron_io.ModelOnly(sharded)], TrainState(), root, identity=identity)
         del sharded
         text = yaml.safe_dump(model_yaml(model, final_tokenizer), sort_keys=False)

@@ -40,6 +40,7 @@ from soft.conversion import hf_io, megatron_io
 from soft.conversion.hf_to_megatron import shapes_of
 from soft.conversion.mapping import EMBEDDING, Row, exit_head_rows, head_rows, layer_rows
 from soft.conversion.output import atomic_output_dir
+from soft.data.tokenizer import Tokenizer
 from soft.models.config import ModelConfig
 
 log = logging.getLogger("soft.conversion")
@@ -69,26 +70,37 @@ def read_run_config(ckpt: Path) -> RootConfig:
     return load_config(path)
 
 
-def _tokenizer_file(cfg: RootConfig, override: Path | None) -> Path:
+def _tokenizer(cfg: RootConfig, override: Path | None) -> Tokenizer:
+    """The run's tokenizer (data.tokenizer_path, or the built-in one), or `override`."""
     from soft.data import builtin
+    from soft.data.tokenizer import load_tokenizer
 
     path = override or (
         Path(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else builtin.BUILTIN_TOKENIZER_PATH
     )
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(
             f"tokenizer '{path}' (data.tokenizer_path of the run) does not exist; pass --tokenizer"
         )
-    return path
+    return load_tokenizer(path)
 
 
-def _true_vocab(cfg: RootConfig, tokenizer: Path) -> int:
+def _true_vocab(cfg: RootConfig, tokenizer: Tokenizer) -> int:
     """model.vocab_size when set, else the tokenizer's (what the launcher built the model with)."""
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size
-    from soft.data.tokenizer import Tokenizer
+    return tokenizer.vocab_size
 
-    return Tokenizer.from_file(tokenizer).vocab_size
+
+def _write_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int) -> None:
+    """A Hugging Face tokenizer's files as they are (chat template included); a SentencePiece
+    model with the tokenizer.json / tokenizer_config.json that reproduce it."""
+    from soft.data.tokenizer import HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer):
+        hf_io.copy_tokenizer_files(tokenizer.folder, out)
+    else:
+        hf_io.write_tokenizer(Path(tokenizer.path), out, max_length)
 
 
 def exit_plan_fields(cfg: RootConfig, exit_layer: int | None) -> dict[str, Any]:
@@ -199,7 +211,7 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
         raise ConfigError(
             f"--exit-layer {req.exit_layer} is outside 1..{model.num_layers} (the model's layers)"
         )
-    tokenizer = _tokenizer_file(cfg, req.tokenizer)
+    tokenizer = _tokenizer(cfg, req.tokenizer)
     vocab = _true_vocab(cfg, tokenizer)
     reader = megatron_io.CheckpointReader(ckpt, model.num_layers)
     if reader.padded_vocab() < vocab:
@@ -225,7 +237,7 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
         writer.finish()
         if heads:
             _export_exit_heads(reader, tmp, shapes, heads, torch_dtype)
-        hf_io.write_tokenizer(tokenizer, tmp, model.max_position_embeddings)
+        _write_tokenizer(tokenizer, tmp, model.max_position_embeddings)
         extra = {fmt.EXIT_HEADS_KEY: heads} if heads else {}
         plan = {} if _never_trained(ckpt) else exit_plan_fields(cfg, req.exit_layer)
         tied = model.tie_word_embeddings and final_head is None
@@ -259,18 +271,19 @@ def _write_configs(
     vocab: int,
     num_layers: int,
     dtype: str,
-    tokenizer: Path,
+    tokenizer: Tokenizer,
     extra_fields: dict[str, Any],
     tied: bool,
 ) -> None:
     from transformers import GenerationConfig
 
-    from soft.data.tokenizer import Tokenizer
+    from soft.data.tokenizer import HFTokenizer
 
-    tok = Tokenizer.from_file(tokenizer)
+    # The BOS the tokenizer defines (a Hugging Face one may define one it never adds).
+    bos = tokenizer.hf.bos_token_id if isinstance(tokenizer, HFTokenizer) else tokenizer.bos_id
     extra = {
-        "bos_token_id": tok.bos_id,
-        "eos_token_id": tok.eos_id,
+        "bos_token_id": bos,
+        "eos_token_id": tokenizer.eos_id,
         **extra_fields,
     }
     config = hf_io.hf_config_from_model(cfg.model, vocab, num_layers, dtype, extra, tied)

@@ -1,7 +1,8 @@
 """Data pipeline: tokenizer, data files / dataset folders / hub datasets or built-in tasks ->
 fixed-length SFT samples -> batches.
 
-Public API: `build_datasets(cfg, seed)`, `Tokenizer`, `SFTDataset`, `ResumableBatchSampler`,
+Public API: `build_datasets(cfg, seed)`, `Tokenizer` / `load_tokenizer` (SentencePiece or
+Hugging Face), `render` (the one prompt renderer), `SFTDataset`, `ResumableBatchSampler`,
 `collate`.
 """
 
@@ -18,10 +19,10 @@ from soft.data import builtin
 from soft.data.cache import tokenized_rows
 from soft.data.config import DataConfig
 from soft.data.dataset import DatasetStats, SFTDataset
-from soft.data.prompts import alpaca_prompt
+from soft.data.prompts import Example, chat_tokenizer, instruction_example, render
 from soft.data.sampler import ResumableBatchSampler, check_batch_sizes, collate
 from soft.data.sources import DataSource, parse_source
-from soft.data.tokenizer import Tokenizer
+from soft.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "DataConfig",
@@ -33,17 +34,22 @@ __all__ = [
     "build_datasets",
     "build_tokenizer",
     "check_batch_sizes",
+    "load_tokenizer",
     "parse_source",
     "collate",
+    "render",
 ]
 
 T = TypeVar("T")
-Pair = tuple[str, str]
 
 
 def build_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """`data.tokenizer_path`, or the small tokenizer shipped with the package when null."""
-    return Tokenizer.from_file(cfg.tokenizer_path or builtin.BUILTIN_TOKENIZER_PATH)
+    """`data.tokenizer_path`, or the small tokenizer shipped with the package when null;
+    with `data.prompt_template=chat` it must have a chat template (checked before any data)."""
+    tokenizer = load_tokenizer(cfg.tokenizer_path or builtin.BUILTIN_TOKENIZER_PATH)
+    if cfg.prompt_template == "chat":
+        chat_tokenizer(tokenizer)
+    return tokenizer
 
 
 def build_datasets(cfg: DataConfig, seed: int) -> tuple[SFTDataset, SFTDataset | None, Tokenizer]:
@@ -57,10 +63,14 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[SFTDataset, SFTDataset |
     cfg.validate()
     tokenizer = build_tokenizer(cfg)
     if cfg.train_path is None:
-        train_pairs, valid_pairs = _builtin_pairs(cfg, seed)
+        train_examples, valid_examples = _builtin_examples(cfg, seed)
         source = f"<built-in tasks, seed {seed}>"
-        train = _make_dataset(cfg, train_pairs, tokenizer, source, "train")
-        valid = _make_dataset(cfg, valid_pairs, tokenizer, source, "valid") if valid_pairs else None
+        train = _make_dataset(cfg, train_examples, tokenizer, source, "train")
+        valid = (
+            _make_dataset(cfg, valid_examples, tokenizer, source, "valid")
+            if valid_examples
+            else None
+        )
         return train, valid, tokenizer
     train_source = parse_source(cfg.train_path, "data.train_path")
     valid_source = (
@@ -91,7 +101,7 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[SFTDataset, SFTDataset |
     return train, valid, tokenizer
 
 
-def _builtin_pairs(cfg: DataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:
+def _builtin_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
     """Built-in tasks: training records from `seed`; the validation records come from an
     independent stream and exclude every training question, so they are truly held out."""
     train = builtin.generate_records(seed, cfg.builtin_num_samples)
@@ -101,10 +111,13 @@ def _builtin_pairs(cfg: DataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:
         exclude = {builtin.record_key(r) for r in train}
         valid = builtin.generate_records(seed, n_valid, split="valid", exclude=exclude)
 
-    def pairs(records: list[dict[str, str]]) -> list[Pair]:
-        return [(alpaca_prompt(r["instruction"], r["input"]), r["output"]) for r in records]
+    def examples(records: list[dict[str, str]]) -> list[Example]:
+        return [
+            instruction_example(cfg.prompt_template, r["instruction"], r["input"], r["output"])
+            for r in records
+        ]
 
-    return pairs(train), pairs(valid)
+    return examples(train), examples(valid)
 
 
 def _hold_out(
@@ -128,11 +141,8 @@ def _hold_out(
 
 
 def _make_dataset(
-    cfg: DataConfig, pairs: list[Pair], tokenizer: Tokenizer, source: str, name: str
+    cfg: DataConfig, examples: list[Example], tokenizer: Tokenizer, source: str, name: str
 ) -> SFTDataset:
-    if cfg.format == "text":
-        docs = [response for _, response in pairs]
-        return SFTDataset.from_documents(docs, tokenizer, cfg.seq_length, source=source, name=name)
-    return SFTDataset.from_pairs(
-        pairs, tokenizer, cfg.seq_length, cfg.overlong, source=source, name=name
+    return SFTDataset.from_examples(
+        examples, tokenizer, cfg.seq_length, cfg.overlong, source=source, name=name
     )

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from soft.config.errors import ConfigError
-from soft.data.prompts import alpaca_prompt
+from soft.data.prompts import alpaca_prompt, instruction_example
 
 Record = dict[str, str]
 # A task draws (instruction, input, output) from the generator it is given.
@@ -146,6 +146,22 @@ def generate_records(
     return records
 
 
+def generate_conversations(
+    seed: int, count: int, *, turns: int = 2, split: str = "train"
+) -> list[dict[str, list[dict[str, str]]]]:
+    """`count` messages records `{"messages": [...]}` of `turns` built-in tasks each (one user
+    and one assistant turn per task), deterministic in its inputs."""
+    records = generate_records(seed, count * turns, split=split)
+    out = []
+    for i in range(count):
+        messages: list[dict[str, str]] = []
+        for r in records[i * turns : (i + 1) * turns]:
+            example = instruction_example("chat", r["instruction"], r["input"], r["output"])
+            messages += example.messages  # type: ignore[union-attr]
+        out.append({"messages": messages})
+    return out
+
+
 def tokenizer_corpus(
     seed: int = TOKENIZER_CORPUS_SEED, count: int = TOKENIZER_CORPUS_RECORDS
 ) -> list[str]:
@@ -209,3 +225,101 @@ def train_builtin_tokenizer(
 ) -> Path:
     """Train the small tokenizer shipped with the project (see train_sentencepiece)."""
     return train_sentencepiece(tokenizer_corpus(), out_path, vocab_size)
+
+
+# ----------------------------------------------------------------------------- HF tokenizers
+# Small Hugging Face tokenizers in the two conventions released chat models use, trained on
+# the built-in tasks (offline, seconds): for the tests and the README's chat example, where a
+# real model's tokenizer cannot be downloaded.
+
+CHAT_STYLES = ("llama3", "chatml")
+HF_TOKENIZER_VOCAB_SIZE = 640
+# LLaMA-3's layout: BOS added by the tokenizer, each turn headed by role markers and ended by
+# <|eot_id|> (the instruct models' EOS); no pad token.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
+)
+# Qwen's ChatML: no BOS, a default system turn when the conversation has none, turns ended by
+# <|im_end|> (the EOS) and a newline; pad <|endoftext|>. `generation_blocks` wraps each
+# assistant turn's content and end token in {% generation %} (as TRL's training templates do).
+_CHATML = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}OPEN{{- message['content'] + '<|im_end|>' }}CLOSE{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def chatml_template(generation_blocks: bool = False) -> str:
+    if generation_blocks:
+        return _CHATML.replace("OPEN", "{% generation %}").replace("CLOSE", "{% endgeneration %}")
+    return _CHATML.replace("OPEN", "").replace("CLOSE", "")
+
+
+_SPECIALS = {
+    "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+               "<|eot_id|>"],
+    "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+}  # fmt: skip
+
+
+def train_hf_tokenizer(
+    out_dir: str | Path,
+    style: str = "chatml",
+    vocab_size: int = HF_TOKENIZER_VOCAB_SIZE,
+    generation_blocks: bool = False,
+) -> Path:
+    """A byte-level BPE (`tokenizers`) trained on the built-in tasks, saved by transformers as
+    tokenizer.json + tokenizer_config.json + chat_template.jinja in `out_dir` with the special
+    tokens and chat template of `style` (llama3 or chatml, see above). Deterministic."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if style not in CHAT_STYLES:
+        raise ConfigError(f"chat style '{style}': expected one of {', '.join(CHAT_STYLES)}")
+    specials = _SPECIALS[style]
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # The corpus as the chat template shows it too, so role names are single tokens.
+    corpus = tokenizer_corpus() + ["system user assistant You are a helpful assistant."] * 50
+    tok.train_from_iterator(corpus, trainer)
+    if style == "llama3":
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tok.token_to_id(bos))],
+        )
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>")
+        fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    else:
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        )
+        fast.chat_template = chatml_template(generation_blocks)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return out_dir

@@ -2,8 +2,9 @@
 
 An entry is keyed by everything its rows depend on: the source's identity (a file's sha256, so
 a copied or moved file still hits; a folder's or hub dataset's `datasets` fingerprint with its
-split and config), the format options, the tokenizer's sha256, `seq_length` and `overlong`.
-A changed file, tokenizer or length is a new entry; nothing stale is ever read.
+split and config), the format options and prompt template, the tokenizer's kind and sha256
+(for a Hugging Face tokenizer that covers its chat template), `seq_length` and `overlong`.
+A changed file, tokenizer, template or length is a new entry; nothing stale is ever read.
 
     <cache_dir>/<key>/rows.arrow   the rows (`datasets.Dataset.map` output, memory-mapped)
     <cache_dir>/<key>/meta.json    source, key inputs, record/row counts, build time
@@ -36,14 +37,15 @@ from typing import Any
 from soft.config.errors import ConfigError
 from soft.data.config import DataConfig
 from soft.data.dataset import row_features, tokenize_rows
-from soft.data.formats import load_pairs, rows_to_pairs
+from soft.data.formats import item_from_json, item_to_json, load_examples, rows_to_examples
 from soft.data.sources import DataSource, file_sha256, fingerprint, import_datasets, load_arrow
 from soft.data.tokenizer import Tokenizer
 
 log = logging.getLogger("soft")
 
 # Bump when the rows' layout or the tokenisation changes: old entries are then never read.
-CACHE_VERSION = 1
+# 2: loss targets as [start, end) pairs (multi-turn chat) instead of one mask start.
+CACHE_VERSION = 2
 ROWS_FILE = "rows.arrow"
 META_FILE = "meta.json"
 BATCH = 1000  # records per tokenisation batch (SentencePiece encodes each batch in threads)
@@ -67,12 +69,14 @@ def key_inputs(identity: dict[str, Any], cfg: DataConfig, tokenizer: Tokenizer) 
         options["text_field"] = cfg.text_field
     else:
         options["overlong"] = cfg.overlong
+        options["prompt_template"] = cfg.prompt_template
     if cfg.format == "triviaqa":
         options["answer_alias_index"] = cfg.answer_alias_index
     return {
         "version": CACHE_VERSION,
         "source": identity,
-        "tokenizer_sha256": tokenizer.identity()["sha256"],
+        "tokenizer_kind": tokenizer.kind,
+        "tokenizer_sha256": tokenizer.sha256(),
         **options,
     }
 
@@ -181,20 +185,24 @@ def _tokenize(
     """Write the rows of every record of `source` to `out_file`; returns counts."""
     datasets = import_datasets()
     text = cfg.format == "text"
-    fmt = dict(alias_index=cfg.answer_alias_index, text_field=cfg.text_field)
+    options = dict(
+        template=cfg.prompt_template, alias_index=cfg.answer_alias_index, text_field=cfg.text_field
+    )
     num_records = None
     if raw is None:  # a file: read and validated with file/line errors, on this rank only
-        pairs = load_pairs(source.target, cfg.format, **fmt)
-        num_records = len(pairs)
+        path = source.target
+        examples = load_examples(path, cfg.format, **options)
+        num_records = len(examples)
         raw = datasets.Dataset.from_dict(
-            {"prompt": [p for p, _ in pairs], "response": [r for _, r in pairs]}
+            {"where": [w for w, _ in examples], "item": [item_to_json(e) for _, e in examples]}
         )
-        del pairs
+        del examples
 
         def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+            items = [item_from_json(item) for item in batch["item"]]
             return tokenize_rows(
-                indices, batch["prompt"], batch["response"], tokenizer, cfg.seq_length,
-                cfg.overlong, text,
+                indices, items, tokenizer, cfg.seq_length, cfg.overlong, text,
+                where=lambda i: f"data file '{path}', {batch['where'][i]}",
             )  # fmt: skip
     else:
         if len(raw) == 0:
@@ -202,10 +210,10 @@ def _tokenize(
         label = source.label()
 
         def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-            pairs = rows_to_pairs(label, batch, indices[0], cfg.format, **fmt)
+            items = rows_to_examples(label, batch, indices[0], cfg.format, **options)
             return tokenize_rows(
-                indices, [p for p, _ in pairs], [r for _, r in pairs], tokenizer,
-                cfg.seq_length, cfg.overlong, text,
+                indices, items, tokenizer, cfg.seq_length, cfg.overlong, text,
+                where=lambda i: f"{label}, row {indices[i]}",
             )  # fmt: skip
 
     rows = raw.map(

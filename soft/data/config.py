@@ -11,10 +11,20 @@ from soft.config.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    format: Literal["alpaca", "triviaqa", "text"] = option(
+    format: Literal["alpaca", "triviaqa", "messages", "text"] = option(
         "alpaca",
         "Record format of the data files: alpaca (instruction/input/output), "
-        "triviaqa (question + answer aliases) or text (plain language modelling).",
+        'triviaqa (question + answer aliases), messages ({"messages": [{"role", '
+        '"content"}, ...]}, roles system/user/assistant, multi-turn; needs '
+        "prompt_template=chat) or text (plain language modelling).",
+    )
+    prompt_template: Literal["alpaca", "chat"] = option(
+        "alpaca",
+        "How instruction records become text: alpaca = the format's own prompt (the Stanford "
+        "Alpaca prompt; TriviaQA's closed-book prompt), for base models; chat = the "
+        "tokenizer's chat template (apply_chat_template; an Alpaca record is one user and one "
+        "assistant turn), loss on every assistant turn and its end-of-turn token only. chat "
+        "needs a Hugging Face tokenizer with a chat template (tokenizer_path).",
     )
     train_path: str | None = option(
         None,
@@ -35,8 +45,11 @@ class DataConfig:
     )
     tokenizer_path: str | None = option(
         None,
-        "SentencePiece tokenizer.model (the LLaMA-2 one for real runs); null = the small "
-        "tokenizer shipped with the project.",
+        "The model's tokenizer: a SentencePiece tokenizer.model (LLaMA-2); a Hugging Face "
+        "tokenizer.json (with its tokenizer_config.json beside it, read by "
+        "transformers.AutoTokenizer); or a folder holding either (an HF model folder, an export, "
+        "or an import's output; tokenizer.json wins over tokenizer.model). null = the small "
+        "SentencePiece tokenizer shipped with the project.",
     )
     seq_length: int = option(96, "Tokens per sample (prompt + response, padded).")
     overlong: Literal["truncate", "drop"] = option(
@@ -51,7 +64,8 @@ class DataConfig:
     cache_dir: str | None = option(
         None,
         "Where tokenised data files and datasets are cached (keyed by the data's checksum, the "
-        "tokenizer's checksum, seq_length and the format options; rank 0 tokenises, the other "
+        "tokenizer's kind and checksum, seq_length, the format options and the prompt template; "
+        "rank 0 tokenises, the other "
         "ranks read the memory-mapped result). Should be visible to every node. null = "
         "$SOFT_CACHE_DIR, else ~/.cache/soft/tokenized.",
     )
@@ -69,6 +83,16 @@ class DataConfig:
             raise ConfigError(f"config key '{prefix}.answer_alias_index': expected >= 0")
         if self.builtin_num_samples < 1:
             raise ConfigError(f"config key '{prefix}.builtin_num_samples': expected >= 1")
+        if self.format == "messages" and self.prompt_template != "chat":
+            raise ConfigError(
+                f"config key '{prefix}.format' is 'messages', which only the tokenizer's chat "
+                f"template renders: set '{prefix}.prompt_template' to chat"
+            )
+        if self.format == "text" and self.prompt_template == "chat":
+            raise ConfigError(
+                f"config key '{prefix}.prompt_template' is 'chat' but '{prefix}.format' is "
+                "'text' (plain documents have no turns to template); use prompt_template=alpaca"
+            )
         if self.train_path is None and self.format != "alpaca":
             raise ConfigError(
                 f"config key '{prefix}.train_path' is null (built-in tasks, Alpaca format) but "

@@ -1,20 +1,25 @@
 """Tokenised fixed-length samples for supervised fine-tuning, kept in Arrow.
 
-Layout of one sample (LLaMA-2 conventions):
+Layout of one sample:
 
-    full      = [BOS] + prompt_ids + response_ids + [EOS]     (cut to seq_length + 1 ids)
+    full      = the example's ids as soft.data.prompts.render gives them (cut to
+                seq_length + 1 ids): [BOS] + prompt + response + [EOS] with the Alpaca
+                template (no BOS for a tokenizer without one), the chat template's rendering
+                of the conversation with the chat template
     tokens    = full[:-1]          (model input)
     labels    = full[1:]           (next-token targets)
-    loss_mask = 1 where the label is a response token or the final EOS, else 0
+    loss_mask = 1 where the label is a target (a response token and the final EOS; every
+                assistant turn with its end-of-turn token), else 0
 
-padded to `seq_length` with the pad id and mask 0.
+padded to `seq_length` with the pad id (the tokenizer's, else EOS) and mask 0.
 
 The tokenised rows of a whole source live in one Arrow table (`datasets.Dataset`), one row per
 sample, and one row per dropped record saying why:
 
     record      int64        the record the row came from (a text document gives several rows)
     ids         list<int32>  `full` of the sample, unpadded (empty for a dropped record)
-    mask_start  int32        first label position in the loss (the loss runs to the end)
+    targets     list<int32>  label positions in the loss, as flat [start, end) pairs
+                             (s0, e0, s1, e1, ...): one pair per response or assistant turn
     truncated   bool         the response was cut to fit
     drop        string       why the record was dropped; "" for a sample
 
@@ -27,7 +32,7 @@ train/valid hold-out); padding happens per batch.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,10 +41,11 @@ import torch
 from torch.utils.data import Dataset
 
 from soft.config.errors import ConfigError
+from soft.data.prompts import Example, PlainExample, Rendered, RenderError, render_many
 from soft.data.tokenizer import Tokenizer
 
 Overlong = Literal["truncate", "drop"]
-ROW_COLUMNS = ("record", "ids", "mask_start", "truncated", "drop")
+ROW_COLUMNS = ("record", "ids", "targets", "truncated", "drop")
 
 
 @dataclass
@@ -60,74 +66,80 @@ class DatasetStats:
 # ----------------------------------------------------------------------------- tokenising
 
 
-def _row(record: int, ids: list[int], mask_start: int, truncated: bool, drop: str) -> tuple:
-    return record, ids, mask_start, truncated, drop
+def _row(record: int, ids: list[int], targets: list[int], truncated: bool, drop: str) -> tuple:
+    return record, ids, targets, truncated, drop
 
 
-def sft_rows(
-    record: int,
-    prompt_ids: Sequence[int],
-    response_ids: Sequence[int],
-    tokenizer: Tokenizer,
-    seq_length: int,
-    overlong: Overlong,
-) -> tuple:
-    """One prompt/response record -> its row: a sample, or a drop with the reason."""
-    full = [tokenizer.bos_id, *prompt_ids, *response_ids, tokenizer.eos_id]
-    # Label j is full[j + 1], so labels from index len(prompt_ids) on are response or EOS.
-    mask_start = len(prompt_ids)
+def _flat(pairs: Sequence[tuple[int, int]]) -> list[int]:
+    return [bound for pair in pairs for bound in pair]
+
+
+def sft_row(record: int, rendered: Rendered, seq_length: int, overlong: Overlong) -> tuple:
+    """One rendered record -> its row: a sample, or a drop with the reason."""
+    full = rendered.ids
+    # Label j is full[j + 1]: token targets [s, e) are label positions [s - 1, e - 1).
+    labels = [(max(s, 1) - 1, e - 1) for s, e in rendered.targets if e > max(s, 1)]
     if len(full) - 1 <= seq_length:
-        return _row(record, full, mask_start, False, "")
+        return _row(record, full, _flat(labels), False, "")
     if overlong == "drop":
         return _row(
-            record, [], 0, False, f"longer than data.seq_length={seq_length} (data.overlong=drop)"
+            record, [], [], False, f"longer than data.seq_length={seq_length} (data.overlong=drop)"
         )
-    if mask_start >= seq_length:
+    kept = [(s, min(e, seq_length)) for s, e in labels if s < seq_length]
+    if not kept:
         reason = (
             f"with a prompt that alone fills data.seq_length={seq_length}, "
             "leaving no response token to train on"
         )
-        return _row(record, [], 0, False, reason)
-    return _row(record, full[: seq_length + 1], mask_start, True, "")  # cut the response end
+        return _row(record, [], [], False, reason)
+    return _row(record, full[: seq_length + 1], _flat(kept), True, "")  # cut the end
 
 
 def text_rows(record: int, ids: Sequence[int], tokenizer: Tokenizer, seq_length: int) -> list:
-    """Consecutive `seq_length` windows over [BOS] + document + [EOS], all tokens in the loss.
+    """Consecutive `seq_length` windows over [BOS] + document + [EOS], all tokens in the loss
+    (no BOS for a tokenizer without one).
 
     Windows overlap by one token so that every token of the document is a label once.
     """
-    full = [tokenizer.bos_id, *ids, tokenizer.eos_id]
-    return [
-        _row(record, full[start : start + seq_length + 1], 0, False, "")
-        for start in range(0, len(full) - 1, seq_length)
-    ]
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    full = [*bos, *ids, tokenizer.eos_id]
+    rows = []
+    for start in range(0, len(full) - 1, seq_length):
+        window = full[start : start + seq_length + 1]
+        rows.append(_row(record, window, [0, len(window) - 1], False, ""))
+    return rows
 
 
 def tokenize_rows(
     records: Sequence[int],
-    prompts: Sequence[str],
-    responses: Sequence[str],
+    items: Sequence[Example] | Sequence[str],
     tokenizer: Tokenizer,
     seq_length: int,
     overlong: Overlong,
     text: bool,
+    where: Callable[[int], str] | None = None,
 ) -> dict[str, list[Any]]:
-    """Rows (column -> values) for a batch of records; `text`: language-modelling windows of
-    the responses (blank documents are dropped: they would only teach BOS -> EOS)."""
+    """Rows (column -> values) for a batch of records. `items`: the records' examples, or with
+    `text` their documents (language-modelling windows; blank documents are dropped: they
+    would only teach BOS -> EOS). `where(i)` names item i in an error (default "record N")."""
     rows: list[tuple] = []
     if text:
-        kept = [i for i, doc in enumerate(responses) if doc.strip()]
-        encoded = dict(zip(kept, tokenizer.encode_many([responses[i] for i in kept]), strict=True))
+        docs: Sequence[str] = items  # type: ignore[assignment]
+        kept = [i for i, doc in enumerate(docs) if doc.strip()]
+        encoded = dict(zip(kept, tokenizer.encode_many([docs[i] for i in kept]), strict=True))
         for i, record in enumerate(records):
             if i in encoded:
                 rows.extend(text_rows(record, encoded[i], tokenizer, seq_length))
             else:
-                rows.append(_row(record, [], 0, False, "with an empty document"))
+                rows.append(_row(record, [], [], False, "with an empty document"))
     else:
-        for record, (p_ids, r_ids) in zip(
-            records, tokenizer.encode_pairs(prompts, responses), strict=True
-        ):
-            rows.append(sft_rows(record, p_ids, r_ids, tokenizer, seq_length, overlong))
+        try:
+            rendered = render_many(tokenizer, items)  # type: ignore[arg-type]
+        except RenderError as exc:
+            name = where(exc.index) if where else f"record {records[exc.index]}"
+            raise ConfigError(f"{name}: {exc}") from exc
+        for record, one in zip(records, rendered, strict=True):
+            rows.append(sft_row(record, one, seq_length, overlong))
     columns = list(zip(*rows, strict=True)) if rows else [[] for _ in ROW_COLUMNS]
     return {name: list(values) for name, values in zip(ROW_COLUMNS, columns, strict=True)}
 
@@ -140,7 +152,7 @@ def row_features() -> Any:
         {
             "record": Value("int64"),
             "ids": List(Value("int32")),
-            "mask_start": Value("int32"),
+            "targets": List(Value("int32")),
             "truncated": Value("bool"),
             "drop": Value("string"),
         }
@@ -176,7 +188,7 @@ class SFTDataset(Dataset):
         dropped = _dropped_mask(table.column("drop"))
         chosen = np.ones(len(record), dtype=bool) if records is None else np.isin(record, records)
         self._index = np.flatnonzero(chosen & ~dropped)  # sample i -> row
-        self._rows = rows.with_format("numpy", columns=["ids", "mask_start"])
+        self._rows = rows.with_format("numpy", columns=["ids", "targets"])
         self.stats = _stats(table, record, chosen, dropped, self._index, num_records, records)
         _check_not_empty(self.stats, source)
 
@@ -203,13 +215,29 @@ class SFTDataset(Dataset):
         name: str = "data",
     ) -> SFTDataset:
         """Samples from (prompt, response) texts; raises ConfigError if none survive."""
-        prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+        examples = [PlainExample(prompt, response) for prompt, response in pairs]
+        return cls.from_examples(
+            examples, tokenizer, seq_length, overlong, source=source, name=name
+        )
+
+    @classmethod
+    def from_examples(
+        cls,
+        examples: Sequence[Example],
+        tokenizer: Tokenizer,
+        seq_length: int,
+        overlong: Overlong = "truncate",
+        *,
+        source: str = "<memory>",
+        name: str = "data",
+    ) -> SFTDataset:
+        """Samples from examples (soft.data.prompts); raises ConfigError if none survive."""
         columns = tokenize_rows(
-            range(len(pairs)), prompts, responses, tokenizer, seq_length, overlong, text=False
+            range(len(examples)), examples, tokenizer, seq_length, overlong, text=False
         )
         return cls.from_rows(
             columns,
-            len(pairs),
+            len(examples),
             seq_length=seq_length,
             pad_id=tokenizer.pad_id,
             source=source,
@@ -228,8 +256,7 @@ class SFTDataset(Dataset):
     ) -> SFTDataset:
         """Language-modelling samples: each document split into `seq_length` windows."""
         columns = tokenize_rows(
-            range(len(documents)), [""] * len(documents), documents, tokenizer, seq_length,
-            "truncate", text=True,
+            range(len(documents)), documents, tokenizer, seq_length, "truncate", text=True,
         )  # fmt: skip
         return cls.from_rows(
             columns,
@@ -249,16 +276,17 @@ class SFTDataset(Dataset):
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Samples `indices` stacked and padded (the same result as `collate` of the items)."""
         rows = self._rows[self._index[np.asarray(list(indices), dtype=np.int64)].tolist()]
-        n = len(rows["mask_start"])
+        n = len(rows["targets"])
         tokens = torch.full((n, self.seq_length), self.pad_id, dtype=torch.long)
         labels = torch.full((n, self.seq_length), self.pad_id, dtype=torch.long)
         loss_mask = torch.zeros((n, self.seq_length), dtype=torch.float)
-        for i, (ids, start) in enumerate(zip(rows["ids"], rows["mask_start"], strict=True)):
+        for i, (ids, targets) in enumerate(zip(rows["ids"], rows["targets"], strict=True)):
             full = torch.from_numpy(np.asarray(ids, dtype=np.int64))
             length = len(full) - 1
             tokens[i, :length] = full[:-1]
             labels[i, :length] = full[1:]
-            loss_mask[i, int(start) : length] = 1.0
+            for start, end in zip(targets[0::2], targets[1::2], strict=True):
+                loss_mask[i, int(start) : int(end)] = 1.0
         return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
 
     def describe(self) -> str:
@@ -286,13 +314,9 @@ def _stats(
     num_records: int,
     records: np.ndarray | None,
 ) -> DatasetStats:
-    import pyarrow.compute as pc
-
-    lengths = pc.list_value_length(table.column("ids")).to_numpy(zero_copy_only=False)
-    mask_start = table.column("mask_start").to_numpy()
     truncated = table.column("truncated").to_numpy(zero_copy_only=False)
     reasons = Counter(table.column("drop").take(np.flatnonzero(chosen & dropped)).to_pylist())
-    loss_tokens = lengths[index].astype(np.int64) - 1 - mask_start[index]
+    loss_tokens = _loss_tokens_per_row(table.column("targets"), len(record))[index]
     return DatasetStats(
         num_records=num_records if records is None else len(records),
         num_samples=len(index),
@@ -301,6 +325,17 @@ def _stats(
         num_loss_tokens=int(loss_tokens.sum()),
         drop_reasons=reasons,
     )
+
+
+def _loss_tokens_per_row(column: Any, num_rows: int) -> np.ndarray:
+    """Sum of (end - start) over each row's flat [start, end) pairs."""
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks()
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+    widths = flat[1::2] - flat[0::2]
+    return np.bincount(parents[0::2], weights=widths, minlength=num_rows).astype(np.int64)
 
 
 def _check_not_empty(stats: DatasetStats, source: str) -> None:

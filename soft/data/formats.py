@@ -1,4 +1,6 @@
-"""Reading data files (.json, .jsonl, .parquet) and turning records into (prompt, response).
+"""Reading data files (.json, .jsonl, .parquet) and turning records into examples
+(soft.data.prompts: a prompt and response in the format's own template, or a conversation for
+the tokenizer's chat template) or, for plain text, documents.
 
 JSON and JSON Lines are parsed here with the standard library rather than with
 `datasets.load_dataset("json")`: it reports the exact line of a syntax error and accepts rows
@@ -17,11 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from soft.config.errors import ConfigError
-from soft.data.prompts import alpaca_prompt, triviaqa_prompt
+from soft.data.prompts import (
+    ChatExample,
+    Example,
+    PlainExample,
+    PromptTemplate,
+    check_messages,
+    instruction_example,
+    question_example,
+)
 from soft.data.sources import import_datasets
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
-FORMATS = ("alpaca", "triviaqa", "text")
+FORMATS = ("alpaca", "triviaqa", "messages", "text")
+# What a record becomes: an example, or a document (str) in the text format.
+Item = Example | str
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,8 @@ def _string(origin: str | Path, rec: RawRecord, name: str, value: Any) -> str:
 
 def _format_hint(data: dict[str, Any]) -> str:
     """Point at data.format when a record's keys look like another format."""
+    if "messages" in data:
+        return " (the record looks like messages: set data.format=messages?)"
     if "output" in data and "instruction" in data:
         return " (the record looks like alpaca: set data.format=alpaca?)"
     if "answer" in data and ("turns" in data or "question" in data):
@@ -171,14 +185,24 @@ def _format_hint(data: dict[str, Any]) -> str:
     return ""
 
 
-def alpaca_pair(origin: str | Path, rec: RawRecord) -> tuple[str, str]:
-    """(Alpaca prompt, output); `input` may be absent, null or ""."""
+def alpaca_fields(origin: str | Path, rec: RawRecord) -> tuple[str, str, str]:
+    """(instruction, input, output); `input` may be absent, null or ""."""
     need = " (alpaca records need 'instruction', 'output' and optionally 'input')"
     instruction = _string(origin, rec, "instruction", _field(origin, rec, "instruction", need))
     input_ = rec.data.get("input")
     input_ = "" if input_ is None else _string(origin, rec, "input", input_)
     output = _string(origin, rec, "output", _field(origin, rec, "output", need))
-    return alpaca_prompt(instruction, input_), output
+    return instruction, input_, output
+
+
+def messages_example(origin: str | Path, rec: RawRecord) -> ChatExample:
+    """A {"messages": [{"role", "content"}, ...]} record, checked."""
+    hint = ' (messages records hold {"messages": [{"role": ..., "content": ...}, ...]})'
+    messages = _field(origin, rec, "messages", hint)
+    problem = check_messages(messages)
+    if problem is not None:
+        raise _fail(origin, rec.where, problem)
+    return ChatExample(tuple({"role": m["role"], "content": m["content"]} for m in messages))
 
 
 def triviaqa_question(origin: str | Path, rec: RawRecord) -> str:
@@ -222,12 +246,12 @@ def triviaqa_aliases(origin: str | Path, rec: RawRecord) -> list[str]:
     return aliases
 
 
-def triviaqa_pair(origin: str | Path, rec: RawRecord, alias_index: int) -> tuple[str, str]:
-    """(question prompt, " " + alias); the index is clipped to the last alias, so a record
-    with fewer aliases than `data.answer_alias_index` trains on its last one."""
+def triviaqa_target(origin: str | Path, rec: RawRecord, alias_index: int) -> tuple[str, str]:
+    """(question, alias); the index is clipped to the last alias, so a record with fewer
+    aliases than `data.answer_alias_index` trains on its last one."""
     question = triviaqa_question(origin, rec)
     aliases = triviaqa_aliases(origin, rec)
-    return triviaqa_prompt(question), " " + aliases[min(alias_index, len(aliases) - 1)]
+    return question, aliases[min(alias_index, len(aliases) - 1)]
 
 
 def text_document(origin: str | Path, rec: RawRecord, field: str) -> str:
@@ -235,25 +259,30 @@ def text_document(origin: str | Path, rec: RawRecord, field: str) -> str:
     return _string(origin, rec, field, _field(origin, rec, field, hint))
 
 
-def to_pairs(
+def to_examples(
     origin: str | Path,
     records: Iterable[RawRecord],
     fmt: str,
     *,
+    template: PromptTemplate = "alpaca",
     alias_index: int = 0,
     text_field: str = "text",
-) -> list[tuple[str, str]]:
-    """(prompt, response) per record. Text documents are all response (empty prompt):
-    the loss covers every token. `origin`: the file (a str is taken as a file path), or a
-    `Label` naming a dataset in messages."""
+) -> list[Item]:
+    """An example per record in `template` (soft.data.prompts), or a document per record for
+    `text` (the loss covers every token). `origin`: the file (a str is taken as a file path),
+    or a `Label` naming a dataset in messages."""
     if isinstance(origin, str) and not isinstance(origin, Label):
         origin = Path(origin)
     if fmt == "alpaca":
-        return [alpaca_pair(origin, r) for r in records]
+        return [instruction_example(template, *alpaca_fields(origin, r)) for r in records]
     if fmt == "triviaqa":
-        return [triviaqa_pair(origin, r, alias_index) for r in records]
+        return [
+            question_example(template, *triviaqa_target(origin, r, alias_index)) for r in records
+        ]
+    if fmt == "messages":
+        return [messages_example(origin, r) for r in records]
     if fmt == "text":
-        return [("", text_document(origin, r, text_field)) for r in records]
+        return [text_document(origin, r, text_field) for r in records]
     raise ConfigError(f"unknown data format '{fmt}'; expected one of {', '.join(FORMATS)}")
 
 
@@ -261,27 +290,66 @@ class Label(str):
     """A source named in messages as is ("dataset 'hf://...' (split 'train')"), not a path."""
 
 
-def rows_to_pairs(
+def rows_to_examples(
     label: str,
     rows: dict[str, list[Any]],
     first_row: int,
     fmt: str,
-    *,
-    alias_index: int = 0,
-    text_field: str = "text",
-) -> list[tuple[str, str]]:
+    **options: Any,
+) -> list[Item]:
     """A batch of dataset rows (column -> values, as `datasets.Dataset.map(batched=True)`
-    passes them) as (prompt, response), errors naming `label` and the row number."""
+    passes them) as examples, errors naming `label` and the row number; `options` as
+    `to_examples` takes them."""
     columns = list(rows)
     n = len(rows[columns[0]]) if columns else 0
     records = (
         RawRecord(f"row {first_row + i}", {c: rows[c][i] for c in columns}) for i in range(n)
     )
-    return to_pairs(Label(label), records, fmt, alias_index=alias_index, text_field=text_field)
+    return to_examples(Label(label), records, fmt, **options)
+
+
+def load_examples(path: str | Path, fmt: str, **options: Any) -> list[tuple[str, Item]]:
+    """Read and validate a data file: (where, example) per record, in file order; `options`
+    as `to_examples` takes them."""
+    records = read_records(path)
+    items = to_examples(path, records, fmt, **options)
+    return [(r.where, item) for r, item in zip(records, items, strict=True)]
 
 
 def load_pairs(
     path: str | Path, fmt: str, *, alias_index: int = 0, text_field: str = "text"
 ) -> list[tuple[str, str]]:
-    """Read and validate a data file: (prompt, response) per record, in file order."""
-    return to_pairs(path, read_records(path), fmt, alias_index=alias_index, text_field=text_field)
+    """(prompt, response) per record in the format's own (Alpaca / closed-book QA) template;
+    ("", document) in the text format."""
+    if fmt == "messages":
+        raise ConfigError("the messages format has no (prompt, response) pairs: use load_examples")
+    pairs = []
+    for _, item in load_examples(path, fmt, alias_index=alias_index, text_field=text_field):
+        if isinstance(item, str):
+            pairs.append(("", item))
+        else:
+            assert isinstance(item, PlainExample) and item.response is not None
+            pairs.append((item.prompt, item.response))
+    return pairs
+
+
+# ----------------------------------------------------------------------- storage as JSON
+
+
+def item_to_json(item: Item) -> str:
+    """One example (or document) as a JSON string, for an Arrow column between reading and
+    tokenising."""
+    if isinstance(item, str):
+        return json.dumps({"text": item})
+    if isinstance(item, PlainExample):
+        return json.dumps({"prompt": item.prompt, "response": item.response})
+    return json.dumps({"messages": list(item.messages)})
+
+
+def item_from_json(text: str) -> Item:
+    data = json.loads(text)
+    if "text" in data:
+        return data["text"]
+    if "messages" in data:
+        return ChatExample(tuple(data["messages"]))
+    return PlainExample(data["prompt"], data["response"])

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from soft.evaluation.decoding import sync
+from soft.evaluation.losses import Targets, target_positions
 
 ExitHead = tuple[nn.Module, nn.Module]
 
@@ -50,13 +51,14 @@ def _padded(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> t
 def exit_nll_batch(
     model: LlamaForCausalLM,
     loss_ids: Sequence[Sequence[int]],
-    num_targets: Sequence[int],
+    targets: Sequence[Targets],
     exits: Sequence[int],
     exit_heads: Mapping[int, ExitHead] | None = None,
     pad_id: int = 0,
 ) -> list[dict[int, tuple[float, int]]]:
-    """`exit_nll` for a batch: per example, {exit: (summed NLL of its last `num_target` ids,
-    count)}. Exit L uses the model's final (already normed) hidden state and its own head."""
+    """`exit_nll` for a batch: per example, {exit: (summed NLL of its `targets` ids (the last
+    N, or spans), count)}. Exit L uses the model's final (already normed) hidden state and its
+    own head."""
     heads = exit_heads or {}
     num_layers = int(model.config.num_hidden_layers)
     device = model.lm_head.weight.device
@@ -65,12 +67,13 @@ def exit_nll_batch(
         input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
         logits_to_keep=1,  # the full-vocabulary projection happens below, at targets only
     )  # fmt: skip
-    rows, cols, owner = [], [], []
-    for i, (seq, t) in enumerate(zip(loss_ids, num_targets, strict=True)):
-        first = len(seq) - t - 1  # position predicting the first target
-        rows.extend([i] * t)
-        cols.extend(range(first, first + t))
-        owner.extend([i] * t)
+    rows, cols, owner, counts = [], [], [], []
+    for i, (seq, target) in enumerate(zip(loss_ids, targets, strict=True)):
+        positions = target_positions(len(seq), target)
+        rows.extend([i] * len(positions))
+        cols.extend(p - 1 for p in positions)  # the positions predicting the targets
+        owner.extend([i] * len(positions))
+        counts.append(len(positions))
     rows_t = torch.as_tensor(rows, device=device)
     cols_t = torch.as_tensor(cols, device=device)
     labels = ids[rows_t, cols_t + 1]
@@ -86,8 +89,8 @@ def exit_nll_batch(
         token_nll = F.cross_entropy(logits.float(), labels, reduction="none")
         sums = torch.zeros(len(loss_ids), dtype=torch.float64, device=device)
         sums.index_add_(0, owner_t, token_nll.double())
-        for i, t in enumerate(num_targets):
-            result[i][k] = (float(sums[i]), int(t))
+        for i, count in enumerate(counts):
+            result[i][k] = (float(sums[i]), count)
     return result
 
 

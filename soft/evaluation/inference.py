@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from soft.config.errors import ConfigError
+from soft.data.prompts import PromptTemplate, chat_tokenizer, render, text_prompt
 from soft.evaluation.decoding import GenerationResult, LayerRunner, greedy_generate
 from soft.evaluation.dynamic import check_thresholds, dynamic_generate
 from soft.evaluation.model_io import ExportedModel, resolve_exits, validate_exits
@@ -62,7 +63,7 @@ def generate_ids(
     if options.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: expected >= 1, got {options.max_new_tokens}")
     runner = LayerRunner(exported.model, exported.exit_heads)
-    stops = stop_ids(exported.tokenizer, options.stop_at_newline)
+    stops = stop_ids(exported.tokenizer, options.stop_at_newline, exported.model)
     n = options.max_new_tokens
     if options.mode == "full":
         return greedy_generate(runner, prompt_ids, n, None, stops)
@@ -95,13 +96,21 @@ def compare_with_full(result: GenerationResult, full: GenerationResult) -> dict:
 
 
 def generate_text(
-    exported: ExportedModel, prompt: str, options: GenerateOptions, compare_full: bool = False
+    exported: ExportedModel,
+    prompt: str,
+    options: GenerateOptions,
+    compare_full: bool = False,
+    prompt_template: PromptTemplate = "alpaca",
 ) -> dict:
-    """Prompt tokenised as LLaMA-2 (BOS first, no EOS) -> {token_ids, text, mode, stats...}.
+    """Prompt rendered as training renders it (soft.data.prompts.render: with the Alpaca
+    template the text as it is after BOS; with the chat template one user turn and the
+    template's generation prompt) -> {token_ids, text, mode, stats...}.
 
     `compare_full` also runs the full model (after a warm-up of both) for speed-up and quality.
     """
-    prompt_ids = exported.tokenizer.encode(prompt, bos=True)
+    if prompt_template == "chat":
+        chat_tokenizer(exported.tokenizer, "--prompt-template")
+    prompt_ids = render(exported.tokenizer, text_prompt(prompt_template, prompt)).prompt_ids
     if compare_full:  # warm-up so neither timing pays one-off costs
         warm = GenerateOptions(**{**options.__dict__, "max_new_tokens": 2})
         generate_ids(exported, prompt_ids, warm)
@@ -113,7 +122,7 @@ def generate_text(
             max_new_tokens=options.max_new_tokens, stop_at_newline=options.stop_at_newline
         )
         extra = compare_with_full(result, generate_ids(exported, prompt_ids, full_options))
-    stops = {exported.tokenizer.eos_id}
+    stops = stop_ids(exported.tokenizer, False, exported.model)
     return {
         "mode": options.mode,
         "prompt_ids": prompt_ids,

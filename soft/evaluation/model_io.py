@@ -26,7 +26,7 @@ from soft.conversion.export_format import (  # torch-free names shared with the 
     EXIT_LAYERS_KEY,
     exit_head_names,
 )
-from soft.data.tokenizer import Tokenizer
+from soft.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, Tokenizer, load_tokenizer
 
 # One exit's own head (ICT): RMSNorm, then a bias-free vocabulary projection.
 ExitHead = tuple[nn.Module, nn.Module]
@@ -235,12 +235,24 @@ def _export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     )
 
 
+def load_model_tokenizer(model_dir: Path) -> Tokenizer:
+    """The folder's own tokenizer, by the rule data.tokenizer_path follows for a folder
+    (tokenizer.json: Hugging Face; else tokenizer.model: SentencePiece)."""
+    if not (model_dir / HF_FILE).is_file() and not (model_dir / SENTENCEPIECE_FILE).is_file():
+        raise ConfigError(
+            f"--model-dir '{model_dir}' has no tokenizer: expected {HF_FILE} (with "
+            f"tokenizer_config.json) or {SENTENCEPIECE_FILE}"
+        )
+    return load_tokenizer(model_dir)
+
+
 def load_exported_model(
     model_dir: str | Path, device: str = "auto", dtype: str = "auto"
 ) -> ExportedModel:
-    """Load an exported HF folder of any supported family (config.json + safetensors + tokenizer.model,
-    + exit_heads.safetensors for ICT), or a megatron checkpoint of a training run, converted on the fly to a temporary HF folder
-    by the conversion code (the same export `tools/convert_megatron_to_hf.py` writes)."""
+    """Load an exported HF folder of any supported family (config.json + safetensors + its
+    tokenizer, + exit_heads.safetensors for ICT), or a megatron checkpoint of a training run,
+    converted on the fly to a temporary HF folder by the conversion code (the same export
+    `tools/convert_megatron_to_hf.py` writes)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file() and _is_megatron_checkpoint(model_dir):
         with tempfile.TemporaryDirectory(prefix="soft-eval-export-") as tmp:
@@ -251,10 +263,7 @@ def load_exported_model(
     config = read_model_config(model_dir)
     exits = recorded_exit_layers(config, f"'{model_dir / 'config.json'}'")
     head_tensors = read_exit_heads(model_dir, config)  # checked before the (big) model loads
-    tokenizer_path = model_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise ConfigError(f"--model-dir '{model_dir}' has no tokenizer.model (SentencePiece)")
-    tokenizer = Tokenizer.from_file(tokenizer_path)
+    tokenizer = load_model_tokenizer(model_dir)
     torch_device = pick_device(device)
     # sdpa: our layer driver builds explicit additive masks, which eager and sdpa both accept
     # (flash-attention kernels take no 4-D masks).

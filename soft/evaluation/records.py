@@ -2,12 +2,15 @@
 .jsonl or .parquet file, a dataset folder or a hub dataset (`hf://OWNER/NAME?config=..&split=..`),
 plus .txt files for plain text.
 
-Every format becomes `EvalExample(prompt, target, answers)`, built with the training prompt
-templates and record validation (soft.data.formats), so evaluation scores exactly what training
-optimised, and a bad record is reported with its file and line, or dataset and row:
+Every format becomes `EvalExample(example, answers)`: the example built by the same code as
+training's (soft.data.formats, in the prompt template training used: `--prompt-template`) and
+rendered by the same function (soft.data.prompts.render), so evaluation scores exactly what
+training optimised; a bad record is reported with its file and line, or dataset and row:
 - alpaca: {"instruction", "input"?, "output"}; target = output; answers = [output].
 - triviaqa: {"turns": [question], "answer": [aliases...]} or the hub schema {"question",
-  "answer": {"aliases": [...], "value"}}; target = " " + first alias; answers = aliases.
+  "answer": {"aliases": [...], "value"}}; target = the first alias; answers = aliases.
+- messages (chat template only): {"messages": [...]}; targets = every assistant turn (as in
+  training); generation continues before the last one; answers = [its content].
 - text: records with a "text" field, or a .txt file (one document per non-empty line); the
   prompt is empty (BOS only) and the whole document is the target.
 """
@@ -21,31 +24,54 @@ from pathlib import Path
 
 from soft.config.errors import ConfigError
 from soft.data import formats
-from soft.data.prompts import triviaqa_prompt
+from soft.data.prompts import (
+    PROMPT_TEMPLATES,
+    Example,
+    PlainExample,
+    PromptTemplate,
+    instruction_example,
+    question_example,
+)
 from soft.data.sources import DataSource, load_arrow, parse_source
 
-FORMATS = ("alpaca", "triviaqa", "text")
+FORMATS = ("alpaca", "triviaqa", "messages", "text")
 
 
 @dataclass
 class EvalExample:
-    prompt: str
-    target: str
-    answers: list[str] = field(default_factory=list)  # TriviaQA aliases / Alpaca output, for EM
+    """`example`: what soft.data.prompts.render turns into ids (its last target is generated);
+    `answers`: TriviaQA aliases / the Alpaca output / the last assistant turn, for EM."""
+
+    example: Example
+    answers: list[str] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> str:
+        """The prompt text of a plain (Alpaca-template) example."""
+        assert isinstance(self.example, PlainExample)
+        return self.example.prompt
+
+    @property
+    def target(self) -> str | None:
+        assert isinstance(self.example, PlainExample)
+        return self.example.response
 
 
-def _example(origin, record: formats.RawRecord, fmt: str) -> EvalExample:
+def _example(origin, record: formats.RawRecord, fmt: str, template: PromptTemplate) -> EvalExample:
     if fmt == "alpaca":
-        prompt, output = formats.alpaca_pair(origin, record)
+        instruction, input_, output = formats.alpaca_fields(origin, record)
         # The reference output is also the exact-match answer: right for tasks with a short,
         # checkable answer (the built-in tasks; GSM8K's final line is not); a generated text
         # rarely matches a long free-form response, which then reads as EM 0.
-        return EvalExample(prompt, output, [output])
+        return EvalExample(instruction_example(template, instruction, input_, output), [output])
     if fmt == "triviaqa":
         question = formats.triviaqa_question(origin, record)
         aliases = formats.triviaqa_aliases(origin, record)
-        return EvalExample(triviaqa_prompt(question), " " + aliases[0], list(aliases))
-    return EvalExample("", formats.text_document(origin, record, "text"))
+        return EvalExample(question_example(template, question, aliases[0]), list(aliases))
+    if fmt == "messages":
+        example = formats.messages_example(origin, record)
+        return EvalExample(example, [example.messages[-1]["content"]])
+    return EvalExample(PlainExample("", formats.text_document(origin, record, "text")))
 
 
 def _records(source: DataSource, limit: int | None) -> tuple[object, Iterable[formats.RawRecord]]:
@@ -66,10 +92,21 @@ def _records(source: DataSource, limit: int | None) -> tuple[object, Iterable[fo
     return formats.Label(source.label()), islice(rows, limit)
 
 
-def load_eval_examples(path: str | Path, fmt: str, limit: int | None = None) -> list[EvalExample]:
-    """Read `path` (a file, dataset folder or hf:// id) in format `fmt`; the first `limit`."""
+def load_eval_examples(
+    path: str | Path, fmt: str, limit: int | None = None, template: PromptTemplate = "alpaca"
+) -> list[EvalExample]:
+    """Read `path` (a file, dataset folder or hf:// id) in format `fmt`; the first `limit`;
+    examples in prompt template `template` (as data.prompt_template in training)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}, got '{fmt}'")
+    if template not in PROMPT_TEMPLATES:
+        raise ConfigError(
+            f"--prompt-template: expected one of {', '.join(PROMPT_TEMPLATES)}, got '{template}'"
+        )
+    if fmt == "messages" and template != "chat":
+        raise ConfigError("--format messages needs --prompt-template chat")
+    if fmt == "text" and template == "chat":
+        raise ConfigError("--format text has no turns to template: use --prompt-template alpaca")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit: expected a positive integer, got {limit}")
     text = str(path)
@@ -78,7 +115,7 @@ def load_eval_examples(path: str | Path, fmt: str, limit: int | None = None) -> 
     else:
         source = parse_source(text, "--data")
     origin, records = _records(source, limit)
-    examples = [_example(origin, r, fmt) for r in records]
+    examples = [_example(origin, r, fmt, template) for r in records]
     if not examples:
         raise ConfigError(f"--data '{text}' holds no records")
     return examples

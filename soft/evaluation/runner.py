@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from soft.config.errors import ConfigError
+from soft.data.prompts import PromptTemplate, chat_tokenizer
 from soft.data.tokenizer import Tokenizer
 from soft.evaluation.batched import SubModels, exit_nll_batch, generate_batch, length_batches
 from soft.evaluation.decoding import LayerRunner, greedy_generate
@@ -52,11 +53,16 @@ class ExitRecord:
     generated_tokens: int
 
 
-def stop_ids(tokenizer: Tokenizer, at_newline: bool) -> set[int]:
-    """EOS, plus every piece that is or contains a newline (LLaMA-2: the byte piece <0x0A>)."""
+def stop_ids(tokenizer: Tokenizer, at_newline: bool, model=None) -> set[int]:
+    """EOS (the tokenizer's, and every EOS id in the model's generation_config: a chat model's
+    end-of-turn token, e.g. LLaMA-3's <|eot_id|>), plus every id whose text contains a
+    newline when asked (LLaMA-2: the byte piece <0x0A>)."""
     stops = {tokenizer.eos_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        stops |= {int(configured)} if isinstance(configured, int) else {int(i) for i in configured}
     if at_newline:
-        stops |= {i for i, p in enumerate(tokenizer.pieces) if p == "<0x0A>" or "\n" in p}
+        stops |= tokenizer.newline_ids()
     return stops
 
 
@@ -139,7 +145,7 @@ def evaluate_exits(
     num_layers = exported.num_layers
     exits = sorted(set(exits) | {num_layers})
     tokenizer = exported.tokenizer
-    stops = stop_ids(tokenizer, stop_at_newline)
+    stops = stop_ids(tokenizer, stop_at_newline, exported.model)
     tallies = {k: _ExitTally() for k in exits}
     if batch_size == 1:
         nll, generated = _one_by_one(
@@ -194,7 +200,7 @@ def _one_by_one(
     with _bar(len(examples), "eval exits", progress) as bar:
         for i, example in enumerate(examples):
             nll[i] = exit_nll(
-                exported.model, example.loss_ids, example.num_target, exits, exported.exit_heads
+                exported.model, example.loss_ids, example.targets, exits, exported.exit_heads
             )
             if max_new_tokens > 0:
                 for k in exits:
@@ -224,7 +230,7 @@ def _batched(
         for batch in batches:
             results = exit_nll_batch(
                 model, [examples[i].loss_ids for i in batch],
-                [examples[i].num_target for i in batch], exits, heads, pad,
+                [examples[i].targets for i in batch], exits, heads, pad,
             )  # fmt: skip
             for i, result in zip(batch, results, strict=True):
                 nll[i] = result
@@ -261,21 +267,32 @@ def run_eval_exits(
     dtype: str = "auto",
     progress: bool = True,
     batch_size: int = 1,
+    prompt_template: PromptTemplate = "alpaca",
 ) -> dict:
     """The whole eval_exits job: returns {"records", "per_example", "table", "json", "plot",
-    "mlflow_run_id"}; `per_example` is {"<layer>": [1/0 per example]} or None (EM not scored)."""
+    "mlflow_run_id"}; `per_example` is {"<layer>": [1/0 per example]} or None (EM not scored).
+    `prompt_template`: how training rendered the examples (data.prompt_template)."""
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens: expected >= 0, got {max_new_tokens}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size: expected >= 1, got {batch_size}")
-    raw = load_eval_examples(data, fmt, limit)  # cheap checks of the data before the model loads
+    # Cheap checks of the data before the model loads.
+    raw = load_eval_examples(data, fmt, limit, template=prompt_template)
     exported = load_exported_model(model_dir, device=device, dtype=dtype)
+    if prompt_template == "chat":
+        chat_tokenizer(exported.tokenizer, "--prompt-template")
     chosen = resolve_exits(exits, exported)
     examples = [tokenize_example(exported.tokenizer, e) for e in raw]
+    if max_new_tokens > 0 and any(not e.prompt_ids for e in examples):
+        raise ConfigError(
+            f"--format {fmt}: a document with an empty prompt and a tokenizer without BOS "
+            f"('{exported.tokenizer.path}') leaves nothing to generate from; pass "
+            "--max-new-tokens 0 (losses only)"
+        )
     is_qa = fmt == "triviaqa"
     evaluation = evaluate_exits(
         exported, examples, chosen, max_new_tokens,
-        score_exact_match=fmt in ("triviaqa", "alpaca"), stop_at_newline=is_qa, progress=progress,
+        score_exact_match=fmt in ("triviaqa", "alpaca", "messages"), stop_at_newline=is_qa, progress=progress,
         batch_size=batch_size,
     )  # fmt: skip
     rows = [asdict(r) for r in evaluation.records]
@@ -289,6 +306,7 @@ def run_eval_exits(
     params = {
         "model_dir": str(model_dir), "data": str(data), "format": fmt, "exits": chosen,
         "num_examples": len(examples), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "prompt_template": prompt_template,
         "device": str(exported.model.lm_head.weight.device), "dtype": str(exported.model.dtype),
         "exit_heads": sorted(k for k in exported.exit_heads if k in {r["layer"] for r in rows}),
     }  # fmt: skip

@@ -95,3 +95,30 @@ def test_another_tokenizer_is_refused_by_checksum(tmp_path):
     other = {"sha256": "b" * 64, "vocab_size": 1000, "path": "/y/tokenizer.model"}
     with pytest.raises(CheckpointError, match="another tokenizer.*512 pieces.*1000 pieces"):
         c.check_weights_load(ckpt, _request(), other, extract=False)
+
+
+def test_the_tokenizer_kind_is_compared_with_its_checksum(tmp_path):
+    """The same checksum under another kind is another tokenizer; identities recorded before
+    kinds existed are SentencePiece ones; an import accepts every form it came with."""
+    from soft.checkpointing import manifest
+
+    ckpt = _saved(tmp_path)
+    sp = {"sha256": "a" * 64, "vocab_size": 512, "path": "/x/tokenizer.model"}  # no kind: old
+    manifest.write_manifest(ckpt, {}, 4, {"tokenizer": sp})
+    c.check_resume(ckpt, _request(), {**sp, "kind": "sentencepiece"})
+    hf = {"kind": "hf", "sha256": "a" * 64, "vocab_size": 512, "path": "/x"}
+    with pytest.raises(
+        CheckpointError,
+        match=r"another tokenizer: /x/tokenizer.model \(sentencepiece, 512 pieces, sha256 "
+        r"aaaaaaaaaaaa\) there, /x \(hf, 512 pieces, sha256 aaaaaaaaaaaa\) in this run",
+    ):
+        c.check_resume(ckpt, _request(), hf)
+
+    imported = tmp_path / "import" / "iter_0000000"
+    imported.mkdir(parents=True)
+    (imported / CONFIG).write_text((ckpt / CONFIG).read_text())
+    hf_form = {**hf, "sha256": "c" * 64}
+    manifest.write_manifest(imported, {}, 0, {"tokenizer": sp, "tokenizer_forms": [hf_form]})
+    c.check_weights_load(imported, _request(), {**hf_form, "path": "/moved"}, extract=False)
+    with pytest.raises(CheckpointError, match=r"another tokenizer"):
+        c.check_weights_load(imported, _request(), {**hf_form, "sha256": "d" * 64}, extract=False)

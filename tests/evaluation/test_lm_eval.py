@@ -17,7 +17,7 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")
 
 from soft.conversion import ExportRequest, convert_hf_to_megatron, convert_megatron_to_hf  # noqa: E402
-from soft.data.prompts import triviaqa_prompt  # noqa: E402
+from soft.data.prompts import PlainExample, triviaqa_prompt  # noqa: E402
 from soft.evaluation import exit_nll, load_exported_model, tokenize_example  # noqa: E402
 from soft.evaluation.records import EvalExample  # noqa: E402
 from tests.conversion.helpers import BUILTIN_TOKENIZER, make_hf_model  # noqa: E402
@@ -47,7 +47,9 @@ def _task(folder: Path, data: Path) -> Path:
 def _examples() -> list[EvalExample]:
     pairs = [(3, 4), (12, 30), (7, 7), (41, 58), (100, 23), (5, 9)]
     return [
-        EvalExample(triviaqa_prompt(f"What is {a} plus {b}?"), f" {a + b}", [str(a + b)])
+        EvalExample(
+            PlainExample(triviaqa_prompt(f"What is {a} plus {b}?"), f" {a + b}"), [str(a + b)]
+        )
         for a, b in pairs
     ]
 
