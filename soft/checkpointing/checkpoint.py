@@ -35,7 +35,7 @@ from soft.config.core import save_yaml
 from soft.failpoints import failpoint
 from soft.parallel.collectives import any_rank, barrier, gather_to_all, rank_world
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 # 3: every checkpoint has a manifest (so one without it is damaged); 2 and 1 may predate them.
 FORMAT_VERSION = 3
 # A key that configs have held since manifests were introduced (with format 2): a format-2
@@ -165,9 +165,11 @@ def save(
         raise
     except BaseException as exc:  # e.g. a full disk: the previous checkpoint stays `latest`
         # torch's writer gathers every rank's result, so all ranks are done writing here.
+        # The free space is read before the unfinished save is removed: it names the cause.
+        message = _save_failure(save_dir, tmp, exc)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointSaveFailed(_save_failure(save_dir, tmp, exc)) from exc
+        raise CheckpointSaveFailed(message) from exc
     if rank == 0:
         save_yaml(config, tmp / directory.CONFIG)
     barrier()
@@ -186,7 +188,8 @@ def save(
 
 
 def _save_failure(save_dir: Path, tmp: Path, exc: BaseException) -> str:
-    """torch reports a full disk as e.g. 'unexpected pos 704 vs 598': say what matters."""
+    """torch reports a full disk as e.g. 'unexpected pos 704 vs 598': say what matters.
+    Called while the unfinished save still holds its bytes, so a full disk reads as full."""
     free = ""
     with contextlib.suppress(OSError):
         usage = shutil.disk_usage(save_dir)
@@ -351,7 +354,7 @@ def resume(ckpt: Path, chunks, optimizer, scheduler, allow_unverified: bool = Fa
     with torch.no_grad():  # fp32 distributed-optimizer shards are views of the parameters
         optimizer.load_state_dict(loaded["optimizer"])
     if distributed:
-        optimizer_state.restore_adam_steps(optimizer, loaded["optimizer"])
+        optimizer_state.repair_adam_steps(optimizer, loaded["optimizer"])
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if loaded.get("rng_state") is not None:
