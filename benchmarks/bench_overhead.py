@@ -39,7 +39,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 
 from soft.config.root import load_config  # noqa: E402
 from soft.data import ResumableBatchSampler  # noqa: E402
-from soft.models.gpt import build_stage_model, padded_vocab_size, transformer_config  # noqa: E402
+from soft.models.gpt import build_stage_model, padded_vocab_size  # noqa: E402
+from soft.training.model import transformer_config  # noqa: E402
 from soft.training.run import setup  # noqa: E402
 from soft.training.step import (  # noqa: E402
     causal_mask,

@@ -18,7 +18,7 @@ the same round: min and median over the rounds. Variants:
 Step memory: one more step per variant, its allocation peak above what was allocated before
 it (CUDA: torch.cuda.max_memory_allocated; CPU: the same from the torch profiler's
 allocation events).
-Predicted: the FLOPs ratio for the same baseline (soft/training/flops.py; forward-only exits
+Predicted: the FLOPs ratio for the same baseline (soft/models/flops.py; forward-only exits
 count 2·h·V per token, trained ones 6·h·V). With --fp8 (GPU + Transformer Engine) every
 variant runs again with model.fp8=hybrid. Under torchrun a step's time is the slowest rank's.
 Without --config: the embedded tiny model, whose numbers show overheads, not a real model.
@@ -45,11 +45,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soft.config.errors import ConfigError  # noqa: E402
+from soft.config.errors import ConfigError, InputError  # noqa: E402
 from soft.config.root import load_config  # noqa: E402
 from soft.data import ResumableBatchSampler  # noqa: E402
+from soft.models import flops  # noqa: E402
 from soft.models.gpt import transformer_engine_available  # noqa: E402
-from soft.training import flops  # noqa: E402
 from soft.training.run import Run, setup  # noqa: E402
 from soft.training.step import (
     microbatches,  # noqa: E402
@@ -316,7 +316,7 @@ def legend(gpu: bool) -> str:
     )
     return (
         "Ratios are per round (paired with sft's step of the same round): min and median. "
-        f"Step memory: {memory}. Predicted: FLOPs per token over sft's (soft/training/flops.py)."
+        f"Step memory: {memory}. Predicted: FLOPs per token over sft's (soft/models/flops.py)."
     )
 
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         num_layers = load_config(args.config, list(args.overrides)).model.num_layers
         results = measure_all(args, choose(args, num_layers), log)
-    except ConfigError as exc:
+    except InputError as exc:
         log(f"error: {exc}")
         return 2
     if dist.get_rank() != 0:

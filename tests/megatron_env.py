@@ -7,6 +7,7 @@ import tempfile
 
 from soft.config.root import RootConfig, load_config
 from soft.parallel.setup import init_distributed
+from soft.training.run_config import load_run_config
 
 
 @functools.cache
@@ -21,4 +22,4 @@ def tiny_config(*overrides: str) -> RootConfig:
     base = ["train.micro_batch_size=2", "train.global_batch_size=4", "data.seq_length=64"]
     if not any(o.startswith("train.output_dir=") for o in overrides):
         base.append(f"train.output_dir={tempfile.mkdtemp(prefix='soft-test-run-')}")
-    return load_config(None, base + list(overrides))
+    return load_run_config(None, base + list(overrides))

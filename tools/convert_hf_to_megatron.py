@@ -21,7 +21,7 @@ from pathlib import Path
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soft.config.errors import ConfigError  # noqa: E402
+from soft.config.errors import InputError  # noqa: E402
 from soft.conversion.vocab import DEFAULT_MAX_TP  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overwrite,
             not args.no_progress,
         )
-    except ConfigError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(

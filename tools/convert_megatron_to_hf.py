@@ -19,7 +19,7 @@ from pathlib import Path
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soft.config.errors import ConfigError  # noqa: E402
+from soft.config.errors import InputError  # noqa: E402
 from soft.conversion.megatron_to_hf import DEFAULT_MAX_SHARD_BYTES, ExportRequest  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         out = convert_megatron_to_hf(request)
-    except ConfigError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

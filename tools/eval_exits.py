@@ -17,7 +17,7 @@ from pathlib import Path
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soft.config.errors import ConfigError  # noqa: E402
+from soft.config.errors import InputError  # noqa: E402
 from soft.data.prompts import PROMPT_TEMPLATES  # noqa: E402
 from soft.evaluation.model_io import parse_int_list  # noqa: E402
 from soft.evaluation.records import FORMATS  # noqa: E402
@@ -86,6 +86,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ConfigError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soft.config.errors import ConfigError  # noqa: E402
+from soft.config.errors import ConfigError, InputError  # noqa: E402
 from soft.config.root import RootConfig, load_config  # noqa: E402
 from soft.parallel import balance  # noqa: E402
 
@@ -49,7 +49,7 @@ def resolve_vocab(cfg: RootConfig, explicit: int | None) -> int:
 
         try:
             vocab = build_tokenizer(cfg.data).vocab_size
-        except ConfigError as exc:
+        except InputError as exc:
             raise ConfigError(f"{exc}; pass --vocab-size (LLaMA-2: 32000)") from exc
     return padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         print(report(cfg, resolve_vocab(cfg, args.vocab_size), args.head_recompute))
-    except ConfigError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -29,7 +29,7 @@ from pathlib import Path
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soft.config.errors import ConfigError  # noqa: E402
+from soft.config.errors import InputError  # noqa: E402
 from soft.data.builtin import TASKS  # noqa: E402
 from soft.experiments import Options, reproduce  # noqa: E402
 from soft.experiments.runner import RunFailed  # noqa: E402
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     try:
         reproduce(options)
-    except (ConfigError, RunFailed) as exc:
+    except (InputError, RunFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return 2 if isinstance(exc, InputError) else 1
     return 0
 
 

@@ -31,7 +31,7 @@ import yaml
 from soft.checkpointing.directory import CONFIG, CheckpointError
 from soft.checkpointing.manifest import read_manifest
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 
 ARCHITECTURE = (
     "model.num_layers",

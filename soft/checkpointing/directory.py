@@ -26,7 +26,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from soft.config.errors import ConfigError
+from soft.config.errors import InputError
 from soft.failpoints import failpoint
 
 LATEST = "latest"
@@ -38,7 +38,7 @@ DELETING_SUFFIX = ".deleting"  # a pruned checkpoint on its way out
 _ITER_RE = re.compile(r"iter_(\d+)")
 
 
-class CheckpointError(ConfigError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used as asked; the message names the file or folder."""
 
 

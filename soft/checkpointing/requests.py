@@ -24,7 +24,7 @@ from soft.checkpointing.directory import CheckpointError
 from soft.models import heads
 from soft.models.gpt import walk_leaves
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 LAYER_KEY_PREFIX = "decoder.layers."
 
 

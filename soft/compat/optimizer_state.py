@@ -3,7 +3,7 @@
 Without Apex or Transformer Engine (CPU runs, and any GPU run without them) megatron-core
 builds torch.optim.Adam, which keeps `step` in every parameter's state; the distributed
 optimizer's checkpoint code assumes FusedAdam, which keeps it per param group. Three places
-break; each repair below is applied to one optimizer instance, so nothing global changes:
+break (1-3); each repair below is applied to one optimizer instance, so nothing global changes:
 
 1. `materialise_state` before building a load request: `sharded_state_dict(is_loading=True)`
    first calls `state_dict()`, which asserts that every parameter has the same 'step'
@@ -15,11 +15,13 @@ break; each repair below is applied to one optimizer instance, so nothing global
    skips `step` in the tensors it passes on (line 2101) while
    `_set_main_param_and_optimizer_states` copies every key of the destination state, `step`
    included: KeyError. Copy only what was given.
-3. `restore_adam_steps` after a load: the load assigns ONE step tensor to every parameter's
+3. `repair_adam_steps` after a load: the load assigns ONE step tensor to every parameter's
    state (lines 822-825), which torch's Adam then increments once per parameter, so bias
    correction goes wrong from the first step after loading; with dp_reshardable the pre-load
    dummy step is copied back over it (line 1804). Give every parameter its own tensor with the
    saved step.
+4. `set_group_hyperparameters` after a load: this job's betas, eps and lr range, not the
+   checkpoint's (the scheduler reads the groups' max_lr/min_lr first).
 Checked by the resume/reshard scenarios of tests/parallel (two steps after loading equal the
 unbroken run; removing any repair fails them).
 """
@@ -86,7 +88,7 @@ def _saved_adam_steps(tree: Any) -> set[float]:
     return steps.union(*(_saved_adam_steps(v) for v in tree.values()))
 
 
-def restore_adam_steps(optimizer, loaded_state: Any) -> None:
+def repair_adam_steps(optimizer, loaded_state: Any) -> None:
     """Repair 3 (see the module docstring)."""
     require_megatron()
     steps = _saved_adam_steps(loaded_state)
@@ -98,3 +100,21 @@ def restore_adam_steps(optimizer, loaded_state: Any) -> None:
         for state in getattr(inner, "state", {}).values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = torch.tensor(step, dtype=state["step"].dtype)
+
+
+def set_group_hyperparameters(
+    optimizer, *, max_lr: float, min_lr: float, betas: tuple[float, float], eps: float
+) -> None:
+    """After a load: torch's `load_state_dict` restores each param group's hyperparameters from
+    the checkpoint, silently dropping the values given for this job: Adam's betas and eps, and
+    the per-group `max_lr`/`min_lr` that megatron-core's scheduler reads before its own
+    (optimizer_param_scheduler.py:223-224, `param_group.get('max_lr', self.max_lr)`; still so
+    in 0.19.2 at lines 226-227). Set them from the config; the caller then lets the scheduler
+    compute this step's lr."""
+    require_megatron()
+    for opt in _inner_optimizers(optimizer):
+        for group in getattr(getattr(opt, "optimizer", None), "param_groups", []):
+            group["betas"] = betas
+            group["eps"] = eps
+            group["max_lr"] = max_lr
+            group["min_lr"] = min_lr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from soft.models.exit_plan import ExitPlan
 from soft.parallel.config import ParallelConfig
 from soft.tracking.config import TrackingConfig
 from soft.training.config import TrainConfig
-
-log = logging.getLogger("soft")
 
 
 @dataclass
@@ -91,30 +88,24 @@ class RootConfig:
         )
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RootConfig:
-    """defaults < YAML file < dotted overrides; validated before returning."""
+def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """The config tree as given: the YAML file with the dotted overrides applied (defaults not
+    yet filled in, so a caller can still tell which keys were set)."""
     data = read_yaml(path) if path is not None else {}
     for text in overrides or []:
         apply_override(data, *parse_override(text))
-    inherit_model_shape(data)
+    return data
+
+
+def build_config(data: dict) -> RootConfig:
+    """defaults < `data`; validated before returning."""
     cfg = from_dict(RootConfig, data)
     cfg.validate()
     return cfg
 
 
-def inherit_model_shape(data: dict) -> None:
-    """Starting from checkpoint.load_dir, the model's shape is the checkpoint's unless the YAML
-    or the command line sets it (as Megatron-LM's --use-checkpoint-args): a fine-tuning command
-    needs no copy of the model section it loads. Each key taken is logged."""
-    load_dir = (data.get("checkpoint") or {}).get("load_dir")
-    if not isinstance(load_dir, str):
-        return
-    from soft.checkpointing.compatibility import saved_model_shape
-
-    model = data.setdefault("model", {})
-    if not isinstance(model, dict):
-        return  # from_dict reports the wrong type
-    for key, value in saved_model_shape(load_dir).items():
-        if key not in model:
-            model[key] = value
-            log.info("model.%s=%r: from the checkpoint in %s", key, value, load_dir)
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RootConfig:
+    """defaults < YAML file < dotted overrides; validated before returning. Reads no checkpoint
+    (the training command takes the model's shape from checkpoint.load_dir where it starts the
+    run: soft.training.run_config)."""
+    return build_config(read_config(path, overrides))

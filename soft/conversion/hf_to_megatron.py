@@ -42,7 +42,7 @@ from soft.conversion.vocab import DEFAULT_MAX_TP, stable_divisor
 from soft.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, load_tokenizer
 from soft.models.config import ModelConfig
 
-log = logging.getLogger("soft.conversion")
+log = logging.getLogger(__name__)
 IMPORTED_FROM_HF = "imported_from_hf"  # manifest key of an import's checkpoint
 
 # The model: fields written to model.yaml (the rest keep their defaults).

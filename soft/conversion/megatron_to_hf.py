@@ -43,7 +43,7 @@ from soft.conversion.output import atomic_output_dir
 from soft.data.tokenizer import Tokenizer
 from soft.models.config import ModelConfig
 
-log = logging.getLogger("soft.conversion")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # HF's usual 5 GB shards
 

@@ -34,14 +34,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from soft.config.errors import ConfigError
+from soft.config.errors import ConfigError, InputError
 from soft.data.config import DataConfig
 from soft.data.dataset import row_features, tokenize_rows
 from soft.data.formats import item_from_json, item_to_json, load_examples, rows_to_examples
 from soft.data.sources import DataSource, file_sha256, fingerprint, import_datasets, load_arrow
 from soft.data.tokenizer import Tokenizer
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 
 # Bump when the rows' layout or the tokenisation changes: old entries are then never read.
 # 2: loss targets as [start, end) pairs (multi-turn chat) instead of one mask start.
@@ -238,7 +238,7 @@ def _tokenize(
 
 
 def _on_rank_zero(fn: Callable[[], str]) -> str:
-    """Run `fn` on rank 0 only and give its result to every rank; a ConfigError there is
+    """Run `fn` on rank 0 only and give its result to every rank; an InputError there is
     raised on every rank with the same message (the others do not wait forever)."""
     import torch.distributed as dist
 
@@ -252,7 +252,7 @@ def _on_rank_zero(fn: Callable[[], str]) -> str:
             failure = exc
             error = (
                 str(exc)
-                if isinstance(exc, ConfigError)
+                if isinstance(exc, InputError)
                 else (f"building the tokenised data failed on rank 0: {type(exc).__name__}: {exc}")
             )
     box = [result, error]
@@ -260,6 +260,6 @@ def _on_rank_zero(fn: Callable[[], str]) -> str:
     if failure is not None:
         raise failure
     result, error = box
-    if error is not None:
-        raise ConfigError(error)
+    if error is not None:  # the same kind of error as rank 0's: bad input, exit code 2
+        raise InputError(error)
     return str(result)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from soft.config.errors import ConfigError
+from soft.config.errors import ConfigError, InputError
 from soft.data.prompts import (
     ChatExample,
     Example,
@@ -44,7 +44,7 @@ class RawRecord:
     data: dict[str, Any]
 
 
-class RecordError(ConfigError):
+class RecordError(InputError):
     """A bad record; the message names the file, the line or row, and the field."""
 
 

@@ -33,7 +33,7 @@ import sentencepiece as spm
 
 from soft.config.errors import ConfigError
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 
 Kind = Literal["sentencepiece", "hf"]
 SENTENCEPIECE_FILE = "tokenizer.model"

@@ -23,7 +23,6 @@ from megatron.core.transformer.transformer_block import (
 
 from soft.config.errors import ConfigError
 from soft.models.config import ModelConfig
-from soft.parallel.config import ParallelConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -90,7 +89,10 @@ def gpt_model_features(model: ModelConfig) -> dict[str, Any]:
     )
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+def model_fields(model: ModelConfig) -> dict[str, Any]:
+    """The model's TransformerConfig fields: shape, family switches, precision, recompute, FP8
+    and the kernels this device can run (the parallel layout's are ParallelConfig's; the two
+    are composed by soft.training.model.transformer_config)."""
     on_gpu = torch.cuda.is_available()
     dtype = _DTYPES[model.params_dtype]
     kwargs: dict[str, Any] = dict(
@@ -112,12 +114,6 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         pipeline_dtype=dtype,
         bf16=model.params_dtype == "bf16",
         fp16=model.params_dtype == "fp16",
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
-        sequence_parallel=parallel.sequence_parallel,
         # Exit losses are summed per token; finalize_model_grads divides by the global count.
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
@@ -128,12 +124,6 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         persist_layer_norm=on_gpu,
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
-        deallocate_pipeline_outputs=True,
-        # gloo matches point-to-point messages by (source, tag). With PP=2 interleaving a rank's
-        # previous and next stage are the same rank, and megatron's batched ops post two
-        # same-tag receives from it at once, so a forward activation and a backward gradient
-        # can swap. The unbatched path posts in a rank-parity order that pairs them correctly.
-        batch_p2p_comm=on_gpu,
         **family_features(model),
     )
     if model.recompute_granularity == "selective":
@@ -151,7 +141,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
             fp8_amax_history_len=model.fp8_amax_history_len,
             fp8_margin=model.fp8_margin,
         )
-    return TransformerConfig(**kwargs)
+    return kwargs
 
 
 class LocalRMSNorm(torch.nn.RMSNorm):

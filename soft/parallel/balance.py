@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from soft.config.errors import ConfigError
+from soft.models import flops
 from soft.models.config import ModelConfig
 from soft.models.exit_plan import ExitPlan
 from soft.parallel.config import ParallelConfig
-from soft.training import flops
 
 # Relative tolerance when comparing stage costs: float noise must not pick a layout that
 # differs from the even split only in rounding.
@@ -31,7 +31,7 @@ BYTES_PER_PARAM_MIXED = 18
 
 @dataclass(frozen=True)
 class CostModel:
-    """Per-token training FLOPs of the pieces a stage can hold (all from training/flops.py)."""
+    """Per-token training FLOPs of the pieces a stage can hold (all from models/flops.py)."""
 
     layer: float  # one decoder layer, forward + backward
     trained_head: float  # one exit head (final norm + LM head + CE) that is trained: 6*h*V

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from soft.config.core import option
 from soft.config.errors import ConfigError
@@ -38,6 +38,27 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = option(
         "auto", "torch.distributed backend: auto = nccl on GPUs, gloo on CPU."
     )
+
+    def transformer_fields(self) -> dict[str, Any]:
+        """The layout's TransformerConfig fields (the model's are soft.models.gpt.model_fields;
+        soft.training.model.transformer_config composes the two)."""
+        import torch  # here, not at the top: loading a config imports no torch
+
+        return dict(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            num_layers_in_first_pipeline_stage=self.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=self.num_layers_in_last_pipeline_stage,
+            sequence_parallel=self.sequence_parallel,
+            deallocate_pipeline_outputs=True,
+            # gloo matches point-to-point messages by (source, tag). With PP=2 interleaving a
+            # rank's previous and next stage are the same rank, and megatron's batched ops post
+            # two same-tag receives from it at once, so a forward activation and a backward
+            # gradient can swap. The unbatched path posts in a rank-parity order that pairs
+            # them correctly.
+            batch_p2p_comm=torch.cuda.is_available(),
+        )
 
     def validate(self, prefix: str = "parallel") -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):

@@ -15,10 +15,14 @@ because every copy but the main one is marked `shared` (megatron-core's `param_i
 When the sum happens depends on when the data-parallel reduction runs:
 - default (no overlap): before megatron-core's `finalize_model_grads`, on the local
   gradients, so it is correct for any bucket layout and any optimizer sharding;
-- `overlap_grad_reduce`: the DP reduce-scatter starts during backward, so the sum follows
-  it; every copy is then marked `shared_embedding`, which gives it its own bucket so its DP
-  shards line up across stages (megatron-core's precedent for the tied embedding,
-  `param_and_grad_buffer.py` `_does_param_require_new_bucket`).
+- `overlap_grad_reduce`: the DP reduction starts during backward, so the sum follows it.
+  With a plain DP all-reduce every copy then holds its whole gradient and any layout works.
+  With the distributed optimizer the reduction is a reduce-scatter, so each DP rank holds a
+  shard, and the copies' shards must line up across stages: every copy is marked
+  `shared_embedding`, which megatron-core 0.16 puts in a bucket of its own under the
+  distributed optimizer (its precedent for the tied embedding: param_and_grad_buffer.py
+  lines 698-709, `_does_param_require_new_bucket`; in 0.19.2 the split moved to
+  distrib_optimizer.py lines 530-531). The mark is a megatron-core internal, hence version-gated.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from soft.compat.versions import require_megatron
 from soft.models.heads import head_copies
 
 
@@ -41,8 +46,9 @@ class HeadGroups(NamedTuple):
 
 
 def give_head_copies_own_buckets(chunks) -> None:
-    """For overlap_grad_reduce: every head copy in its own DDP bucket (see module docstring).
-    Call before the chunks are wrapped in DDP."""
+    """For overlap_grad_reduce: every head copy in its own DDP bucket under the distributed
+    optimizer (see module docstring). Call before the chunks are wrapped in DDP."""
+    require_megatron()
     for copies in head_copies(chunks):
         for param in copies:
             param.shared_embedding = True

@@ -23,13 +23,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from soft.config.errors import ConfigError
+from soft.config.errors import InputError
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 
 
-class RunFolderBusy(ConfigError):
+class RunFolderBusy(InputError):
     """Another live job holds the run folder."""
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from soft.config.errors import ConfigError
+from soft.config.errors import InputError
 from soft.runs.status import clear_stop_status, read_stop_reason
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "output-dir":
         try:
             print(_output_dir(args.config, args.overrides))
-        except ConfigError as exc:
+        except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     elif args.command == "exit-reason":

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from soft.config.errors import ConfigError
+from soft.config.errors import InputError
 
 if TYPE_CHECKING:
     from soft.config.root import RootConfig
@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core logs every parameter and its optimizer config at INFO; keep our lines readable.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
-        from soft.config.root import load_config
+        from soft.training.run_config import load_run_config
 
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        cfg = load_run_config(args.config, args.overrides)
+    except InputError as exc:
         _error(str(exc))
         return 2
     from soft.checkpointing.directory import CheckpointSaveFailed
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     with StopRequest() as stop:
         try:
             run_training(cfg, stop)
-        except ConfigError as exc:  # bad input: config, data, checkpoint, a busy run folder
+        except InputError as exc:  # bad input: config, data, checkpoint, a busy run folder
             _error(str(exc))
             return 2
         except (TrainingHalted, CheckpointSaveFailed) as exc:  # a NaN/inf step, a full disk

@@ -34,7 +34,7 @@ from soft.training.guards import TrainingHalted
 from soft.training.run import Run
 from soft.training.signals import StopRequest
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 
 MLFLOW_STATUS: dict[str, str] = {
     "finished": "FINISHED",
@@ -64,7 +64,7 @@ def save_checkpoint(run: Run) -> float:
             scheduler=run.scheduler,
             keep_last=ck.keep_last,
             optimizer_format=ck.optimizer_format,
-            identity=run.tokenizer,
+            identity={"tokenizer": run.tokenizer_identity},
             valid_loss=validated[1] if validated else None,
         )
     except NonFiniteCheckpointError as exc:
@@ -137,7 +137,7 @@ class JobEnding:
             self._release()
             raise
         self.tracker = tracker
-        self.stop.observed(run.restore_s)  # a save takes about as long as the load did
+        self.stop.observed(run.load_s)  # a save takes about as long as the load did
         self.stop.explain_peers_with(run.peers.report)
         self.stop.add_cleanup(self._give_up)
         return tracker

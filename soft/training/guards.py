@@ -11,7 +11,7 @@ from typing import NoReturn
 from soft.training.config import TrainConfig
 from soft.training.step import StepResult
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 
 
 class TrainingHalted(RuntimeError):

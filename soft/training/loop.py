@@ -24,7 +24,7 @@ from soft.training.run import Run
 from soft.training.signals import StopRequest
 from soft.training.step import evaluate, microbatches, train_step
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -8,9 +8,9 @@ import time
 
 import torch
 
+from soft.models import flops
 from soft.runs import TRAIN_LOG
 from soft.tracking.keys import exit_metric_key
-from soft.training import flops
 from soft.training.run import Run
 from soft.training.step import StepResult
 

@@ -12,7 +12,7 @@ from soft.models.build import build_chunks
 from soft.models.config import ModelConfig, SoftConfig
 from soft.models.exit_plan import ExitPlan
 from soft.models.exits import ExitHooks, ExitTallies
-from soft.models.gpt import transformer_config
+from soft.models.gpt import model_fields
 from soft.models.heads import exit_heads_of
 from soft.parallel.config import ParallelConfig
 from soft.parallel.head_sync import HeadGroups, build_head_groups
@@ -39,6 +39,12 @@ class SoftModel:
     def train(self, mode: bool = True) -> None:
         for c in self.chunks:
             c.train(mode)
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """megatron-core's config of a run: the model's fields and the layout's, composed here
+    (neither soft/models nor soft/parallel knows the other's)."""
+    return TransformerConfig(**model_fields(model), **parallel.transformer_fields())
 
 
 def build_soft_model(

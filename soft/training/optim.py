@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch.distributed as dist
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from soft.compat import optimizer_state
@@ -14,7 +14,7 @@ from soft.parallel.config import ParallelConfig
 from soft.training.config import TrainConfig
 from soft.training.model import SoftModel
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(
@@ -44,18 +44,19 @@ def build_optimizer(
     return optimizer
 
 
-def apply_optimizer_hyperparameters(optimizer, train: TrainConfig, scheduler) -> None:
-    """After a resume: torch's load_state_dict restores each param group's hyperparameters
-    from the checkpoint, silently dropping new values given for this job: Adam's betas and eps,
-    and the per-group `max_lr`/`min_lr` that megatron-core's scheduler reads before its own
-    (optimizer_param_scheduler.py:223). Set them from the config, then let the scheduler set
-    this step's lr and weight decay."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for group in getattr(getattr(opt, "optimizer", None), "param_groups", []):
-            group["betas"] = (train.adam_beta1, train.adam_beta2)
-            group["eps"] = train.adam_eps
-            group["max_lr"] = train.lr
-            group["min_lr"] = train.min_lr
+def apply_optimizer_hyperparameters(
+    optimizer: MegatronOptimizer, train: TrainConfig, scheduler: OptimizerParamScheduler
+) -> None:
+    """After a resume: this job's Adam betas/eps and lr range (torch's load_state_dict brought
+    the checkpoint's back: soft.compat.optimizer_state.set_group_hyperparameters), then the
+    scheduler sets this step's lr and weight decay."""
+    optimizer_state.set_group_hyperparameters(
+        optimizer,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_eps,
+    )
     scheduler.step(increment=0)
 
 

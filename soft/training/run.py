@@ -35,7 +35,7 @@ from soft.runs.lock import LOCK_FILE
 from soft.training.model import SoftModel, build_soft_model
 from soft.training.optim import apply_optimizer_hyperparameters, build_optimizer, build_scheduler
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,13 +49,13 @@ class Run:
     scheduler: object
     train_data: SFTDataset
     valid_data: SFTDataset | None
-    tokenizer: dict  # the tokenizer's identity, recorded in every checkpoint
+    tokenizer_identity: dict  # recorded in every checkpoint, compared on resume and fine-tune
     run_dir: RunDir
     lock: RunLock | None  # held by rank 0
     state: TrainState
     peers: Peers  # which process each rank is: a survivor can say which peer died
     saved_iteration: int | None = None  # the iteration whose checkpoint exists (never re-saved)
-    restore_s: float = 0.0  # how long loading the starting checkpoint took
+    load_s: float = 0.0  # how long loading the starting checkpoint took
     # The last validation (iteration, loss): a checkpoint of that iteration records it, and
     # pruning keeps the newest checkpoint whose validation loss was finite.
     validated: tuple[int, float] | None = None
@@ -146,15 +146,15 @@ def _build(cfg: RootConfig, topo: Topology, run_dir: RunDir, lock: RunLock | Non
         scheduler=scheduler,
         train_data=train_data,
         valid_data=valid_data,
-        tokenizer={"tokenizer": tokenizer.identity()},
+        tokenizer_identity=tokenizer.identity(),
         run_dir=run_dir,
         lock=lock,
         state=TrainState(),
         peers=Peers.gather(),
     )
     started = time.perf_counter()
-    run.state = restore(run)
-    run.restore_s = time.perf_counter() - started
+    run.state = starting_state(run)
+    run.load_s = time.perf_counter() - started
     if topo.is_logging_rank:  # everything is validated: now the folder may change
         save_yaml(cfg, run_dir.config_path)
         run_dir.truncate_logs(run.state.iteration)
@@ -165,10 +165,10 @@ def _build(cfg: RootConfig, topo: Topology, run_dir: RunDir, lock: RunLock | Non
     return run
 
 
-# ----------------------------------------------------------------------------- restore
+# ----------------------------------------------------------------------------- where the run starts
 
 
-def restore(run: Run) -> TrainState:
+def starting_state(run: Run) -> TrainState:
     """Where the run starts: its own newest checkpoint (a resumed or requeued job), else
     checkpoint.load_dir (another run's checkpoint, or weights to fine-tune), else step 0."""
     ck = run.cfg.checkpoint
@@ -199,7 +199,7 @@ def restore(run: Run) -> TrainState:
     if ck.finetune:
         extract = run.model.plan.extracts_layers
         log.info("fine-tuning from the weights in %s", found.path)
-        compatibility.check_weights_load(found.path, requested, run.tokenizer["tokenizer"], extract)
+        compatibility.check_weights_load(found.path, requested, run.tokenizer_identity, extract)
         load_weights(
             found.path, run.model.unwrapped, extract=extract, allow_unverified=ck.allow_unverified
         )
@@ -213,7 +213,7 @@ def restore(run: Run) -> TrainState:
             "model): set checkpoint.finetune=true to start training from them"
         )
     changes = compatibility.check_resume(
-        found.path, requested, run.tokenizer["tokenizer"], ignore=compatibility.STARTING_POINT
+        found.path, requested, run.tokenizer_identity, ignore=compatibility.STARTING_POINT
     )
     return _resumed(run, found.path, changes)
 
@@ -245,7 +245,7 @@ def _resume_own(run: Run, found: directory.Found) -> TrainState:
         candidates += directory.older_complete(found.path)
     requested = flatten(to_dict(run.cfg))
     for i, ckpt in enumerate(candidates):
-        changes = compatibility.check_resume(ckpt, requested, run.tokenizer["tokenizer"])
+        changes = compatibility.check_resume(ckpt, requested, run.tokenizer_identity)
         try:
             state = _resumed(run, ckpt, changes)
         except CheckpointDamaged as exc:

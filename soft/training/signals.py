@@ -48,7 +48,7 @@ from types import TracebackType
 
 from soft.parallel import collectives
 
-log = logging.getLogger("soft")
+log = logging.getLogger(__name__)
 MIN_GRACE_S = 5.0
 GRACE_FACTOR = 3.0
 REPEAT_WINDOW_S = 1.0
@@ -66,7 +66,7 @@ def _name(signum: int) -> str:
 
 
 class StopRequest:
-    """The job's stop request: created at the start of a job, `restore()`d at its very end
+    """The job's stop request: created at the start of a job, closed at its very end
     (or used as a context manager)."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -100,7 +100,7 @@ class StopRequest:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.restore()
+        self.close()
 
     # -- the loop reports progress and registers what must happen if it never stops ---------
 
@@ -148,7 +148,7 @@ class StopRequest:
             except OSError:
                 return
             if not data:
-                return  # restore() closed the pipe
+                return  # close() closed the pipe
             for signum in data:
                 if signum in self.SIGNALS:
                     self._received(signum)
@@ -190,7 +190,7 @@ class StopRequest:
                     None if self._deadline is None else self._deadline - time.monotonic()
                 )
             if not self._armed:
-                return  # settled, or restored
+                return  # settled, or closed
             doing = self._doing
         signum, at = self._first_urgent or (signal.SIGTERM, time.monotonic())
         peers = self._explain_peers() if self._explain_peers is not None else ""
@@ -228,7 +228,7 @@ class StopRequest:
         """Collective: True on every rank when any rank was signalled."""
         return collectives.any_rank(self.received is not None)
 
-    def restore(self) -> None:
+    def close(self) -> None:
         """The job has ended (stopped, finished or raised): cancel the deadline, put the
         previous handlers back and stop the watcher."""
         with self._cond:

@@ -6,14 +6,13 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from soft.compat.optimizer_step import Skipped, guarded_step
 from soft.data import ResumableBatchSampler, SFTDataset
 from soft.training.config import TrainConfig
 from soft.training.model import SoftModel
@@ -30,7 +29,7 @@ class StepResult:
     lr: float | None = None
     # Why the optimizer update was not applied: fp16 loss-scale overflow, or a NaN/inf loss or
     # gradient norm (the loop's train.on_nonfinite policy decides what happens next).
-    skipped: Literal["overflow", "nonfinite"] | None = None
+    skipped: Skipped | None = None
 
     @property
     def finite(self) -> bool:
@@ -157,32 +156,6 @@ def _objective(model: SoftModel, exit_losses: dict[int, float]) -> float:
     return sum(model.plan.weight(k) * v for k, v in exit_losses.items())
 
 
-@torch.no_grad()
-def guarded_update(optimizer, losses_finite: bool) -> tuple[str | None, float | None]:
-    """megatron-core's optimizer.step(), split so that nothing is applied unless the step is
-    sound: (why it was skipped or None, grad norm). Same operations and order as
-    MegatronOptimizer/ChainedOptimizer.step() in 0.16 (prepare, norm, clip, step), so the
-    numerics are unchanged; the norm is always computed (also with clip_grad=0) because it is
-    what shows a gradient went bad. Every rank decides alike: the losses were all-reduced over
-    the world and the norm over every rank that holds distinct gradients."""
-    if optimizer.prepare_grads():  # fp16: overflow found (over the model-parallel group)
-        return "overflow", None
-    grad_norm = float(optimizer.get_grad_norm())
-    if not (losses_finite and math.isfinite(grad_norm)):
-        return "nonfinite", grad_norm
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        params = opt.get_parameters()
-        if opt.config.clip_grad > 0.0 and params:
-            clip_grad_by_total_norm_fp32(
-                params,
-                max_norm=opt.config.clip_grad,
-                total_norm=grad_norm,
-                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
-            )
-    optimizer.step_with_ready_grads()
-    return None, grad_norm
-
-
 def train_step(
     model: SoftModel,
     optimizer,
@@ -203,7 +176,7 @@ def train_step(
     exit_losses, tokens = reduce_exit_losses(model)
     loss = _objective(model, exit_losses)
     losses_finite = all(math.isfinite(v) for v in (loss, *exit_losses.values()))
-    skipped, grad_norm = guarded_update(optimizer, losses_finite)
+    skipped, grad_norm = guarded_step(optimizer, losses_finite)
     if skipped is None:
         scheduler.step(increment=1)
     return StepResult(

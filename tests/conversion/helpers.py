@@ -138,7 +138,8 @@ def megatron_reference(checkpoint: Path, config_file: Path, overrides: list[str]
     from soft.checkpointing.directory import find_checkpoint
     from soft.config.root import load_config
     from soft.data import build_tokenizer
-    from soft.models.gpt import build_stage_model, padded_vocab_size, transformer_config
+    from soft.models.gpt import build_stage_model, padded_vocab_size
+    from soft.training.model import transformer_config
 
     single_rank_world()
     layout = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]

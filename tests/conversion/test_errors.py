@@ -1,4 +1,4 @@
-"""Bad input fails with a ConfigError that says what is wrong, and leaves no output behind."""
+"""Bad input fails with an InputError that says what is wrong, and leaves no output behind."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soft.config.errors import ConfigError
+from soft.config.errors import InputError
 from soft.conversion import ExportRequest, convert_hf_to_megatron, convert_megatron_to_hf
 from tests.conversion.helpers import BUILTIN_TOKENIZER, make_hf_model, make_ict_checkpoint
 
@@ -27,7 +27,7 @@ def _edit_config(hf_dir, **changes):
 
 
 def _convert_fails(hf_dir, out, match: str) -> None:
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(InputError, match=match):
         convert_hf_to_megatron(hf_dir, out, dtype="fp32", progress=False)
     assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
 
@@ -132,7 +132,7 @@ def test_an_export_family_that_cannot_express_the_model():
     from soft.conversion.hf_io import export_family
     from soft.models.config import ModelConfig
 
-    with pytest.raises(ConfigError, match=r"'model.family' is 'llama', whose LlamaForCausalLM "
+    with pytest.raises(InputError, match=r"'model.family' is 'llama', whose LlamaForCausalLM "
                        r"has qkv_bias=False, but 'model.qkv_bias' is True: set model.family "
                        r"to one of \['qwen2'\]"):  # fmt: skip
         export_family(ModelConfig(qkv_bias=True))
@@ -172,7 +172,7 @@ def test_shape_mismatch(hf_dir, tmp_path):
 
 def test_existing_output_is_not_overwritten(hf_dir, tmp_path):
     (tmp_path / "out").mkdir()
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(InputError, match="already exists"):
         convert_hf_to_megatron(hf_dir, tmp_path / "out", progress=False)
 
 
@@ -180,13 +180,13 @@ def test_existing_output_is_not_overwritten(hf_dir, tmp_path):
 def test_exit_layer_out_of_range(hf_dir, tmp_path, k):
     meg = convert_hf_to_megatron(hf_dir, tmp_path / "meg", dtype="fp32", progress=False)
     out = tmp_path / "hf_out"
-    with pytest.raises(ConfigError, match=rf"--exit-layer {k} is outside 1..2"):
+    with pytest.raises(InputError, match=rf"--exit-layer {k} is outside 1..2"):
         convert_megatron_to_hf(ExportRequest(meg, out, exit_layer=k, tokenizer=BUILTIN_TOKENIZER))
     assert not out.exists() and not out.with_name("hf_out.tmp").exists()
 
 
 def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(ConfigError, match="is not a checkpoint"):
+    with pytest.raises(InputError, match="is not a checkpoint"):
         convert_megatron_to_hf(ExportRequest(tmp_path, tmp_path / "out"))
 
 
@@ -196,7 +196,7 @@ def test_ict_checkpoint_without_a_head(hf_dir, tmp_path):
     make_ict_checkpoint(hf_dir, tmp_path / "meg", [1, 2], skip=key)
     out = tmp_path / "hf_out"
     with pytest.raises(
-        ConfigError, match=rf"checkpoint '.*iter_0000000' \(soft.mode=ict\) has no tensor '{key}'"
+        InputError, match=rf"checkpoint '.*iter_0000000' \(soft.mode=ict\) has no tensor '{key}'"
     ):
         convert_megatron_to_hf(ExportRequest(tmp_path / "meg", out, progress=False))
     assert not out.exists() and not out.with_name("hf_out.tmp").exists()
@@ -209,10 +209,10 @@ def test_overwrite_never_deletes_the_tools_own_input(hf_dir, tmp_path, where):
     meg = convert_hf_to_megatron(hf_dir, tmp_path / "meg", dtype="fp32", progress=False)
     before = sorted(p.name for p in meg.rglob("*"))
     out = {"is": meg, "inside": meg / "hf_out", "contains": tmp_path}[where]
-    with pytest.raises(ConfigError, match="overlaps the input"):
+    with pytest.raises(InputError, match="overlaps the input"):
         convert_megatron_to_hf(ExportRequest(meg, out, overwrite=True, progress=False))
     assert sorted(p.name for p in meg.rglob("*")) == before
-    with pytest.raises(ConfigError, match="overlaps the input"):
+    with pytest.raises(InputError, match="overlaps the input"):
         convert_hf_to_megatron(hf_dir, hf_dir / "meg", overwrite=True, progress=False)
     assert (hf_dir / "config.json").is_file()
 
@@ -223,7 +223,7 @@ def test_a_damaged_checkpoint_is_not_exported(hf_dir, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-64:] = bytes(64)
     shard.write_bytes(data)
-    with pytest.raises(ConfigError, match=f"{shard.name}' does not match its sha256"):
+    with pytest.raises(InputError, match=f"{shard.name}' does not match its sha256"):
         convert_megatron_to_hf(ExportRequest(meg, tmp_path / "hf_out", progress=False))
     assert not (tmp_path / "hf_out").exists()
 
@@ -248,7 +248,7 @@ def test_fine_tuning_an_import_takes_its_model_shape_and_refuses_another_vocabul
     )
     assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.query_groups) == (48, 2, 2)
     with pytest.raises(
-        ConfigError, match=r"'model.vocab_size' \(300\) is smaller.*set data.tokenizer_path"
+        InputError, match=r"'model.vocab_size' \(300\) is smaller.*set data.tokenizer_path"
     ):
         setup(cfg)
     assert not (tmp_path / "run").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from soft.config.errors import ConfigError
+from soft.config.errors import InputError
 from soft.data import DataConfig, SFTDataset, build_datasets, load_tokenizer
 from soft.data.prompts import ChatExample, instruction_example, render
 
@@ -167,11 +167,11 @@ def test_messages_records_are_validated_with_file_and_line(tmp_path: Path, hf_to
     ]
     for messages, message in bad:
         data = _messages_file(tmp_path / "bad.jsonl", [TWO_TURNS, messages])
-        with pytest.raises(ConfigError, match=rf"'.*bad\.jsonl', line 2: .*{message}"):
+        with pytest.raises(InputError, match=rf"'.*bad\.jsonl', line 2: .*{message}"):
             build_datasets(DataConfig(format="messages", train_path=str(data), **chat), 0)
     data = tmp_path / "alpaca_like.jsonl"
     data.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
-    with pytest.raises(ConfigError, match=r"missing field 'messages'"):
+    with pytest.raises(InputError, match=r"missing field 'messages'"):
         build_datasets(DataConfig(format="messages", train_path=str(data), **chat), 0)
 
 
@@ -213,7 +213,7 @@ def test_templates_that_cannot_be_split_into_turns_are_refused(
             format="messages", train_path=str(data), prompt_template="chat",
             tokenizer_path=str(folder), cache_dir=str(tmp_path / "cache"),
         )  # fmt: skip
-        with pytest.raises(ConfigError, match=rf"'.*chat\.jsonl', line 1: {message}"):
+        with pytest.raises(InputError, match=rf"'.*chat\.jsonl', line 1: {message}"):
             build_datasets(cfg, 0)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from soft.config.errors import ConfigError
+from soft.config.errors import InputError
 from soft.data.formats import import_datasets, load_pairs, read_records
 from soft.data.prompts import alpaca_prompt, triviaqa_prompt
 
@@ -57,7 +57,7 @@ def test_parquet_wrong_type_names_row(tmp_path: Path) -> None:
         [{"instruction": "a", "output": 1}, {"instruction": "b", "output": 2}]
     ).to_parquet(str(path))
     with pytest.raises(
-        ConfigError, match=r"bad\.parquet', row 0: field 'output' must be a string, got int"
+        InputError, match=r"bad\.parquet', row 0: field 'output' must be a string, got int"
     ):
         load_pairs(path, "alpaca")
 
@@ -65,27 +65,27 @@ def test_parquet_wrong_type_names_row(tmp_path: Path) -> None:
 def test_bad_json_line_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(ALPACA[0]) + "\n\n" + '{"instruction": "x", "output": \n')
-    with pytest.raises(ConfigError, match=r"broken\.jsonl', line 3: invalid JSON"):
+    with pytest.raises(InputError, match=r"broken\.jsonl', line 3: invalid JSON"):
         read_records(path)
 
 
 def test_bad_json_list_names_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.json"
     path.write_text('[\n  {"instruction": "x", "output": "y"},\n  {"instruction": }\n]\n')
-    with pytest.raises(ConfigError, match=r"broken\.json': invalid JSON at line 3"):
+    with pytest.raises(InputError, match=r"broken\.json': invalid JSON at line 3"):
         read_records(path)
 
 
 def test_missing_output_names_row_and_field(tmp_path: Path) -> None:
     path = tmp_path / "data.json"
     path.write_text(json.dumps([ALPACA[0], {"instruction": "no answer"}]))
-    with pytest.raises(ConfigError, match=r"data\.json', row 1: missing field 'output'"):
+    with pytest.raises(InputError, match=r"data\.json', row 1: missing field 'output'"):
         load_pairs(path, "alpaca")
 
 
 def test_missing_field_suggests_the_right_format(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "qa.jsonl", [{"turns": ["Q?"], "answer": ["A"]}])
-    with pytest.raises(ConfigError, match=r"line 1: missing field 'instruction'.*format=triviaqa"):
+    with pytest.raises(InputError, match=r"line 1: missing field 'instruction'.*format=triviaqa"):
         load_pairs(path, "alpaca")
 
 
@@ -94,27 +94,27 @@ def test_wrong_type_names_line_and_field(tmp_path: Path) -> None:
         tmp_path / "d.jsonl", [ALPACA[0], {"instruction": "x", "output": ["not", "str"]}]
     )
     with pytest.raises(
-        ConfigError, match=r"d\.jsonl', line 2: field 'output' must be a string, got list"
+        InputError, match=r"d\.jsonl', line 2: field 'output' must be a string, got list"
     ):
         load_pairs(path, "alpaca")
 
 
 def test_non_object_record(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [ALPACA[0], [1, 2]])
-    with pytest.raises(ConfigError, match=r"line 2: expected a JSON object, got list"):
+    with pytest.raises(InputError, match=r"line 2: expected a JSON object, got list"):
         read_records(path)
 
 
 def test_unknown_extension_and_missing_and_empty(tmp_path: Path) -> None:
     csv = tmp_path / "data.csv"
     csv.write_text("a,b\n")
-    with pytest.raises(ConfigError, match=r"data\.csv': unsupported extension '\.csv'.*\.jsonl"):
+    with pytest.raises(InputError, match=r"data\.csv': unsupported extension '\.csv'.*\.jsonl"):
         read_records(csv)
-    with pytest.raises(ConfigError, match=r"gone\.jsonl' does not exist"):
+    with pytest.raises(InputError, match=r"gone\.jsonl' does not exist"):
         read_records(tmp_path / "gone.jsonl")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(ConfigError, match=r"empty\.jsonl' contains no records"):
+    with pytest.raises(InputError, match=r"empty\.jsonl' contains no records"):
         read_records(empty)
 
 
@@ -140,20 +140,20 @@ def test_triviaqa_schemas_and_alias_index(tmp_path: Path) -> None:
 @pytest.mark.parametrize("answer", [[], [1, 2], 5, {"aliases": "x"}])
 def test_triviaqa_bad_answer(tmp_path: Path, answer: object) -> None:
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Q?", "answer": answer}])
-    with pytest.raises(ConfigError, match=r"qa\.jsonl', line 1: field 'answer' must be"):
+    with pytest.raises(InputError, match=r"qa\.jsonl', line 1: field 'answer' must be"):
         load_pairs(path, "triviaqa")
 
 
 def test_triviaqa_missing_question(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "qa.jsonl", [{"answer": ["a"]}])
-    with pytest.raises(ConfigError, match=r"line 1: missing field 'question'"):
+    with pytest.raises(InputError, match=r"line 1: missing field 'question'"):
         load_pairs(path, "triviaqa")
 
 
 def test_text_format_uses_text_field(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "t.jsonl", [{"body": "doc one"}, {"body": "doc two"}])
     assert load_pairs(path, "text", text_field="body") == [("", "doc one"), ("", "doc two")]
-    with pytest.raises(ConfigError, match=r"line 1: missing field 'text'.*data\.text_field"):
+    with pytest.raises(InputError, match=r"line 1: missing field 'text'.*data\.text_field"):
         load_pairs(path, "text")
 
 
@@ -172,14 +172,14 @@ def test_real_gsm8k_and_triviaqa_files_validate(shared_data: Path) -> None:
 def test_corrupt_parquet(tmp_path: Path) -> None:
     path = tmp_path / "junk.parquet"
     path.write_bytes(b"not parquet at all")
-    with pytest.raises(ConfigError, match=r"junk\.parquet' is not a readable Parquet file"):
+    with pytest.raises(InputError, match=r"junk\.parquet' is not a readable Parquet file"):
         read_records(path)
 
 
 def test_single_json_object_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "one.json"
     path.write_text(json.dumps({"data": ALPACA}, indent=2))
-    with pytest.raises(ConfigError, match=r"one\.json': expected a JSON list of records"):
+    with pytest.raises(InputError, match=r"one\.json': expected a JSON list of records"):
         read_records(path)
 
 
@@ -188,5 +188,5 @@ def test_a_file_that_is_not_utf8_names_the_line(tmp_path, suffix):
     path = tmp_path / f"data{suffix}"
     good = b'{"instruction": "a", "input": "", "output": "b"}\n'
     path.write_bytes(good * 2 + b'{"instruction": "caf\xe9", "input": "", "output": "c"}\n')
-    with pytest.raises(ConfigError, match=r"line 3, column 21: not UTF-8 text \(byte 0xe9\)"):
+    with pytest.raises(InputError, match=r"line 3, column 21: not UTF-8 text \(byte 0xe9\)"):
         read_records(path)

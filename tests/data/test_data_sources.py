@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from soft.config.errors import ConfigError
+from soft.config.errors import InputError
 from soft.data import DataConfig, SFTDataset, build_datasets, parse_source
 from soft.data import cache as data_cache
 from soft.data.sources import import_datasets
@@ -49,7 +49,7 @@ def test_parse_source_kinds(tmp_path: Path) -> None:
     ],
 )
 def test_bad_source_strings_name_the_key(text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=r"data\.train_path '[^']*': .*" + message):
+    with pytest.raises(InputError, match=r"data\.train_path '[^']*': .*" + message):
         parse_source(text, "data.train_path")
 
 
@@ -124,7 +124,7 @@ def test_hub_layout_folder_with_config_and_splits_equals_the_files(
 
 
 def _message(cfg: DataConfig) -> str:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InputError) as info:
         build_datasets(cfg, seed=0)
     return str(info.value)
 
@@ -231,7 +231,7 @@ def _two_ranks(rank: int, init: str, cfg: DataConfig, out: Path) -> None:
     try:
         train, _, _ = build_datasets(cfg, seed=0)
         result = {"builds": len(calls), "tokens": _all(train)["tokens"].sum().item()}
-    except ConfigError as exc:
+    except InputError as exc:
         result = {"builds": len(calls), "error": str(exc)}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from eval_helpers import tiny_llama
 
-from soft.config.errors import ConfigError
+from soft.config.errors import InputError
 from soft.data.prompts import alpaca_prompt, triviaqa_prompt
 from soft.evaluation import exact_match, exit_nll, load_eval_examples, normalize_answer
 
@@ -144,14 +144,14 @@ def test_real_triviaqa_file(shared_data):
 def test_reader_errors(tmp_path, name, content, fmt, message):
     path = tmp_path / name
     path.write_text(content)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(InputError, match=message):
         load_eval_examples(path, fmt)
 
 
 def test_reader_missing_file_and_bad_format(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         load_eval_examples(tmp_path / "nope.jsonl", "text")
-    with pytest.raises(ConfigError, match="--format"):
+    with pytest.raises(InputError, match="--format"):
         load_eval_examples(tmp_path / "nope.jsonl", "csv")
 
 
@@ -180,6 +180,6 @@ def test_reader_takes_dataset_folders_like_training(tmp_path):
         [{"question": "q?", "answer": {"aliases": [], "value": None}}]
     ).save_to_disk(str(bad))
     with pytest.raises(
-        ConfigError, match=r"dataset '.*bad' \(split 'train'\), row 0: field 'answer'"
+        InputError, match=r"dataset '.*bad' \(split 'train'\), row 0: field 'answer'"
     ):
         load_eval_examples(bad, "triviaqa")

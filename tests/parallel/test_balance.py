@@ -9,11 +9,11 @@ import pytest
 
 from soft.config.errors import ConfigError
 from soft.config.root import load_config
+from soft.models import flops
 from soft.models.config import ModelConfig
 from soft.models.exit_plan import ExitPlan
 from soft.parallel import balance
 from soft.parallel.config import ParallelConfig
-from soft.training import flops
 
 # Unit costs so the expected numbers can be checked by hand: a layer costs 1, a trained
 # exit head 1, an evaluated-only head 1/3 (forward of a 3x forward+backward).

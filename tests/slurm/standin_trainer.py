@@ -57,7 +57,7 @@ def main() -> int:
         flag = torch.tensor([1 if stop_requested else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
-            # Like soft.training.signals.StopRequest.restore(): back to the inherited "ignored"
+            # Like soft.training.signals.StopRequest.close(): back to the inherited "ignored"
             # (a Python handler left in place becomes SIG_DFL at exit: a late re-sent signal
             # would then kill the rank).
             for s, handler in previous.items():

@@ -106,11 +106,11 @@ def test_ict_resumes_its_own_heads(sft_run, tmp_path):
 
 
 def test_ict_needs_early_exits_and_a_checkpoint():
-    from soft.config.errors import ConfigError
+    from soft.config.errors import InputError
 
-    with pytest.raises(ConfigError, match="checkpoint.load_dir"):
+    with pytest.raises(InputError, match="checkpoint.load_dir"):
         tiny_config("soft.mode=ict")
-    with pytest.raises(ConfigError, match="early exits"):
+    with pytest.raises(InputError, match="early exits"):
         tiny_config(
             "soft.mode=ict",
             "soft.exit_layers=[4]",
@@ -160,10 +160,10 @@ def test_extracted_model_starts_as_exit_k_of_the_base(tmp_path):
 
 
 def test_layer_count_mismatch_needs_extracted_mode(tmp_path):
-    from soft.config.errors import ConfigError
+    from soft.config.errors import InputError
 
     _train(tmp_path / "base", "soft.mode=sft", "train.train_iters=2")
-    with pytest.raises(ConfigError, match="soft.mode=extracted"):
+    with pytest.raises(InputError, match="soft.mode=extracted"):
         _load(
             f"checkpoint.load_dir={tmp_path / 'base/checkpoints'}",
             "checkpoint.finetune=true",

@@ -43,7 +43,7 @@ def stop(monkeypatch):
     request.gave_up = gave_up
     request.gave_up_event = done
     yield request
-    request.restore()
+    request.close()
 
 
 def test_one_stop_request_delivered_twice_is_one_request(stop, clock):
