@@ -28,10 +28,9 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch.utils.checkpoint import checkpoint
 
+from soft.compat import wgrad as wgrad_convention
+
 IMPLEMENTATIONS = ("fused", "recompute", "plain")
-# Set on a head weight (by soft.parallel.wrap, for overlap_grad_reduce): the fused backward
-# returns a zero gradient for it, so DDP's per-parameter readiness count includes it.
-NEEDS_AUTOGRAD_GRAD = "soft_needs_autograd_grad"
 
 
 def _chunks(seq: int, chunk_tokens: int) -> list[tuple[int, int]]:
@@ -117,15 +116,9 @@ class FusedExitCE(torch.autograd.Function):
                 dw = dlogits.flatten(0, 1).t() @ xc.flatten(0, 1)
                 (wgrad if wgrad is not None else local_wgrad).add_(dw.float())
         ctx.save_for_backward(grad_x, scale, local_wgrad)
-        ctx.weight_dtype, ctx.weight_shape, ctx.weight_device = (
-            weight.dtype,
-            weight.shape,
-            weight.device,
-        )
-        # With overlap_grad_reduce, megatron-core's DDP starts a bucket's reduction once every
-        # parameter in it has received an autograd gradient (its post-accumulate hook); a head
-        # replica whose only gradients were written into main_grad here would never count.
-        ctx.zero_dw = wgrad is not None and getattr(weight, NEEDS_AUTOGRAD_GRAD, False)
+        ctx.weight_dtype = weight.dtype
+        # dW went into main_grad: backward tells megatron-core's DDP so (a dummy and its flag).
+        ctx.weight = weight if wgrad is not None else None
         return total
 
     @staticmethod
@@ -133,9 +126,12 @@ class FusedExitCE(torch.autograd.Function):
         grad_x, scale, local_wgrad = ctx.saved_tensors
         ratio = grad_total / scale  # exactly 1 when the hook keeps its contract
         dx = None if grad_x is None else grad_x * ratio.to(grad_x.dtype)
-        dw = None if local_wgrad is None else (local_wgrad * ratio).to(ctx.weight_dtype)
-        if dw is None and ctx.zero_dw:  # adds nothing to main_grad, marks the param ready
-            dw = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=ctx.weight_device)
+        if local_wgrad is not None:
+            dw = (local_wgrad * ratio).to(ctx.weight_dtype)
+        elif ctx.weight is not None:
+            dw = wgrad_convention.autograd_gradient(ctx.weight)
+        else:
+            dw = None
         return dx, dw, None, None, None, None, None
 
 

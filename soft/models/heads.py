@@ -280,6 +280,21 @@ def head_copies(chunks) -> HeadCopies:
     return HeadCopies(_trainable_once(norms), _trainable_once(matrices))
 
 
+def exit_only_matrices(chunks) -> list[torch.nn.Parameter]:
+    """Head matrices that only exits read (a replica's own matrix, ict's separate heads): the
+    fused exit loss is their only gradient. The real head and the embedding are not: GPTModel's
+    output layer and the embedding lookup read them too."""
+    params: list[torch.nn.Parameter] = []
+    for chunk in chunks:
+        separate = getattr(chunk, SEPARATE_HEADS_NAME, None)
+        if separate is not None:
+            params.extend(h.output_layer.weight for h in separate.heads().values())
+        replica = getattr(chunk, REPLICA_NAME, None)
+        if replica is not None and replica.output_layer is not None:
+            params.append(replica.output_layer.weight)
+    return _trainable_once(params)
+
+
 def _trainable_once(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     seen: set[int] = set()
     out = []

@@ -10,7 +10,8 @@ from megatron.core.distributed import finalize_model_grads as megatron_finalize_
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from soft.models.exit_loss import NEEDS_AUTOGRAD_GRAD
+from soft.compat import wgrad
+from soft.models.heads import exit_only_matrices
 from soft.parallel import head_sync
 from soft.parallel.config import ParallelConfig
 
@@ -28,12 +29,10 @@ def wrap_chunks(
     gets the gradient buckets (virtual-pipeline chunks after it do not, as in Megatron-LM)."""
     if parallel.overlap_grad_reduce:
         head_sync.give_head_copies_own_buckets(chunks)
-        # Exit heads (shared copies and ict's own) get their weight gradient from the fused
-        # exit loss straight into main_grad; DDP's readiness count needs an autograd one too.
-        for chunk in chunks:
-            for name, param in chunk.named_parameters():
-                if name.endswith("output_layer.weight") and param.requires_grad:
-                    setattr(param, NEEDS_AUTOGRAD_GRAD, True)
+    # The fused exit loss writes these matrices' whole gradient into main_grad: it reports
+    # them to DDP as megatron-core's weight-gradient fusion does (soft.compat.wgrad).
+    for param in exit_only_matrices(chunks):
+        wgrad.mark_fused_only(param)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel.overlap_grad_reduce,

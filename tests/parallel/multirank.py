@@ -249,6 +249,17 @@ SCENARIOS = {
         # bias split per query group) and pipelining: biases, q/k norms, a head_dim that is
         # not hidden/heads, grouped-query attention and llama3 RoPE scaling
         Scenario("features_tp2_pp2", 4, TP2_PP2, "[2,3,5,8]", extra=FEATURES),
+        # the gradient reduction overlapped with backward: DDP starts a bucket once each of
+        # its parameters reported a gradient; the first stage's head replica gets its whole
+        # gradient from the fused exit loss (into main_grad) and reports it with megatron-
+        # core's dummy-and-flag convention (soft.compat.wgrad)
+        Scenario(
+            "dp2_pp2_overlap",
+            4,
+            ["parallel.pipeline_model_parallel_size=2"],
+            "[2,3,5,8]",
+            parallel_only=["parallel.overlap_grad_reduce=true"],
+        ),
     ]
 }
 

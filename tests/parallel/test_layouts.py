@@ -33,6 +33,9 @@ TP2xPP2 and loaded at TP1xPP1; with the distributed optimizer (fully_reshardable
 resumed at DP2xPP2 and resharded to DP2xTP2 and to one rank, and (dp_reshardable) to DP1xPP2:
 the next two steps' losses equal the unbroken run's (observed exactly, or 6e-8 where the DP sum
 reorders). The second step follows an Adam update from the loaded moments and step count.
+The gradient reduction overlapped with backward (overlap_grad_reduce) at DP2xPP2: the head
+replica, whose gradient the fused exit loss writes into main_grad, reports it to DDP
+(soft.compat.wgrad) and the run equals the one-rank run without overlap.
 Last, the golden loss curve (tests/training/golden.py) at TP2xPP2.
 """
 
