@@ -6,6 +6,7 @@ tokenizer's own files carried along as they are, or for a SentencePiece model fi
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ _TORCH_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 _KNOWN = ("fp32", "bf16", "fp16")
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,13 +403,43 @@ class ShardedSafetensorsWriter:
 def copy_tokenizer_files(src_dir: Path, out_dir: Path) -> list[str]:
     """Copy the tokenizer files `src_dir` has (tokenizer.json, tokenizer_config.json,
     special_tokens_map.json, the chat template, tokenizer.model, ...: soft.data.tokenizer's
-    TOKENIZER_FILES) byte for byte, so the copy has the same identity; returns their names."""
+    TOKENIZER_FILES) byte for byte, so the copy has the same identity (unless the tokenizer's
+    class came from the model's config.json: keep_tokenizer_class); returns their names."""
     from soft.data.tokenizer import TOKENIZER_FILES
 
     copied = [name for name in TOKENIZER_FILES if (src_dir / name).is_file()]
     for name in copied:
         shutil.copyfile(src_dir / name, out_dir / name)
     return copied
+
+
+def keep_tokenizer_class(src_dir: Path, copy_dir: Path) -> None:
+    """Make the copied tokenizer files load as the HF folder's do. transformers picks the class
+    from the model's config.json as well (model_type), which the copy has no longer: e.g. a
+    qwen2 folder whose tokenizer_config.json names the generic backend loads as Qwen2Tokenizer,
+    which splits digits. Where the classes differ, the copy's tokenizer_config.json names the
+    source's class (checked by loading it again)."""
+    from soft.data.tokenizer import HF_FILE, load_tokenizer
+
+    config_file = copy_dir / "tokenizer_config.json"
+    if not (src_dir / HF_FILE).is_file() or not config_file.is_file():
+        return
+    try:
+        wanted = load_tokenizer(src_dir).class_name
+        if load_tokenizer(copy_dir).class_name == wanted:
+            return
+    except ConfigError:
+        return  # a tokenizer that does not load: tokenizer_forms warns, the import goes on
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = wanted
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    got = load_tokenizer(copy_dir).class_name
+    if got != wanted:
+        raise ConfigError(
+            f"the tokenizer in '{src_dir}' loads as {wanted} (chosen by its config.json), but a "
+            f"copy without config.json loads as {got}: the import cannot carry it"
+        )
+    log.info("tokenizer_config.json of the import names %s, as %s loads it", wanted, src_dir)
 
 
 def write_tokenizer(sp_model: Path, out_dir: Path, max_length: int) -> None:

@@ -160,6 +160,7 @@ def convert_hf_to_megatron(
         dtype, note = hf_io.source_dtype(source, config)
         log.info(note)
     divisor, padded = stable_divisor(int(config["vocab_size"]), max_tp)
+    _warn_padding_rows(int(config["vocab_size"]), padded, max_tp)
     model = hf_io.model_config_from_hf(config, dtype, divisor)
     shapes = shapes_of(model, int(config["vocab_size"]), padded)
     megatron_io.ensure_single_rank_world()
@@ -168,7 +169,11 @@ def convert_hf_to_megatron(
         source.close()
         root = RootConfig(model=model)
         hf_io.copy_tokenizer_files(hf_dir, tmp)
+        hf_io.keep_tokenizer_class(hf_dir, tmp)
         forms = tokenizer_forms(tmp, out_dir)
+        # The HF folder's own form, where the copy's class had to be named (keep_tokenizer_class).
+        shas = {f["sha256"] for f in forms}
+        forms += [f for f in tokenizer_forms(hf_dir, hf_dir.absolute()) if f["sha256"] not in shas]
         final_tokenizer = Path(forms[0]["path"]) if forms else None
         if final_tokenizer is not None:
             root.data.tokenizer_path = str(final_tokenizer)
@@ -194,3 +199,25 @@ def convert_hf_to_megatron(
         padded,
     )
     return out_dir
+
+
+def _warn_padding_rows(vocab: int, padded: int, max_tp: int) -> None:
+    """Padding rows are zero: their logit 0 joins every softmax (megatron's cross-entropy runs
+    over the padded vocabulary), so losses are not transformers' until training pushes them
+    down. Real vocabularies are multiples of 8 and get none; say how to avoid them."""
+    if padded == vocab:
+        return
+    no_padding = max_tp
+    while vocab % no_padding:
+        no_padding //= 2
+    log.warning(
+        "vocabulary %d is padded to %d rows (the same at every TP size dividing "
+        "--max-tensor-parallel %d): the %d zero padding rows join the softmax, so losses "
+        "differ from transformers' until training pushes them down; --max-tensor-parallel %d "
+        "imports without padding",
+        vocab,
+        padded,
+        max_tp,
+        padded - vocab,
+        no_padding,
+    )

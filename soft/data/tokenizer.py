@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 Kind = Literal["sentencepiece", "hf"]
 SENTENCEPIECE_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
-# What AutoTokenizer reads for a fast tokenizer: the identity (checksum) covers exactly these.
+# What AutoTokenizer reads for a fast tokenizer: the identity (checksum) covers exactly these,
+# and the class it resolved them to (HFTokenizer.class_name).
 HF_IDENTITY_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json",
@@ -297,8 +298,14 @@ class HFTokenizer(Tokenizer):
         texts = self.hf.batch_decode([[i] for i in range(self.vocab_size)])
         return {i for i, text in enumerate(texts) if "\n" in text}
 
+    @property
+    def class_name(self) -> str:
+        """The class AutoTokenizer chose: besides the files, a model folder's config.json
+        (model_type) can choose it, and two classes may split the same text differently."""
+        return type(self.hf).__name__
+
     def sha256(self) -> str:
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(b"class\0" + self.class_name.encode() + b"\0")
         for name in HF_IDENTITY_FILES:
             file = self.folder / name
             if file.is_file():

@@ -125,6 +125,28 @@ def test_vocab_padding_is_the_same_at_every_tp_size(tmp_path):
     assert load_file(next(back.glob("*.safetensors")))["lm_head.weight"].shape[0] == 300
 
 
+def test_padding_rows_are_named_with_the_option_that_avoids_them(tmp_path, caplog):
+    """Zero padding rows join megatron's softmax (tests/evaluation/test_eval_from_import.py
+    proves the loss equals transformers' without them): the import says so, and how to avoid
+    them; --max-tensor-parallel 4 pads 300 to nothing."""
+    from soft.config.root import load_config
+    from soft.models.gpt import padded_vocab_size
+
+    make_hf_model(tmp_path / "hf")
+    with caplog.at_level("WARNING", logger="soft.conversion.hf_to_megatron"):
+        convert_hf_to_megatron(tmp_path / "hf", tmp_path / "a", dtype="fp32", progress=False)
+    assert "the 4 zero padding rows join the softmax" in caplog.text
+    assert "--max-tensor-parallel 4 imports without padding" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="soft.conversion.hf_to_megatron"):
+        out = convert_hf_to_megatron(
+            tmp_path / "hf", tmp_path / "b", dtype="fp32", max_tp=4, progress=False
+        )
+    assert "padding rows" not in caplog.text
+    model = load_config(out / "model.yaml").model
+    assert {padded_vocab_size(300, model, tp) for tp in (1, 2, 4)} == {300}
+
+
 def test_llama2_vocab_needs_no_padding():
     from soft.conversion.vocab import stable_divisor
 
