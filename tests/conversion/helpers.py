@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from soft.conversion import tiny
 from tests.megatron_env import single_rank_world
 
 BUILTIN_TOKENIZER = (
@@ -40,7 +41,7 @@ def make_hf_model(
         max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
-    _randomise(model, seed)
+    tiny.randomise(model, seed)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.to(dtype).save_pretrained(path, **kwargs)
     if tokenizer is not None:
@@ -48,70 +49,12 @@ def make_hf_model(
     return model
 
 
-# Every supported family with its features switched on, at odd sizes with grouped-query
-# attention: (model_type, config fields). Llama-3.1-style RoPE scaling (with megatron-core's
-# fixed low/high frequency factors and original context) and an odd factor; Llama-3.2-style
-# tied embeddings; Mistral v0.3 (no sliding window); Qwen2 q/k/v biases, tied; Qwen3 q/k norms
-# with a head_dim that is not hidden/heads (as in Qwen3 0.6B-4B).
-_LLAMA3_ROPE = {
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-FAMILY_MODELS: dict[str, tuple[str, dict]] = {
-    "llama3": ("llama", dict(
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, **_LLAMA3_ROPE},
-    )),
-    "llama3.2_tied": ("llama", dict(
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 3.5, **_LLAMA3_ROPE},
-    )),
-    "mistral": ("mistral", dict(sliding_window=None, rope_theta=1000000.0, head_dim=10)),
-    "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
-    "qwen3": ("qwen3", dict(head_dim=14, rope_theta=1000000.0)),
-}  # fmt: skip
-
-
-def make_family_model(
-    path: Path,
-    name: str,
-    *,
-    vocab: int = 301,
-    hidden: int = 40,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 84,
-    layers: int = 3,
-    seed: int = 0,
-    tokenizer: Path | None = None,
-):
-    """Save a random model of family `name` (FAMILY_MODELS) like make_hf_model does: every
-    tensor (biases, q/k norms included) random, so a swapped or mis-fused one shows."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_type, fields = FAMILY_MODELS[name]
-    config = AutoConfig.for_model(
-        model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        rms_norm_eps=1e-6, max_position_embeddings=16384, bos_token_id=1, eos_token_id=2,
-        **{"tie_word_embeddings": False, **fields},
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config).eval()
-    _randomise(model, seed)
-    model.save_pretrained(path)
+def make_family_model(path: Path, name: str, *, tokenizer: Path | None = None, **sizes):
+    """soft.conversion.tiny's random model of family `name`, optionally with tokenizer.model."""
+    model = tiny.make_family_model(path, name, **sizes)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, path / "tokenizer.model")
     return model
-
-
-def _randomise(model, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
 
 
 def hf_logits_and_exits(

@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 
 from soft.conversion import ExportRequest, convert_hf_to_megatron, convert_megatron_to_hf
 from soft.conversion.mapping import FAMILIES
+from soft.conversion.tiny import FAMILY_MODELS
 from tests.conversion.helpers import (
     BUILTIN_TOKENIZER,
-    FAMILY_MODELS,
     hf_logits_and_exits,
     make_family_model,
     megatron_logits_and_exits,

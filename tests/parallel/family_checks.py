@@ -1,5 +1,5 @@
 """Multi-rank checks of the model families, run by the harness in tests/parallel/multirank.py
-(`families_tp2_pp2`): for every family of tests/conversion/helpers.FAMILY_MODELS (LLaMA-3 with
+(`families_tp2_pp2`): for every family of soft/conversion/tiny.FAMILY_MODELS (LLaMA-3 with
 RoPE scaling, LLaMA-3.2 tied, Mistral, Qwen2 with biases and tied, Qwen3 with q/k norms and an
 odd head_dim), a tiny random HF model is imported and loaded at TP2 x PP2:
 
@@ -24,13 +24,13 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from soft.config.root import load_config
 from soft.conversion import convert_hf_to_megatron
+from soft.conversion.tiny import FAMILY_MODELS
 from soft.data import ResumableBatchSampler
 from soft.models.heads import exit_heads_of, head_of
 from soft.training import step
 from soft.training.run import setup
 from tests.conversion.helpers import (
     BUILTIN_TOKENIZER,
-    FAMILY_MODELS,
     hf_logits_and_exits,
     make_family_model,
 )
