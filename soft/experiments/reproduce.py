@@ -150,10 +150,8 @@ def run_all(
     if base is not None and opts.shared_base is not None:
         if not runner.is_finished(layout.run_dir("base")):  # the driver trained it first
             raise ConfigError(f"the shared base in {layout.run_dir('base')} is not finished")
-        notes.append(
-            f"base shared by every seed: {layout.run_dir('base')} (pretrained once, seed "
-            f"{base_seed_of(base)})"
-        )
+        seed = opts.settings().base_seed
+        notes.append(f"base shared by every seed: {layout.run_dir('base')} (seed {seed})")
         done.add("base")
     elif base is not None and (opts.reuse_base or runner.reusable_base(base, layout)):
         if opts.reuse_base:
@@ -223,24 +221,18 @@ def _evaluate_all(
     return evals, timing
 
 
-def base_seed_of(spec: RunSpec) -> int:
-    """The train.seed a run was given (the last one wins, as in the launcher)."""
-    seeds = [o.partition("=")[2] for o in spec.overrides if o.startswith("train.seed=")]
-    return int(seeds[-1])
-
-
 def _base_description(opts: Options, info: dict, s: Settings, notes: list[str]) -> str:
     if not opts.pretrain:
         return "none: every method fine-tuned from a random init (--no-pretrain)"
     if opts.shared_base is not None:
-        how = " once and shared by every seed"
+        how = "; trained once and shared by every seed"
     else:
         how = " (reused)" if any(n.startswith("base reused") for n in notes) else ""
     if "corpus" not in info:
-        return f"pretrained{how} (seed {s.base_seed}) on the corpus of the reused base"
+        return f"pretrained (seed {s.base_seed}) on the corpus of the reused base{how}"
     return (
-        f"pretrained{how} for {s.pretrain_iters} steps (seed {s.base_seed}) on "
-        f"{Path(info['corpus']).name} as plain text, licence {info['licence']}"
+        f"pretrained for {s.pretrain_iters} steps (seed {s.base_seed}) on "
+        f"{Path(info['corpus']).name} as plain text, licence {info['licence']}{how}"
     )
 
 

@@ -153,6 +153,7 @@ class FakeWork:
             "extra_overrides": list(opts.overrides),
             "base_fingerprint_sha256": runner.sha256(fingerprint),
             "rows": SEED_ROWS[opts.seed % len(SEED_ROWS)],
+            "timing": {"total": 100.0 + opts.seed},
         }
         opts.out.mkdir(parents=True, exist_ok=True)
         (opts.out / "results.json").write_text(json.dumps(results))
@@ -184,6 +185,9 @@ def test_seeds_share_one_base_and_aggregate(tmp_path, monkeypatch):
     assert written["seeds"] == [3, 1] == report["seeds"]
     assert [(e["train_seed"], e["data_seed"]) for e in written["per_seed"]] == [(3, 3), (1, 1)]
     assert written["settings"]["base_seed"] == 3 and "seed" not in written["settings"]
+    corpus = written["corpus"]  # the corpus named, as the seeds' reports name it
+    assert corpus["corpus"] == str((tmp_path / "corpus.json").resolve())
+    assert corpus["corpus_records"] == 1
     ems = [SEED_ROWS[0][0], SEED_ROWS[1][0]]  # seeds 3 and 1
     mean = sum(r["metrics"]["soft"]["exact_match"] for r in ems) / 2
     assert written["rows"][0]["metrics"]["soft"]["exact_match"]["mean"] == pytest.approx(mean)
@@ -191,6 +195,7 @@ def test_seeds_share_one_base_and_aggregate(tmp_path, monkeypatch):
     assert "over 2 seeds" in md and "| 3 | 3 | 3 | seed_3/results.md |" in md
     assert "trained once (seed 3) and shared by every seed" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (written["timing"]["seed 3"], written["timing"]["seed 1"]) == (103.0, 101.0)
 
 
 def test_a_rerun_reuses_finished_seeds_and_reruns_changed_ones(tmp_path, monkeypatch):
@@ -203,6 +208,7 @@ def test_a_rerun_reuses_finished_seeds_and_reruns_changed_ones(tmp_path, monkeyp
     assert [e["reused"] for e in report["per_seed"]] == [True, True, False]
     assert sum("reusing the finished result" in line for line in lines) == 2
     assert "seeds [1, 2]: finished results reused (same settings)" in report["notes"]
+    assert report["timing"]["seed 1"] == 101.0  # the wall time of the run that made it
 
     # Another data seed changes every seed's settings: each is run again, the base is kept.
     work.seeds.clear()
