@@ -266,6 +266,8 @@ def plot_aggregate(rows: Sequence[Mapping], path: Path, title: str = "") -> Path
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = {"soft": "o-", "sft": "s--", "ict": "^-.", "extracted": "D"}
+    # Methods side by side at each exit: bars at the same x would hide one another.
+    dodge = {mode: (i - (len(MODES) - 1) / 2) * 0.06 for i, mode in enumerate(MODES)}
     for ax, name, scale in ((axes[0], "exact_match", 100.0), (axes[1], "loss", 1.0)):
         for mode in MODES:
             points = [
@@ -275,7 +277,7 @@ def plot_aggregate(rows: Sequence[Mapping], path: Path, title: str = "") -> Path
             ]
             if not points:
                 continue
-            layers = [k for k, _ in points]
+            layers = [k + dodge[mode] for k, _ in points]
             mean = [scale * g["mean"] for _, g in points]
             low = [scale * (g["mean"] - g["min"]) for _, g in points]
             high = [scale * (g["max"] - g["mean"]) for _, g in points]
