@@ -3,7 +3,7 @@ sub-models, every exit, one command (defaults finish in about half an hour on a 
 
     python tools/reproduce_paper.py [--out runs/paper_repro] [--scale 1.0] [--nproc-per-node 1]
         [--jobs N] [--reuse-base] [--mini] [--corpus PATH | --no-pretrain] [--mlflow-uri URI]
-        [key=value ...]
+        [--seed S | --seeds S1,S2,...] [--data-seed D] [key=value ...]
 
 1. base: a LLaMA-2-shaped model pretrained as plain text on --corpus (README's results: GSM8K
    train in Alpaca format), with a BPE tokenizer trained for the experiment (<out>/tokenizer.model);
@@ -12,8 +12,15 @@ sub-models, every exit, one command (defaults finish in about half an hour on a 
 4. <out>/results.md, results.json, results.png, and an MLflow parent run "paper_repro" over the
    training runs in <out>/mlflow.db.
 
+Seeds: --seed S (default 42) is every fine-tuning run's train.seed and, unless --data-seed D
+is given, the seed that draws the fine-tuning records and held-out prompts; results.md/.json
+report both. --seeds 42,1234,7 runs the whole comparison once per seed (<out>/seed_<s>, each
+a complete result) from one pretrained base shared by all seeds (<out>/base), and writes
+the mean, spread and per-claim sign agreement to <out>/results.md/.json/.png; a rerun with
+the same --out reuses the finished seeds.
+
 Extra key=value overrides are applied to every training run (e.g. train.lr=5e-4); keys the
-experiment sets per run (modes, exits, data, checkpoints, paths) are refused. --scale S
+experiment sets per run (modes, exits, data, checkpoints, paths, train.seed) are refused. --scale S
 multiplies depth, width, steps, data sizes and vocabulary: see soft/experiments/settings.py.
 Runs that do not depend on each other (sft, soft, extracted) train side by side, --jobs at a
 time. Each run's output goes to <out>/runs/<name>.log. OMP_NUM_THREADS (default 1 per rank) sets
@@ -33,6 +40,7 @@ from soft.config.errors import InputError  # noqa: E402
 from soft.data.builtin import TASKS  # noqa: E402
 from soft.experiments import Options, reproduce  # noqa: E402
 from soft.experiments.runner import RunFailed  # noqa: E402
+from soft.experiments.seeds import parse_seeds  # noqa: E402
 from soft.experiments.settings import DEFAULT_TASKS  # noqa: E402
 
 
@@ -77,6 +85,21 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="comma-separated built-in fine-tuning tasks, or 'all' (default: "
         f"{','.join(DEFAULT_TASKS)})",
     )
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seed", type=int, default=42, help="train.seed of every fine-tuning run (default 42)"
+    )
+    seeds.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds: the comparison once per seed, then mean and spread",
+    )
+    parser.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="seed of the fine-tuning records and test prompts (default: the training seed)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = parser.parse_args(argv)
     tasks = None
@@ -95,12 +118,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
         experiment=args.experiment,
         tasks=tasks,
         overrides=args.overrides,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        seeds=None if args.seeds is None else parse_seeds(args.seeds),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parse_args(argv)
     try:
+        options = parse_args(argv)
         reproduce(options)
     except (InputError, RunFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 `reproduce(Options(...))` pretrains a base model on a text corpus, fine-tunes it with SoFT, SFT,
 SFT+ICT and as extracted sub-models (each a launcher subprocess), evaluates every exit and
-writes the comparison (tables, win rates, plot, MLflow). CLI: tools/reproduce_paper.py.
+writes the comparison (tables, win rates, plot, MLflow). With `Options(seeds=[...])` it runs
+once per seed from one shared base and aggregates the seeds (seeds.py, aggregate.py).
+CLI: tools/reproduce_paper.py.
 """
 
 from soft.experiments.reproduce import Options, reproduce

@@ -30,6 +30,7 @@ RESERVED_KEYS = {
     "data.tokenizer_path": "the experiment trains its own tokenizer",
     "data.text_field": "fixed by the corpus conversion",
     "data.seq_length": "fixed per run (text windows vs fine-tuning prompts)",
+    "train.seed": "use --seed (or --seeds for several; --data-seed for the fine-tuning data)",
     "checkpoint.load_dir": "fixed by the run graph",
     "checkpoint.finetune": "fixed by the run graph",
     "checkpoint.save_dir": "each run saves under <out>/runs/<name>",
@@ -42,13 +43,22 @@ RESERVED_KEYS = {
 
 @dataclass(frozen=True)
 class Layout:
-    """Where everything goes under the output directory."""
+    """Where everything goes under the output directory.
+
+    `base_root`: where the pretrained base, its corpus and its tokenizer live when several
+    seeds share one base (<out>/base of a --seeds run); None = under `out` itself.
+    """
 
     out: Path
+    base_root: Path | None = None
+
+    @property
+    def _base(self) -> Path:
+        return self.out if self.base_root is None else self.base_root
 
     @property
     def corpus(self) -> Path:
-        return self.out / "data" / "corpus.jsonl"
+        return self._base / "data" / "corpus.jsonl"
 
     @property
     def data_dir(self) -> Path:
@@ -56,7 +66,7 @@ class Layout:
 
     @property
     def tokenizer(self) -> Path:
-        return self.out / "tokenizer.model"
+        return self._base / "tokenizer.model"
 
     @property
     def runs(self) -> Path:
@@ -70,14 +80,17 @@ class Layout:
     def default_mlflow_uri(self) -> str:
         return f"sqlite:///{(self.out / 'mlflow.db').resolve()}"
 
+    def _runs_of(self, name: str) -> Path:
+        return self._base / "runs" if name == "base" else self.runs
+
     def run_dir(self, name: str) -> Path:
-        return self.runs / name
+        return self._runs_of(name) / name
 
     def checkpoints(self, name: str) -> Path:
-        return self.runs / name / "checkpoints"
+        return self.run_dir(name) / "checkpoints"
 
     def log(self, name: str) -> Path:
-        return self.runs / f"{name}.log"
+        return self._runs_of(name) / f"{name}.log"
 
     def eval_json(self, name: str) -> Path:
         return self.eval_dir / f"{name}.json"
@@ -115,7 +128,7 @@ def _list(values: Sequence[int]) -> str:
     return "[" + ",".join(str(v) for v in values) + "]"
 
 
-def _common(s: Settings, layout: Layout, mlflow_uri: str, experiment: str) -> list[str]:
+def _common(s: Settings, layout: Layout, mlflow_uri: str, experiment: str, seed: int) -> list[str]:
     """Shared by every run: model width, tokenizer, batch, seed, logging, tracking."""
     return [
         f"model.hidden_size={s.hidden_size}",
@@ -123,7 +136,7 @@ def _common(s: Settings, layout: Layout, mlflow_uri: str, experiment: str) -> li
         f"model.num_attention_heads={s.num_attention_heads}",
         f"data.tokenizer_path={layout.tokenizer.resolve()}",
         f"train.micro_batch_size={s.micro_batch_size}",
-        f"train.seed={s.seed}",
+        f"train.seed={seed}",  # here, as before: a base's recorded overrides stay comparable
         f"train.log_interval={s.log_interval}",
         "train.eval_interval=0",  # one validation pass at the end: steps are precious on CPU
         f"tracking.tracking_uri={mlflow_uri}",
@@ -157,7 +170,6 @@ def build_plan(
     extra: Sequence[str] = (),
 ) -> list[RunSpec]:
     """The runs in execution order (each after the run it loads)."""
-    common = _common(s, layout, mlflow_uri, experiment)
     L, exits = s.num_layers, s.exit_layers
     finetune_data = [
         "data.format=alpaca",
@@ -181,8 +193,9 @@ def build_plan(
         if loads is not None:
             load = [f"checkpoint.load_dir={layout.checkpoints(loads).resolve()}"]
             load.append("checkpoint.finetune=true")
+        seed = s.base_seed if mode == "base" else s.seed
         overrides = [
-            *common,
+            *_common(s, layout, mlflow_uri, experiment, seed),
             f"model.num_layers={depth}",
             *own,
             *load,

@@ -25,6 +25,7 @@ KNOWN_LICENCES = {
     "gsm8k_train_alpaca.json": "MIT (GSM8K train, Alpaca format by AlpacaDataCleaned)",
 }
 PARENT_RUN_NAME = "paper_repro"
+PARENT_RUN_ID_FILE = "mlflow_parent_run_id"  # beside results.json: lets a --seeds run nest it
 
 Echo = Callable[[str], None]
 
@@ -43,9 +44,22 @@ class Options:
     experiment: str = "paper_repro"
     tasks: list[str] | None = None  # built-in fine-tuning tasks; None = settings.DEFAULT_TASKS
     overrides: list[str] = field(default_factory=list)
+    seed: int = 42  # train.seed of every fine-tuning run
+    data_seed: int | None = None  # fine-tuning records and test prompts; None = seed (--seeds too)
+    seeds: list[int] | None = None  # several seeds: soft/experiments/seeds.py runs one per seed
+    # Set by the --seeds driver, not the CLI: the pretrained base shared by every seed (its
+    # folder holds runs/base, the corpus and the tokenizer) and the seed's MLflow parent name.
+    shared_base: Path | None = None
+    base_seed: int | None = None  # train.seed of the shared base
+    run_name: str = PARENT_RUN_NAME
+
+    def settings(self) -> Settings:
+        return make_settings(
+            self.scale, self.mini, self.tasks, self.seed, self.data_seed, self.base_seed
+        )
 
 
-def _check_options(opts: Options) -> None:
+def check_options(opts: Options) -> None:
     if opts.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node: expected >= 1, got {opts.nproc_per_node}")
     if opts.jobs is not None and opts.jobs < 1:
@@ -58,11 +72,13 @@ def _check_options(opts: Options) -> None:
         raise ConfigError("--mlflow-uri: expected a URI (e.g. sqlite:////abs/path/mlflow.db)")
     if opts.out.exists() and not opts.out.is_dir():
         raise ConfigError(f"--out '{opts.out}' exists and is not a directory")
-    if opts.pretrain and not opts.reuse_base:
+    if opts.pretrain and not opts.reuse_base and opts.shared_base is None:
         exp_data.check_corpus(opts.corpus)
+    if opts.shared_base is not None and (not opts.pretrain or opts.reuse_base):
+        raise ConfigError("a shared base needs pretraining on and is reused by construction")
 
 
-def _validate_plan(plan: list[RunSpec]) -> bool:
+def validate_plan(plan: list[RunSpec]) -> bool:
     """Every run's config, checked before any work (a bad key fails now, not after an hour).
     Returns whether MLflow tracking is on."""
     from soft.config.root import load_config
@@ -80,19 +96,30 @@ def _validate_plan(plan: list[RunSpec]) -> bool:
 def _prepare_data(
     opts: Options, s: Settings, layout: Layout, echo: Echo
 ) -> tuple[dict[str, object], int, int]:
-    """Fine-tuning splits, pretraining corpus and tokenizer. Returns (corpus info, train, test
-    sizes)."""
+    """Fine-tuning splits, pretraining corpus and tokenizer (those two not when the base is
+    shared: the --seeds driver made them). Returns (corpus info, train, test sizes)."""
     ft, train, _ = exp_data.make_finetune_data(
-        layout.data_dir, s.seed, s.num_train, s.num_test, s.tasks
+        layout.data_dir, s.data_seed, s.num_train, s.num_test, s.tasks
     )
     echo(
         f"fine-tuning data: {ft.num_train} train / {ft.num_test} held-out test records of the "
-        f"built-in tasks {', '.join(s.tasks)}"
+        f"built-in tasks {', '.join(s.tasks)} (data seed {s.data_seed})"
     )
     info: dict[str, object] = {"pretrained": opts.pretrain}
-    docs: list[str] = []
-    if opts.pretrain:
+    if opts.pretrain and opts.corpus is not None:  # --reuse-base needs no --corpus
         info.update(corpus=str(opts.corpus.resolve()), licence=_licence(opts.corpus))
+    if opts.shared_base is None:
+        info |= prepare_base_inputs(opts, s, layout, train, echo)
+    return info, ft.num_train, ft.num_test
+
+
+def prepare_base_inputs(
+    opts: Options, s: Settings, layout: Layout, train: list[dict[str, str]], echo: Echo
+) -> dict[str, object]:
+    """The pretraining corpus (plain text) and the tokenizer, trained on it and on the
+    fine-tuning records `train`. Returns corpus info for the report."""
+    info: dict[str, object] = {}
+    docs: list[str] = []
     if opts.pretrain and not opts.reuse_base:
         records = exp_data.load_alpaca_corpus(opts.corpus)[: s.corpus_limit]
         docs = exp_data.corpus_documents(records)
@@ -103,23 +130,30 @@ def _prepare_data(
         echo(f"tokenizer: reusing {layout.tokenizer} (--reuse-base)")
     else:
         lines = exp_data.tokenizer_lines(docs, train)
+        layout.tokenizer.parent.mkdir(parents=True, exist_ok=True)
         exp_data.train_tokenizer(lines, layout.tokenizer, s.vocab_size)
         echo(f"tokenizer: {s.vocab_size} BPE pieces -> {layout.tokenizer}")
-    return info, ft.num_train, ft.num_test
+    return info
 
 
 def _licence(corpus: Path) -> str:
     return KNOWN_LICENCES.get(corpus.name, "unknown (user-supplied corpus: check its licence)")
 
 
-def _run_all(
+def run_all(
     plan: list[RunSpec], layout: Layout, opts: Options, jobs: int, echo: Echo
 ) -> tuple[dict[str, float], list[str]]:
     """Train every run (independent ones side by side); returns (wall seconds per run, notes)."""
     notes: list[str] = []
     done: set[str] = set()
     base = next((spec for spec in plan if spec.name == "base"), None)
-    if base is not None and (opts.reuse_base or runner.reusable_base(base, layout)):
+    if base is not None and opts.shared_base is not None:
+        if not runner.is_finished(layout.run_dir("base")):  # the driver trained it first
+            raise ConfigError(f"the shared base in {layout.run_dir('base')} is not finished")
+        seed = opts.settings().base_seed
+        notes.append(f"base shared by every seed: {layout.run_dir('base')} (seed {seed})")
+        done.add("base")
+    elif base is not None and (opts.reuse_base or runner.reusable_base(base, layout)):
         if opts.reuse_base:
             notes += runner.check_forced_reuse(base, layout)
         echo(f"base: reusing the finished run in {layout.run_dir('base')}")
@@ -190,16 +224,29 @@ def _evaluate_all(
 def _base_description(opts: Options, info: dict, s: Settings, notes: list[str]) -> str:
     if not opts.pretrain:
         return "none: every method fine-tuned from a random init (--no-pretrain)"
-    reused = " (reused)" if any(n.startswith("base reused") for n in notes) else ""
+    if opts.shared_base is not None:
+        how = "; trained once and shared by every seed"
+    else:
+        how = " (reused)" if any(n.startswith("base reused") for n in notes) else ""
+    if "corpus" not in info:
+        return f"pretrained (seed {s.base_seed}) on the corpus of the reused base{how}"
     return (
-        f"pretrained{reused} for {s.pretrain_iters} steps on {Path(info['corpus']).name} "
-        f"as plain text, licence {info['licence']}"
+        f"pretrained for {s.pretrain_iters} steps (seed {s.base_seed}) on "
+        f"{Path(info['corpus']).name} as plain text, licence {info['licence']}{how}"
     )
 
 
-def _child_run_ids(plan: list[RunSpec], layout: Layout) -> list[str]:
+def base_fingerprint_sha(layout: Layout) -> str | None:
+    """Identifies the base a result was fine-tuned from (None: no recorded base)."""
+    path = layout.run_dir("base") / runner.FINGERPRINT
+    return runner.sha256(path) if path.is_file() else None
+
+
+def _child_run_ids(plan: list[RunSpec], layout: Layout, shared_base: bool) -> list[str]:
     ids = []
     for spec in plan:
+        if spec.name == "base" and shared_base:
+            continue  # nested under the --seeds parent run, not under one seed's
         path = layout.run_dir(spec.name) / "mlflow_run_id"
         if path.is_file():
             ids.append(path.read_text().strip())
@@ -208,16 +255,20 @@ def _child_run_ids(plan: list[RunSpec], layout: Layout) -> list[str]:
 
 def reproduce(opts: Options, echo: Echo = print) -> dict:
     """Run the whole comparison; returns the results dict written to results.json."""
+    if opts.seeds is not None:
+        from soft.experiments.seeds import reproduce_seeds
+
+        return reproduce_seeds(opts, echo)
     started = time.perf_counter()
-    _check_options(opts)
-    s = make_settings(opts.scale, opts.mini, opts.tasks)
-    layout = Layout(opts.out.resolve())
+    check_options(opts)
+    s = opts.settings()
+    layout = Layout(opts.out.resolve(), opts.shared_base and opts.shared_base.resolve())
     uri = opts.mlflow_uri or layout.default_mlflow_uri
     extra = check_extra_overrides(list(opts.overrides))
     plan = build_plan(
         s, layout, pretrain=opts.pretrain, mlflow_uri=uri, experiment=opts.experiment, extra=extra
     )
-    tracking = _validate_plan(plan)
+    tracking = validate_plan(plan)
     if "OMP_NUM_THREADS" not in os.environ:  # evaluation runs here: same thread policy as runs
         import torch
 
@@ -228,7 +279,7 @@ def reproduce(opts: Options, echo: Echo = print) -> dict:
     timing = {"data and tokenizer": time.perf_counter() - t0}
     jobs = opts.jobs or runner.default_jobs(opts.nproc_per_node)
     echo(f"{len(plan)} training runs, up to {jobs} at a time, {opts.nproc_per_node} rank(s) each")
-    run_timing, notes = _run_all(plan, layout, opts, jobs, echo)
+    run_timing, notes = run_all(plan, layout, opts, jobs, echo)
     evals, eval_timing = _evaluate_all(plan, layout, s, echo)
     timing |= run_timing | eval_timing
     modes = res.merge_mode_evals(evals)
@@ -245,6 +296,7 @@ def reproduce(opts: Options, echo: Echo = print) -> dict:
         "nproc_per_node": opts.nproc_per_node,
         "jobs": jobs,
         "extra_overrides": extra,
+        "base_fingerprint_sha256": base_fingerprint_sha(layout) if opts.pretrain else None,
         "runs": _run_summaries(plan),
         "rows": rows,
         "notes": notes,
@@ -288,9 +340,10 @@ def _write_report(
         }
         artifacts = [json_path, md_path, png, *sorted(layout.eval_dir.glob("*.json"))]
         run_id = log_parent_run(
-            uri, opts.experiment, PARENT_RUN_NAME, params, results["rows"], artifacts,
-            _child_run_ids(plan, layout),
+            uri, opts.experiment, opts.run_name, params, results["rows"], artifacts,
+            _child_run_ids(plan, layout, opts.shared_base is not None),
         )  # fmt: skip
+        (layout.out / PARENT_RUN_ID_FILE).write_text(run_id + "\n")
         echo(f"MLflow: parent run {run_id} in {uri} (experiment '{opts.experiment}')")
     echo("")
     echo(res.quality_table(results["rows"]))

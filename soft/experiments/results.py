@@ -111,7 +111,7 @@ def _pct(value: float | None) -> str:
     return DASH if value is None else f"{100 * value:.1f}%"
 
 
-def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+def grid_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
@@ -129,7 +129,7 @@ def quality_table(rows: Sequence[Mapping]) -> str:
             got = row["metrics"].get(m) or {}
             cells += [_num(got.get("loss")), _pct(got.get("exact_match"))]
         body.append(cells)
-    return _table(header, body)
+    return grid_table(header, body)
 
 
 def win_table(rows: Sequence[Mapping]) -> str:
@@ -148,7 +148,7 @@ def win_table(rows: Sequence[Mapping]) -> str:
             else:
                 cells += [f"{wr['wins']}/{wr['ties']}/{wr['losses']}", f"{wr['score']:+.3f}"]
         body.append(cells)
-    return _table(header, body)
+    return grid_table(header, body)
 
 
 def markdown_report(results: Mapping) -> str:
@@ -163,8 +163,9 @@ def markdown_report(results: Mapping) -> str:
         f"Fine-tuning: {results['num_train']} records of the built-in tasks "
         f"{', '.join(s['tasks'])}, {s['finetune_iters']} steps, "
         f"batch {s['finetune_batch_size']}, lr {s['finetune_lr']}, "
-        f"seed {s['seed']}; the same for every method. Test: {results['num_test']} held-out "
-        "prompts, greedy decoding, exact match (EM).",
+        f"training seed {s['seed']} (`train.seed`); the same for every method. Data seed "
+        f"{s['data_seed']} (the fine-tuning records and held-out prompts). Test: "
+        f"{results['num_test']} held-out prompts, greedy decoding, exact match (EM).",
         "",
         "## Loss and exact match per exit",
         "",

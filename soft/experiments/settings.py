@@ -13,8 +13,11 @@ the fine-tuned full models reached about 50% exact match on the held-out prompts
 - the number of fine-tuning training records and of held-out test prompts;
 - the tokenizer vocabulary (1024·S rounded to a multiple of 128, at most 8192).
 
-Batch sizes, sequence lengths, learning rates, the seed and the fine-tuning tasks do not change
-with the scale. Tasks: by default the built-in tasks that the default model learns within its
+Batch sizes, sequence lengths, learning rates, the seeds and the fine-tuning tasks do not change
+with the scale. Seeds (none changes with the scale): `seed` is every training run's
+`train.seed` (init, data order, dropout), `data_seed` draws the fine-tuning records and the
+held-out prompts, `base_seed` is the pretraining run's `train.seed` (it differs from `seed`
+only when several seeds share one pretrained base: see soft/experiments/seeds.py). Tasks: by default the built-in tasks that the default model learns within its
 steps (`DEFAULT_TASKS`; on the full mix of nine, reversal, upper-casing and arithmetic dilute
 the few hundred steps and the full model stays near 10% exact match, mostly from guessing);
 `--tasks all` uses every built-in task, for bigger runs.
@@ -70,7 +73,9 @@ class Settings:
     max_new_tokens: int  # longest built-in answer: ~11 tokens ("12, 45, 78" with split digits)
     tasks: tuple[str, ...] = DEFAULT_TASKS  # built-in fine-tuning tasks
     corpus_limit: int | None = None  # pretraining records used (None = the whole corpus)
-    seed: int = 42  # the paper's seed
+    seed: int = 42  # train.seed of the fine-tuning runs (the paper's seed)
+    data_seed: int = 42  # draws the fine-tuning records and held-out test prompts
+    base_seed: int = 42  # train.seed of the pretraining run
     log_interval: int = 10
 
     def as_params(self) -> dict[str, object]:
@@ -96,15 +101,38 @@ def extracted_depths_for(num_layers: int) -> list[int]:
 
 
 def make_settings(
-    scale: float = 1.0, mini: bool = False, tasks: Sequence[str] | None = None
+    scale: float = 1.0,
+    mini: bool = False,
+    tasks: Sequence[str] | None = None,
+    seed: int = 42,
+    data_seed: int | None = None,
+    base_seed: int | None = None,
 ) -> Settings:
     """The defaults for `scale` (see the module docstring); `mini` = a smoke-test size;
-    `tasks` = built-in task names (None = DEFAULT_TASKS)."""
+    `tasks` = built-in task names (None = DEFAULT_TASKS); `data_seed` and `base_seed`
+    default to `seed`."""
     if not math.isfinite(scale) or scale <= 0:
         raise ConfigError(f"--scale: expected a positive number, got {scale}")
     chosen = _check_tasks(DEFAULT_TASKS if tasks is None else tasks)
-    if mini:
-        return replace(_mini_settings(scale), tasks=chosen)
+    seeds = {
+        "seed": seed,
+        "data_seed": seed if data_seed is None else data_seed,
+        "base_seed": seed if base_seed is None else base_seed,
+    }
+    for name, value in seeds.items():
+        _check_seed(name, value)
+    sized = _mini_settings(scale) if mini else _full_settings(scale)
+    return replace(sized, tasks=chosen, **seeds)
+
+
+def _check_seed(name: str, value: int) -> None:
+    # train.seed seeds torch and numpy: numpy takes 0 <= seed < 2**32.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag}: expected an integer in [0, 2**32), got {value!r}")
+
+
+def _full_settings(scale: float) -> Settings:
     num_layers = _round_to(8 * scale, 4, 4)
     hidden = _round_to(128 * scale, 64, 64)
     steps = lambda n: max(1, int(round(n * scale)))  # noqa: E731
@@ -134,7 +162,6 @@ def make_settings(
         num_train=max(100, int(round(4000 * scale))),
         num_test=max(20, int(round(200 * scale))),
         max_new_tokens=16,
-        tasks=chosen,
     )
 
 
