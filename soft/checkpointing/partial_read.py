@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from soft.compat.versions import require_megatron
+
 # checkpoint key -> [(global offsets, destination buffer)]: one key may be read several times
 # (SwiGLU's fc1 halves, several layers of a stacked tensor).
 SliceRequests = dict[str, list[tuple[tuple[int, ...], torch.Tensor]]]
@@ -80,6 +82,10 @@ class SliceLoadStrategy(TorchDistLoadShardedStrategy):
         return True
 
     def load(self, sharded_state_dict, checkpoint_dir):
+        # megatron-core 0.16's LoadShardedStrategy.load(sharded_state_dict, checkpoint_dir)
+        # (dist_checkpointing/strategies/base.py:130, called at serialization.py's
+        # `sharded_strategy.load`); 0.19 passes a third argument, async_strategy.
+        require_megatron()
         requests: SliceRequests = {}
         buffers: dict[int, torch.Tensor] = {}
         for sh in nested_values(sharded_state_dict):
