@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from soft.checkpointing import directory, manifest
 from soft.checkpointing.compatibility import saved_config
@@ -59,7 +61,7 @@ class NonFiniteCheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------- saving
 
 
-def _local_tensors(chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
+def _local_tensors(chunks, optimizer: MegatronOptimizer | None) -> list[tuple[str, torch.Tensor]]:
     """Every parameter of this rank and the optimizer state it holds (fp32 master weights and
     Adam moments included: a bf16 run's master weights can go bad before the bf16 copy)."""
     named = [(name, p) for chunk in chunks for name, p in chunk.named_parameters()]
@@ -72,7 +74,7 @@ def _local_tensors(chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
-def ensure_finite(chunks, optimizer, iteration: int) -> None:
+def ensure_finite(chunks, optimizer: MegatronOptimizer | None, iteration: int) -> None:
     """Refuse (on every rank) to save a state with a NaN or infinite value anywhere."""
     bad = next(
         (name for name, t in _local_tensors(chunks, optimizer)
@@ -111,13 +113,13 @@ def _rng_sharded_object(state: Any) -> ShardedObject:
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
-def _optimizer_metadata(optimizer, fmt: str) -> dict[str, Any] | None:
+def _optimizer_metadata(optimizer: MegatronOptimizer | None, fmt: str) -> dict[str, Any] | None:
     """How megatron-core lays out distributed-optimizer state in the checkpoint: see
     CheckpointConfig.optimizer_format."""
     return {"distrib_optim_sharding_type": fmt} if _distributed(optimizer) else None
 
 
-def _distributed(optimizer) -> bool:
+def _distributed(optimizer: MegatronOptimizer | None) -> bool:
     return bool(getattr(getattr(optimizer, "config", None), "use_distributed_optimizer", False))
 
 
@@ -127,8 +129,8 @@ def save(
     state: TrainState,
     config: Any,
     *,
-    optimizer=None,
-    scheduler=None,
+    optimizer: MegatronOptimizer | None = None,
+    scheduler: OptimizerParamScheduler | None = None,
     keep_last: int = 0,
     optimizer_format: str = "fully_reshardable",
     identity: dict[str, Any] | None = None,
@@ -332,7 +334,13 @@ def load_weights(ckpt: Path, chunks, extract: bool = False, allow_unverified: bo
     _load_model(_load(ckpt, request, partial), chunks)
 
 
-def resume(ckpt: Path, chunks, optimizer, scheduler, allow_unverified: bool = False) -> TrainState:
+def resume(
+    ckpt: Path,
+    chunks,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler | None,
+    allow_unverified: bool = False,
+) -> TrainState:
     """Everything a run needs to continue where the checkpoint stopped: weights, optimizer
     and scheduler state, RNG states (at the same world size) and the data position.
     `allow_unverified`: see `verify`."""

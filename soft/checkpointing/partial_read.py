@@ -20,7 +20,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -39,15 +39,18 @@ class SlicePlanner(DefaultLoadPlanner):
         self.requests = requests
 
     def create_local_plan(self) -> LoadPlan:
+        if self.metadata is None:
+            raise RuntimeError("SlicePlanner: dcp.load planned before reading the metadata")
         items = []
         for key, slices in self.requests.items():
+            stored = self.metadata.state_dict_metadata[key]
+            if not isinstance(stored, TensorStorageMetadata):
+                raise RuntimeError(f"checkpoint key '{key}' holds bytes, not a tensor to slice")
             chunks = [
                 ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
                 for offsets, dest in slices
             ]
-            items += create_read_items_for_chunk_list(
-                key, self.metadata.state_dict_metadata[key], chunks
-            )
+            items += create_read_items_for_chunk_list(key, stored, chunks)
         return LoadPlan(items)
 
     def resolve_tensor(self, read_item) -> torch.Tensor:
@@ -77,8 +80,10 @@ class SliceLoadStrategy(TorchDistLoadShardedStrategy):
     start fresh, as they do for any fine-tuning run's new layers.
     """
 
+    # megatron's base class declares a property, which its TorchDistLoadShardedStrategy
+    # shadows with a plain method; base.py reads the attribute, so a property is right.
     @property
-    def can_handle_sharded_objects(self) -> bool:
+    def can_handle_sharded_objects(self) -> bool:  # type: ignore[override]
         return True
 
     def load(self, sharded_state_dict, checkpoint_dir):
@@ -100,6 +105,9 @@ class SliceLoadStrategy(TorchDistLoadShardedStrategy):
         def result(sh):
             if isinstance(sh, ShardedObject):
                 return None
-            return buffers[id(sh)].to(sh.data.device) if isinstance(sh, ShardedTensor) else sh
+            if not isinstance(sh, ShardedTensor):
+                return sh
+            # The read buffer goes where the request's own tensor lives (CPU when it has none).
+            return buffers[id(sh)].to(sh.data.device if sh.data is not None else "cpu")
 
         return dict_list_map_inplace(result, sharded_state_dict)

@@ -47,8 +47,9 @@ def model_request(
     request = model_state(chunks, {heads.READ_SHARED_HEAD: True} if needs_init else None)
     model_layers = chunks[0].config.num_layers
     stored_layers = stored_num_layers(stored)
-    partial = stored_layers is not None and stored_layers != model_layers
-    if partial:
+    partial = False
+    if stored_layers is not None and stored_layers != model_layers:
+        partial = True
         if not (extract and stored_layers > model_layers):
             raise CheckpointError(
                 f"checkpoint '{ckpt}' holds a {stored_layers}-layer model but model.num_layers is "
@@ -116,7 +117,7 @@ def widen_layer_axis(tree: Any, model_layers: int, stored_layers: int) -> Any:
         if tree.global_shape[0] != model_layers:
             raise RuntimeError(f"'{tree.key}': expected {model_layers} layers on axis 0")
         tree.global_shape = (stored_layers, *tree.global_shape[1:])
-        fragments = getattr(tree, "axis_fragmentations", None)
-        if fragments is not None:
-            tree.axis_fragmentations = (stored_layers, *fragments[1:])
+        # Only a ShardedTensor records how each axis is split.
+        if isinstance(tree, ShardedTensor) and tree.axis_fragmentations is not None:
+            tree.axis_fragmentations = (stored_layers, *tree.axis_fragmentations[1:])
     return tree

@@ -115,6 +115,10 @@ def _make_cpu_rng_tracker():
     return CpuRNGStatesTracker
 
 
+def _cpu_device() -> torch.device:
+    return _CPU
+
+
 def apply() -> None:
     """Install the CPU patches (idempotent; an error when CUDA is available)."""
     global _APPLIED, _MODE, _SAVED
@@ -136,8 +140,10 @@ def apply() -> None:
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # until restore(): every torch call of this process goes through it
 
-    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    # torch declares an int index; megatron only passes the result on as a device, so the CPU
+    # device itself is what it must get here.
+    torch.cuda.current_device = _cpu_device  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None
     mp_random._CUDA_RNG_STATE_TRACKER = _make_cpu_rng_tracker()()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
@@ -154,9 +160,10 @@ def restore() -> None:
         return
     from megatron.core.tensor_parallel import random as mp_random
 
-    _MODE.__exit__(None, None, None)
-    torch.cuda.current_device = _SAVED["current_device"]  # type: ignore[assignment]
-    torch.cuda.synchronize = _SAVED["synchronize"]  # type: ignore[assignment]
+    if _MODE is not None:
+        _MODE.__exit__(None, None, None)
+    torch.cuda.current_device = _SAVED["current_device"]
+    torch.cuda.synchronize = _SAVED["synchronize"]
     mp_random._CUDA_RNG_STATE_TRACKER = _SAVED["tracker"]
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = _SAVED["tracker_initialized"]
     mp_random._get_cuda_rng_state = _SAVED["get_rng_state"]

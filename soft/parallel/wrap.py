@@ -3,6 +3,8 @@ torchtitan's `parallelize_*` do), and the hooks megatron-core's schedules call."
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -18,7 +20,8 @@ from soft.parallel.config import ParallelConfig
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     while isinstance(module, DistributedDataParallel | Float16Module):
-        module = module.module
+        # Float16Module registers its inner module with add_module: no declared attribute.
+        module = cast(torch.nn.Module, module.module)
     return module
 
 
@@ -73,6 +76,8 @@ def install_schedule_hooks(
 
     config.finalize_model_grads_func = finalize_model_grads
     no_sync = [c.no_sync for c in wrapped]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    # megatron-core declares these as one callable, but its interleaved schedule takes a list
+    # (one per virtual chunk), as Megatron-LM's training.py sets them.
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync  # type: ignore[assignment]
     if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
-        config.grad_sync_func = [c.start_grad_sync for c in wrapped]
+        config.grad_sync_func = [c.start_grad_sync for c in wrapped]  # type: ignore[assignment]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.transformer import TransformerConfig
 
 from soft.models.build import build_chunks
@@ -21,7 +22,7 @@ from soft.parallel.wrap import install_schedule_hooks, unwrap, wrap_chunks
 
 @dataclass
 class SoftModel:
-    chunks: list[torch.nn.Module]  # wrapped (DDP, Float16Module), one per virtual stage
+    chunks: list[DistributedDataParallel]  # DDP (around Float16Module), one per virtual stage
     plan: ExitPlan
     config: TransformerConfig
     vocab_size: int  # padded

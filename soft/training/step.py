@@ -10,6 +10,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from soft.compat.optimizer_step import Skipped, guarded_step
@@ -158,8 +160,8 @@ def _objective(model: SoftModel, exit_losses: dict[int, float]) -> float:
 
 def train_step(
     model: SoftModel,
-    optimizer,
-    scheduler,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
     microbatches: list[Batch],
     measure_untrained: bool = True,
 ) -> StepResult:
