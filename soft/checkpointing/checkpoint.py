@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,12 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import MegatronModule
 
 from soft.checkpointing import directory, manifest
 from soft.checkpointing.compatibility import saved_config
 from soft.checkpointing.directory import CheckpointDamaged, CheckpointError, CheckpointSaveFailed
-from soft.checkpointing.requests import model_request, model_state
+from soft.checkpointing.requests import Chunk, model_request, model_state
 from soft.compat import checkpoint_queue, optimizer_state
 from soft.config.core import save_yaml
 from soft.failpoints import failpoint
@@ -61,10 +63,14 @@ class NonFiniteCheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------- saving
 
 
-def _local_tensors(chunks, optimizer: MegatronOptimizer | None) -> list[tuple[str, torch.Tensor]]:
+def _local_tensors(
+    chunks: Sequence[Chunk], optimizer: MegatronOptimizer | None
+) -> list[tuple[str, torch.Tensor]]:
     """Every parameter of this rank and the optimizer state it holds (fp32 master weights and
     Adam moments included: a bf16 run's master weights can go bad before the bf16 copy)."""
-    named = [(name, p) for chunk in chunks for name, p in chunk.named_parameters()]
+    named: list[tuple[str, torch.Tensor]] = [
+        (name, p) for chunk in chunks for name, p in chunk.named_parameters()
+    ]
     for opt in getattr(optimizer, "chained_optimizers", [optimizer] if optimizer else []):
         inner = getattr(opt, "optimizer", None)
         for group in getattr(inner, "param_groups", []):
@@ -74,7 +80,9 @@ def _local_tensors(chunks, optimizer: MegatronOptimizer | None) -> list[tuple[st
     return named
 
 
-def ensure_finite(chunks, optimizer: MegatronOptimizer | None, iteration: int) -> None:
+def ensure_finite(
+    chunks: Sequence[Chunk], optimizer: MegatronOptimizer | None, iteration: int
+) -> None:
     """Refuse (on every rank) to save a state with a NaN or infinite value anywhere."""
     bad = next(
         (name for name, t in _local_tensors(chunks, optimizer)
@@ -125,7 +133,7 @@ def _distributed(optimizer: MegatronOptimizer | None) -> bool:
 
 def save(
     save_dir: str | Path,
-    chunks,
+    chunks: Sequence[Chunk],
     state: TrainState,
     config: Any,
     *,
@@ -318,12 +326,17 @@ def _load(ckpt: Path, request: dict[str, Any], partial: bool) -> dict[str, Any]:
     )
 
 
-def _load_model(loaded: dict[str, Any], chunks) -> None:
+def _load_model(loaded: dict[str, Any], chunks: Sequence[Chunk]) -> None:
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"model{i}"], strict=True)
 
 
-def load_weights(ckpt: Path, chunks, extract: bool = False, allow_unverified: bool = False) -> None:
+def load_weights(
+    ckpt: Path,
+    chunks: Sequence[MegatronModule],
+    extract: bool = False,
+    allow_unverified: bool = False,
+) -> None:
     """Model weights only (fine-tuning starts at step 0 with a fresh optimizer).
 
     `extract`: the model may have fewer layers than the checkpoint; it gets the first ones
@@ -336,7 +349,7 @@ def load_weights(ckpt: Path, chunks, extract: bool = False, allow_unverified: bo
 
 def resume(
     ckpt: Path,
-    chunks,
+    chunks: Sequence[MegatronModule],
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler | None,
     allow_unverified: bool = False,

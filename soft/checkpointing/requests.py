@@ -11,14 +11,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from megatron.core.dist_checkpointing.mapping import (
     ShardedObject,
     ShardedTensor,
     ShardedTensorFactory,
 )
+from megatron.core.transformer.module import MegatronModule
 
 from soft.checkpointing.directory import CheckpointError
 from soft.models import heads
@@ -28,14 +31,31 @@ log = logging.getLogger(__name__)
 LAYER_KEY_PREFIX = "decoder.layers."
 
 
-def model_state(chunks, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+class Chunk(Protocol):
+    """What checkpointing uses of a model chunk: a megatron-core MegatronModule (GPTModel), or
+    a stand-in holding a prebuilt sharded state dict (soft.conversion's ModelOnly)."""
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: Any = (), metadata: dict | None = None
+    ) -> dict[str, Any]: ...
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any: ...
+
+
+def model_state(chunks: Sequence[Chunk], metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         f"model{i}": chunk.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(chunks)
     }
 
 
 def model_request(
-    ckpt: Path, chunks, stored: dict[str, Any], extract: bool
+    ckpt: Path, chunks: Sequence[MegatronModule], stored: dict[str, Any], extract: bool
 ) -> tuple[dict[str, Any], bool]:
     """(request, partial): partial is True when the request reads only part of the stored
     layer tensors (extract=True with a deeper checkpoint)."""

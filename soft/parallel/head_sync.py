@@ -27,6 +27,7 @@ When the sum happens depends on when the data-parallel reduction runs:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -50,7 +51,7 @@ class HeadGroups(NamedTuple):
     matrix: dist.ProcessGroup | None
 
 
-def give_head_copies_own_buckets(chunks: list[torch.nn.Module]) -> None:
+def give_head_copies_own_buckets(chunks: Sequence[torch.nn.Module]) -> None:
     """For overlap_grad_reduce: every head copy in its own DDP bucket under the distributed
     optimizer (see module docstring). Call before the chunks are wrapped in DDP."""
     require_megatron()
@@ -59,7 +60,7 @@ def give_head_copies_own_buckets(chunks: list[torch.nn.Module]) -> None:
             setattr(param, SHARED_EMBEDDING, True)
 
 
-def build_head_groups(chunks: list[torch.nn.Module]) -> HeadGroups:
+def build_head_groups(chunks: Sequence[torch.nn.Module]) -> HeadGroups:
     """Per head tensor, the process group of the ranks holding a copy of it in this rank's
     pipeline column (None where this rank holds none, or is the only holder).
 
@@ -88,7 +89,7 @@ def build_head_groups(chunks: list[torch.nn.Module]) -> HeadGroups:
     return HeadGroups(*mine)
 
 
-def allreduce_head_grads(chunks: list[torch.nn.Module], groups: HeadGroups) -> None:
+def allreduce_head_grads(chunks: Sequence[torch.nn.Module], groups: HeadGroups) -> None:
     """Sum each head tensor's gradients over every copy (chunks on this rank, then ranks in
     its group)."""
     for copies, group in zip(head_copies(chunks), groups, strict=True):
@@ -108,7 +109,7 @@ def _sum_copies(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> N
             g.copy_(total)
 
 
-def head_replica_max_diff(chunks: list[torch.nn.Module], groups: HeadGroups) -> float:
+def head_replica_max_diff(chunks: Sequence[torch.nn.Module], groups: HeadGroups) -> float:
     """Largest absolute difference between this rank's head copies and its group's first
     rank's (every head tensor)."""
     worst = 0.0

@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads as megatron_finalize_model_grads
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.module import Float16Module, MegatronModule
 
 from soft.compat import wgrad
 from soft.models.heads import exit_only_matrices
@@ -18,10 +18,13 @@ from soft.parallel import head_sync
 from soft.parallel.config import ParallelConfig
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap(module: torch.nn.Module) -> MegatronModule:
+    """The model chunk (a GPTModel) inside the DDP and Float16Module wrappers."""
     while isinstance(module, DistributedDataParallel | Float16Module):
         # Float16Module registers its inner module with add_module: no declared attribute.
         module = cast(torch.nn.Module, module.module)
+    if not isinstance(module, MegatronModule):
+        raise TypeError(f"expected a megatron-core model chunk, got {type(module).__name__}")
     return module
 
 

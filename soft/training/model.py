@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
 
 from soft.models.build import build_chunks
 from soft.models.config import ModelConfig, SoftConfig
@@ -31,7 +32,7 @@ class SoftModel:
     tallies: ExitTallies = field(default_factory=ExitTallies)
 
     @property
-    def unwrapped(self) -> list[torch.nn.Module]:
+    def unwrapped(self) -> list[MegatronModule]:
         return [unwrap(c) for c in self.chunks]
 
     def hooks_for(self, chunk: torch.nn.Module) -> ExitHooks:
