@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from megatron.core import dist_checkpointing
@@ -39,6 +39,7 @@ from soft.config.core import save_yaml
 from soft.failpoints import failpoint
 from soft.parallel.collectives import any_rank, barrier, gather_to_all, rank_world
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 # 3: every checkpoint has a manifest (so one without it is damaged); 2 and 1 may predate them.
 FORMAT_VERSION = 3
@@ -287,7 +288,7 @@ def _summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip()
 
 
-def _reading(ckpt: Path, fn, *args, **kwargs):
+def _reading(ckpt: Path, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a megatron read; a damaged or foreign folder becomes an error that names it."""
     try:
         return fn(*args, **kwargs)
@@ -312,18 +313,16 @@ def _saved_world_size(stored: dict[str, Any]) -> int | None:
 def _load(ckpt: Path, request: dict[str, Any], partial: bool) -> dict[str, Any]:
     """`partial`: the request reads only part of some tensors (extracted layers), which
     megatron-core's access check (every shard read exactly once) would reject."""
-    if not partial:
-        return _reading(ckpt, dist_checkpointing.load, request, str(ckpt))
-    from soft.checkpointing.partial_read import SliceLoadStrategy
+    options: dict[str, Any] = {}
+    if partial:
+        from soft.checkpointing.partial_read import SliceLoadStrategy
 
-    return _reading(
-        ckpt,
-        dist_checkpointing.load,
-        request,
-        str(ckpt),
-        sharded_strategy=SliceLoadStrategy(),
-        validate_access_integrity=False,
-    )
+        options = {"sharded_strategy": SliceLoadStrategy(), "validate_access_integrity": False}
+    loaded = _reading(ckpt, dist_checkpointing.load, request, str(ckpt), **options)
+    # (state, missing keys, unexpected keys) comes back only in the strict=RETURN_* modes.
+    if isinstance(loaded, tuple):
+        raise RuntimeError("dist_checkpointing.load returned key lists: not a strict load")
+    return loaded
 
 
 def _load_model(loaded: dict[str, Any], chunks: Sequence[Chunk]) -> None:

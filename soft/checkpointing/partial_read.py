@@ -12,16 +12,22 @@ reads exactly the slices it asks for, whatever the world size.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedStateDict,
+    ShardedTensor,
+    StateDict,
+)
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from soft.compat.versions import require_megatron
@@ -53,11 +59,14 @@ class SlicePlanner(DefaultLoadPlanner):
             items += create_read_items_for_chunk_list(key, stored, chunks)
         return LoadPlan(items)
 
-    def resolve_tensor(self, read_item) -> torch.Tensor:
-        dest = self.requests[read_item.dest_index.fqn][read_item.dest_index.index][1]
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        index = read_item.dest_index.index  # create_local_plan numbered every chunk
+        if index is None:
+            raise RuntimeError(f"read item of '{read_item.dest_index.fqn}' without a chunk index")
+        dest = self.requests[read_item.dest_index.fqn][index][1]
         return narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)
 
-    def commit_tensor(self, read_item, tensor) -> None:
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         pass  # resolve_tensor handed out a view of the destination: nothing to copy back
 
 
@@ -86,7 +95,7 @@ class SliceLoadStrategy(TorchDistLoadShardedStrategy):
     def can_handle_sharded_objects(self) -> bool:  # type: ignore[override]
         return True
 
-    def load(self, sharded_state_dict, checkpoint_dir):
+    def load(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: str | Path) -> StateDict:
         # megatron-core 0.16's LoadShardedStrategy.load(sharded_state_dict, checkpoint_dir)
         # (dist_checkpointing/strategies/base.py:130, called at serialization.py's
         # `sharded_strategy.load`); 0.19 passes a third argument, async_strategy.
@@ -102,7 +111,7 @@ class SliceLoadStrategy(TorchDistLoadShardedStrategy):
             buffers[id(sh)] = dest.reshape(sh.local_shape)
         read_slices(checkpoint_dir, requests)
 
-        def result(sh):
+        def result(sh: Any) -> Any:
             if isinstance(sh, ShardedObject):
                 return None
             if not isinstance(sh, ShardedTensor):

@@ -127,7 +127,7 @@ def widen_layer_axis(tree: Any, model_layers: int, stored_layers: int) -> Any:
     if isinstance(tree, ShardedTensorFactory):
         build = tree.build_fn
 
-        def widened_build(*args, **kwargs):
+        def widened_build(*args: Any, **kwargs: Any) -> Any:
             return widen_layer_axis(build(*args, **kwargs), model_layers, stored_layers)
 
         tree.build_fn = widened_build

@@ -64,15 +64,15 @@ def keep_step_on_reshardable_load(optimizer: MegatronOptimizer) -> None:
 def _copy_only_given_states(optimizer: DistributedOptimizer) -> None:
     original = optimizer._set_main_param_and_optimizer_states
 
-    def set_states(model_param, tensors):
+    def set_states(model_param: torch.nn.Parameter, tensors: dict[str, torch.Tensor]) -> None:
         if "step" in tensors or optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            return original(model_param, tensors)
+            original(model_param, tensors)
+            return
         group_index, group_order = optimizer.model_param_group_index_map[model_param]
         main_param = optimizer.optimizer.param_groups[group_index]["params"][group_order]
         destination = {"param": main_param, **optimizer.optimizer.state[main_param]}
         for key, value in tensors.items():
             destination[key].copy_(value)
-        return None
 
     # The repair replaces this one instance's method (nothing global changes).
     optimizer._set_main_param_and_optimizer_states = set_states  # type: ignore[method-assign]

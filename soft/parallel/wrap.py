@@ -9,6 +9,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads as megatron_finalize_model_grads
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module, MegatronModule
 
@@ -66,7 +67,12 @@ def install_schedule_hooks(
     and no_sync / grad_sync of the DDP chunks."""
     raw_chunks = [unwrap(c) for c in wrapped]
 
-    def finalize_model_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    def finalize_model_grads(
+        chunks: list[torch.nn.Module],
+        num_tokens: torch.Tensor | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+        force_all_reduce: bool | None = False,
+    ) -> None:
         # Sum the head copies over stages before the DP reduction (any bucket layout), or, when
         # that reduction already ran during backward, after it (own buckets; see head_sync).
         if not sum_heads_after_dp:
