@@ -1,11 +1,15 @@
-"""Run the launcher as a user would (python or torchrun) and read its MLflow run back."""
+"""Run the launcher as a user would (python or torchrun) and read its MLflow run back; run a
+scenario harness on the scenarios pytest selected."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain_soft.py"
@@ -66,3 +70,20 @@ def run_harness(module: str, out: Path, *args: str, timeout: int) -> dict:
     path = out / "report.json"
     assert path.is_file(), proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(path.read_text())
+
+
+def selected_names(request: pytest.FixtureRequest, test: Callable[..., object]) -> list[str]:
+    """The `name` parameters of `test` that this session runs, in collection order: what is
+    left after -k, -m, node ids and --deselect (request.session.items is the final list). A
+    harness fixture launches just these, all in one launch when there are several."""
+    names = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if isinstance(item, pytest.Function) and item.function is test
+    ]
+    return list(dict.fromkeys(names))
+
+
+def scenario_failure(result: dict) -> str:
+    """A failed scenario's whole error and traceback, as the harness recorded them."""
+    return "\n\n".join(part for part in (result.get("error"), result.get("traceback")) if part)

@@ -18,23 +18,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import MegatronModule
 
 from soft.checkpointing import directory, manifest
 from soft.checkpointing.compatibility import saved_config
 from soft.checkpointing.directory import CheckpointDamaged, CheckpointError, CheckpointSaveFailed
-from soft.checkpointing.requests import model_request, model_state
+from soft.checkpointing.requests import Chunk, model_request, model_state
 from soft.compat import checkpoint_queue, optimizer_state
 from soft.config.core import save_yaml
 from soft.failpoints import failpoint
 from soft.parallel.collectives import any_rank, barrier, gather_to_all, rank_world
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 # 3: every checkpoint has a manifest (so one without it is damaged); 2 and 1 may predate them.
 FORMAT_VERSION = 3
@@ -59,10 +64,14 @@ class NonFiniteCheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------- saving
 
 
-def _local_tensors(chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
+def _local_tensors(
+    chunks: Sequence[Chunk], optimizer: MegatronOptimizer | None
+) -> list[tuple[str, torch.Tensor]]:
     """Every parameter of this rank and the optimizer state it holds (fp32 master weights and
     Adam moments included: a bf16 run's master weights can go bad before the bf16 copy)."""
-    named = [(name, p) for chunk in chunks for name, p in chunk.named_parameters()]
+    named: list[tuple[str, torch.Tensor]] = [
+        (name, p) for chunk in chunks for name, p in chunk.named_parameters()
+    ]
     for opt in getattr(optimizer, "chained_optimizers", [optimizer] if optimizer else []):
         inner = getattr(opt, "optimizer", None)
         for group in getattr(inner, "param_groups", []):
@@ -72,7 +81,9 @@ def _local_tensors(chunks, optimizer) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
-def ensure_finite(chunks, optimizer, iteration: int) -> None:
+def ensure_finite(
+    chunks: Sequence[Chunk], optimizer: MegatronOptimizer | None, iteration: int
+) -> None:
     """Refuse (on every rank) to save a state with a NaN or infinite value anywhere."""
     bad = next(
         (name for name, t in _local_tensors(chunks, optimizer)
@@ -111,24 +122,24 @@ def _rng_sharded_object(state: Any) -> ShardedObject:
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
-def _optimizer_metadata(optimizer, fmt: str) -> dict[str, Any] | None:
+def _optimizer_metadata(optimizer: MegatronOptimizer | None, fmt: str) -> dict[str, Any] | None:
     """How megatron-core lays out distributed-optimizer state in the checkpoint: see
     CheckpointConfig.optimizer_format."""
     return {"distrib_optim_sharding_type": fmt} if _distributed(optimizer) else None
 
 
-def _distributed(optimizer) -> bool:
+def _distributed(optimizer: MegatronOptimizer | None) -> bool:
     return bool(getattr(getattr(optimizer, "config", None), "use_distributed_optimizer", False))
 
 
 def save(
     save_dir: str | Path,
-    chunks,
+    chunks: Sequence[Chunk],
     state: TrainState,
     config: Any,
     *,
-    optimizer=None,
-    scheduler=None,
+    optimizer: MegatronOptimizer | None = None,
+    scheduler: OptimizerParamScheduler | None = None,
     keep_last: int = 0,
     optimizer_format: str = "fully_reshardable",
     identity: dict[str, Any] | None = None,
@@ -277,7 +288,7 @@ def _summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip()
 
 
-def _reading(ckpt: Path, fn, *args, **kwargs):
+def _reading(ckpt: Path, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a megatron read; a damaged or foreign folder becomes an error that names it."""
     try:
         return fn(*args, **kwargs)
@@ -302,26 +313,29 @@ def _saved_world_size(stored: dict[str, Any]) -> int | None:
 def _load(ckpt: Path, request: dict[str, Any], partial: bool) -> dict[str, Any]:
     """`partial`: the request reads only part of some tensors (extracted layers), which
     megatron-core's access check (every shard read exactly once) would reject."""
-    if not partial:
-        return _reading(ckpt, dist_checkpointing.load, request, str(ckpt))
-    from soft.checkpointing.partial_read import SliceLoadStrategy
+    options: dict[str, Any] = {}
+    if partial:
+        from soft.checkpointing.partial_read import SliceLoadStrategy
 
-    return _reading(
-        ckpt,
-        dist_checkpointing.load,
-        request,
-        str(ckpt),
-        sharded_strategy=SliceLoadStrategy(),
-        validate_access_integrity=False,
-    )
+        options = {"sharded_strategy": SliceLoadStrategy(), "validate_access_integrity": False}
+    loaded = _reading(ckpt, dist_checkpointing.load, request, str(ckpt), **options)
+    # (state, missing keys, unexpected keys) comes back only in the strict=RETURN_* modes.
+    if isinstance(loaded, tuple):
+        raise RuntimeError("dist_checkpointing.load returned key lists: not a strict load")
+    return loaded
 
 
-def _load_model(loaded: dict[str, Any], chunks) -> None:
+def _load_model(loaded: dict[str, Any], chunks: Sequence[Chunk]) -> None:
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"model{i}"], strict=True)
 
 
-def load_weights(ckpt: Path, chunks, extract: bool = False, allow_unverified: bool = False) -> None:
+def load_weights(
+    ckpt: Path,
+    chunks: Sequence[MegatronModule],
+    extract: bool = False,
+    allow_unverified: bool = False,
+) -> None:
     """Model weights only (fine-tuning starts at step 0 with a fresh optimizer).
 
     `extract`: the model may have fewer layers than the checkpoint; it gets the first ones
@@ -332,7 +346,13 @@ def load_weights(ckpt: Path, chunks, extract: bool = False, allow_unverified: bo
     _load_model(_load(ckpt, request, partial), chunks)
 
 
-def resume(ckpt: Path, chunks, optimizer, scheduler, allow_unverified: bool = False) -> TrainState:
+def resume(
+    ckpt: Path,
+    chunks: Sequence[MegatronModule],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler | None,
+    allow_unverified: bool = False,
+) -> TrainState:
     """Everything a run needs to continue where the checkpoint stopped: weights, optimizer
     and scheduler state, RNG states (at the same world size) and the data position.
     `allow_unverified`: see `verify`."""

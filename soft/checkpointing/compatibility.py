@@ -22,6 +22,7 @@ in exactly one class (tests/checkpointing/test_compatibility.py keeps it so):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,9 @@ def _normalised(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def differences(saved: dict[str, Any], requested: dict[str, Any], keys) -> list[Change]:
+def differences(
+    saved: dict[str, Any], requested: dict[str, Any], keys: Iterable[str]
+) -> list[Change]:
     saved, requested = _normalised(saved), _normalised(requested)
     return [
         Change(key, saved[key], requested.get(key))

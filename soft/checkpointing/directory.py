@@ -60,6 +60,16 @@ def iteration_of(path: str | Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def iteration_number(path: str | Path) -> int:
+    """N for iter_N or its save folder iter_N.tmp: for paths known to be checkpoints, which
+    sort by it (anything else is a caller's bug)."""
+    name = Path(path).name.removesuffix(TMP_SUFFIX)
+    it = iteration_of(name)
+    if it is None:
+        raise ValueError(f"'{path}' is not an iter_N checkpoint folder")
+    return it
+
+
 def is_checkpoint(path: Path) -> bool:
     """A folder holding one checkpoint (complete or not): megatron-core's metadata is there."""
     return (path / MEGATRON_METADATA).is_file()
@@ -132,7 +142,7 @@ def older_complete(found: Path) -> list[Path]:
     it = iteration_of(found)
     if it is None:
         return []
-    return [p for p in reversed(complete_checkpoints(found.parent)) if iteration_of(p) < it]
+    return [p for p in reversed(complete_checkpoints(found.parent)) if iteration_number(p) < it]
 
 
 def begin_save(save_dir: Path, iteration: int) -> Path:

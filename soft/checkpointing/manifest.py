@@ -24,7 +24,7 @@ from soft.checkpointing.directory import (
     MANIFEST,
     CheckpointError,
     complete_checkpoints,
-    iteration_of,
+    iteration_number,
 )
 
 FORMAT = "soft-checkpoint"
@@ -120,9 +120,7 @@ def newest_validated(save_dir: Path, *extra: Path) -> Path | None:
     """The newest complete checkpoint in `save_dir` (or among `extra`) whose validation loss
     was finite: pruning keeps it whatever keep_last says (a run whose later checkpoints went
     bad keeps its last good one)."""
-    candidates = sorted(
-        [*complete_checkpoints(save_dir), *extra], key=lambda p: iteration_of(p.name.split(".")[0])
-    )
+    candidates = sorted([*complete_checkpoints(save_dir), *extra], key=iteration_number)
     for ckpt in reversed(candidates):
         loss = recorded_valid_loss(ckpt)
         if loss is not None and math.isfinite(loss):

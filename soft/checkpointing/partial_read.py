@@ -12,16 +12,22 @@ reads exactly the slices it asks for, whatever the world size.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedStateDict,
+    ShardedTensor,
+    StateDict,
+)
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from soft.compat.versions import require_megatron
@@ -39,22 +45,28 @@ class SlicePlanner(DefaultLoadPlanner):
         self.requests = requests
 
     def create_local_plan(self) -> LoadPlan:
+        if self.metadata is None:
+            raise RuntimeError("SlicePlanner: dcp.load planned before reading the metadata")
         items = []
         for key, slices in self.requests.items():
+            stored = self.metadata.state_dict_metadata[key]
+            if not isinstance(stored, TensorStorageMetadata):
+                raise RuntimeError(f"checkpoint key '{key}' holds bytes, not a tensor to slice")
             chunks = [
                 ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
                 for offsets, dest in slices
             ]
-            items += create_read_items_for_chunk_list(
-                key, self.metadata.state_dict_metadata[key], chunks
-            )
+            items += create_read_items_for_chunk_list(key, stored, chunks)
         return LoadPlan(items)
 
-    def resolve_tensor(self, read_item) -> torch.Tensor:
-        dest = self.requests[read_item.dest_index.fqn][read_item.dest_index.index][1]
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        index = read_item.dest_index.index  # create_local_plan numbered every chunk
+        if index is None:
+            raise RuntimeError(f"read item of '{read_item.dest_index.fqn}' without a chunk index")
+        dest = self.requests[read_item.dest_index.fqn][index][1]
         return narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)
 
-    def commit_tensor(self, read_item, tensor) -> None:
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         pass  # resolve_tensor handed out a view of the destination: nothing to copy back
 
 
@@ -77,11 +89,13 @@ class SliceLoadStrategy(TorchDistLoadShardedStrategy):
     start fresh, as they do for any fine-tuning run's new layers.
     """
 
+    # megatron's base class declares a property, which its TorchDistLoadShardedStrategy
+    # shadows with a plain method; base.py reads the attribute, so a property is right.
     @property
-    def can_handle_sharded_objects(self) -> bool:
+    def can_handle_sharded_objects(self) -> bool:  # type: ignore[override]
         return True
 
-    def load(self, sharded_state_dict, checkpoint_dir):
+    def load(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: str | Path) -> StateDict:
         # megatron-core 0.16's LoadShardedStrategy.load(sharded_state_dict, checkpoint_dir)
         # (dist_checkpointing/strategies/base.py:130, called at serialization.py's
         # `sharded_strategy.load`); 0.19 passes a third argument, async_strategy.
@@ -97,9 +111,12 @@ class SliceLoadStrategy(TorchDistLoadShardedStrategy):
             buffers[id(sh)] = dest.reshape(sh.local_shape)
         read_slices(checkpoint_dir, requests)
 
-        def result(sh):
+        def result(sh: Any) -> Any:
             if isinstance(sh, ShardedObject):
                 return None
-            return buffers[id(sh)].to(sh.data.device) if isinstance(sh, ShardedTensor) else sh
+            if not isinstance(sh, ShardedTensor):
+                return sh
+            # The read buffer goes where the request's own tensor lives (CPU when it has none).
+            return buffers[id(sh)].to(sh.data.device if sh.data is not None else "cpu")
 
         return dict_list_map_inplace(result, sharded_state_dict)

@@ -11,14 +11,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from megatron.core.dist_checkpointing.mapping import (
     ShardedObject,
     ShardedTensor,
     ShardedTensorFactory,
 )
+from megatron.core.transformer.module import MegatronModule
 
 from soft.checkpointing.directory import CheckpointError
 from soft.models import heads
@@ -28,14 +31,31 @@ log = logging.getLogger(__name__)
 LAYER_KEY_PREFIX = "decoder.layers."
 
 
-def model_state(chunks, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+class Chunk(Protocol):
+    """What checkpointing uses of a model chunk: a megatron-core MegatronModule (GPTModel), or
+    a stand-in holding a prebuilt sharded state dict (soft.conversion's ModelOnly)."""
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: Any = (), metadata: dict | None = None
+    ) -> dict[str, Any]: ...
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any: ...
+
+
+def model_state(chunks: Sequence[Chunk], metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         f"model{i}": chunk.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(chunks)
     }
 
 
 def model_request(
-    ckpt: Path, chunks, stored: dict[str, Any], extract: bool
+    ckpt: Path, chunks: Sequence[MegatronModule], stored: dict[str, Any], extract: bool
 ) -> tuple[dict[str, Any], bool]:
     """(request, partial): partial is True when the request reads only part of the stored
     layer tensors (extract=True with a deeper checkpoint)."""
@@ -47,8 +67,9 @@ def model_request(
     request = model_state(chunks, {heads.READ_SHARED_HEAD: True} if needs_init else None)
     model_layers = chunks[0].config.num_layers
     stored_layers = stored_num_layers(stored)
-    partial = stored_layers is not None and stored_layers != model_layers
-    if partial:
+    partial = False
+    if stored_layers is not None and stored_layers != model_layers:
+        partial = True
         if not (extract and stored_layers > model_layers):
             raise CheckpointError(
                 f"checkpoint '{ckpt}' holds a {stored_layers}-layer model but model.num_layers is "
@@ -106,7 +127,7 @@ def widen_layer_axis(tree: Any, model_layers: int, stored_layers: int) -> Any:
     if isinstance(tree, ShardedTensorFactory):
         build = tree.build_fn
 
-        def widened_build(*args, **kwargs):
+        def widened_build(*args: Any, **kwargs: Any) -> Any:
             return widen_layer_axis(build(*args, **kwargs), model_layers, stored_layers)
 
         tree.build_fn = widened_build
@@ -116,7 +137,7 @@ def widen_layer_axis(tree: Any, model_layers: int, stored_layers: int) -> Any:
         if tree.global_shape[0] != model_layers:
             raise RuntimeError(f"'{tree.key}': expected {model_layers} layers on axis 0")
         tree.global_shape = (stored_layers, *tree.global_shape[1:])
-        fragments = getattr(tree, "axis_fragmentations", None)
-        if fragments is not None:
-            tree.axis_fragmentations = (stored_layers, *fragments[1:])
+        # Only a ShardedTensor records how each axis is split.
+        if isinstance(tree, ShardedTensor) and tree.axis_fragmentations is not None:
+            tree.axis_fragmentations = (stored_layers, *tree.axis_fragmentations[1:])
     return tree

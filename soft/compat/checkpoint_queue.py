@@ -51,7 +51,8 @@ def apply() -> None:
     manager = SyncManager(ctx=mp.get_context("fork"))
     manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
     _MANAGER = manager
-    filesystem_async._results_queue = manager.Queue()
+    # megatron declares the module global as a bare `= None`, so its inferred type is None.
+    filesystem_async._results_queue = manager.Queue()  # type: ignore[assignment]
 
 
 def restore() -> None:

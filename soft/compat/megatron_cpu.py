@@ -43,13 +43,16 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from soft.compat.versions import require_megatron
+
+if TYPE_CHECKING:  # megatron is imported by apply() only
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 
 _APPLIED = False
 _MODE: TorchFunctionMode | None = None
@@ -69,7 +72,13 @@ def _is_cuda_device(device: Any) -> bool:
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments to the CPU (patch 1 in the module docstring)."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = dict(kwargs or {})
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = _CPU
@@ -85,7 +94,7 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _make_cpu_rng_tracker():
+def _make_cpu_rng_tracker() -> type[CudaRNGStatesTracker]:
     from megatron.core.tensor_parallel import random as mp_random
 
     class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
@@ -115,6 +124,10 @@ def _make_cpu_rng_tracker():
     return CpuRNGStatesTracker
 
 
+def _cpu_device() -> torch.device:
+    return _CPU
+
+
 def apply() -> None:
     """Install the CPU patches (idempotent; an error when CUDA is available)."""
     global _APPLIED, _MODE, _SAVED
@@ -136,9 +149,12 @@ def apply() -> None:
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # until restore(): every torch call of this process goes through it
 
-    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
-    mp_random._CUDA_RNG_STATE_TRACKER = _make_cpu_rng_tracker()()
+    # torch declares an int index; megatron only passes the result on as a device, so the CPU
+    # device itself is what it must get here.
+    torch.cuda.current_device = _cpu_device  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None
+    # megatron declares the global as a bare `= None`, so its inferred type is None.
+    mp_random._CUDA_RNG_STATE_TRACKER = _make_cpu_rng_tracker()()  # type: ignore[assignment]
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
@@ -154,9 +170,10 @@ def restore() -> None:
         return
     from megatron.core.tensor_parallel import random as mp_random
 
-    _MODE.__exit__(None, None, None)
-    torch.cuda.current_device = _SAVED["current_device"]  # type: ignore[assignment]
-    torch.cuda.synchronize = _SAVED["synchronize"]  # type: ignore[assignment]
+    if _MODE is not None:
+        _MODE.__exit__(None, None, None)
+    torch.cuda.current_device = _SAVED["current_device"]
+    torch.cuda.synchronize = _SAVED["synchronize"]
     mp_random._CUDA_RNG_STATE_TRACKER = _SAVED["tracker"]
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = _SAVED["tracker_initialized"]
     mp_random._get_cuda_rng_state = _SAVED["get_rng_state"]

@@ -28,18 +28,22 @@ unbroken run; removing any repair fails them).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from soft.compat.versions import require_megatron
 
+if TYPE_CHECKING:  # megatron is imported only when a repair runs (see require_megatron)
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-def _inner_optimizers(optimizer) -> list:
+
+def _inner_optimizers(optimizer: MegatronOptimizer) -> list[MegatronOptimizer]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def materialise_state(optimizer) -> None:
+def materialise_state(optimizer: MegatronOptimizer) -> None:
     """Repair 1 (see the module docstring)."""
     require_megatron()
     for opt in _inner_optimizers(optimizer):
@@ -47,7 +51,7 @@ def materialise_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-def keep_step_on_reshardable_load(optimizer) -> None:
+def keep_step_on_reshardable_load(optimizer: MegatronOptimizer) -> None:
     """Repair 2 (see the module docstring), on every DistributedOptimizer inside `optimizer`."""
     require_megatron()
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -57,20 +61,21 @@ def keep_step_on_reshardable_load(optimizer) -> None:
             _copy_only_given_states(opt)
 
 
-def _copy_only_given_states(optimizer) -> None:
+def _copy_only_given_states(optimizer: DistributedOptimizer) -> None:
     original = optimizer._set_main_param_and_optimizer_states
 
-    def set_states(model_param, tensors):
+    def set_states(model_param: torch.nn.Parameter, tensors: dict[str, torch.Tensor]) -> None:
         if "step" in tensors or optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            return original(model_param, tensors)
+            original(model_param, tensors)
+            return
         group_index, group_order = optimizer.model_param_group_index_map[model_param]
         main_param = optimizer.optimizer.param_groups[group_index]["params"][group_order]
         destination = {"param": main_param, **optimizer.optimizer.state[main_param]}
         for key, value in tensors.items():
             destination[key].copy_(value)
-        return None
 
-    optimizer._set_main_param_and_optimizer_states = set_states
+    # The repair replaces this one instance's method (nothing global changes).
+    optimizer._set_main_param_and_optimizer_states = set_states  # type: ignore[method-assign]
 
 
 def _saved_adam_steps(tree: Any) -> set[float]:
@@ -88,7 +93,7 @@ def _saved_adam_steps(tree: Any) -> set[float]:
     return steps.union(*(_saved_adam_steps(v) for v in tree.values()))
 
 
-def repair_adam_steps(optimizer, loaded_state: Any) -> None:
+def repair_adam_steps(optimizer: MegatronOptimizer, loaded_state: Any) -> None:
     """Repair 3 (see the module docstring)."""
     require_megatron()
     steps = _saved_adam_steps(loaded_state)
@@ -103,7 +108,12 @@ def repair_adam_steps(optimizer, loaded_state: Any) -> None:
 
 
 def set_group_hyperparameters(
-    optimizer, *, max_lr: float, min_lr: float, betas: tuple[float, float], eps: float
+    optimizer: MegatronOptimizer,
+    *,
+    max_lr: float,
+    min_lr: float,
+    betas: tuple[float, float],
+    eps: float,
 ) -> None:
     """After a load: torch's `load_state_dict` restores each param group's hyperparameters from
     the checkpoint, silently dropping the values given for this job: Adam's betas and eps, and

@@ -179,8 +179,8 @@ def feasible_layouts(parallel: ParallelConfig, plan: ExitPlan, cost: CostModel) 
             key = tuple(counts)
             if key not in seen:
                 even = len(set(counts)) == 1
-                canonical = (None, None) if even else (counts[0], counts[-1])
-                seen[key] = Layout(*canonical, stage_costs(counts, plan, cost))
+                first_n, last_n = (None, None) if even else (counts[0], counts[-1])
+                seen[key] = Layout(first_n, last_n, stage_costs(counts, plan, cost))
     return list(seen.values())
 
 

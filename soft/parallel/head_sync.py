@@ -27,6 +27,7 @@ When the sum happens depends on when the data-parallel reduction runs:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,11 @@ from megatron.core import parallel_state
 
 from soft.compat.versions import require_megatron
 from soft.models.heads import head_copies
+
+# Attributes megatron-core sets or reads on parameters (not declared on torch.nn.Parameter):
+# the bucket mark (see the module docstring) and DDP's fp32 gradient buffer.
+SHARED_EMBEDDING = "shared_embedding"
+MAIN_GRAD = "main_grad"
 
 
 class HeadGroups(NamedTuple):
@@ -45,16 +51,16 @@ class HeadGroups(NamedTuple):
     matrix: dist.ProcessGroup | None
 
 
-def give_head_copies_own_buckets(chunks) -> None:
+def give_head_copies_own_buckets(chunks: Sequence[torch.nn.Module]) -> None:
     """For overlap_grad_reduce: every head copy in its own DDP bucket under the distributed
     optimizer (see module docstring). Call before the chunks are wrapped in DDP."""
     require_megatron()
     for copies in head_copies(chunks):
         for param in copies:
-            param.shared_embedding = True
+            setattr(param, SHARED_EMBEDDING, True)
 
 
-def build_head_groups(chunks) -> HeadGroups:
+def build_head_groups(chunks: Sequence[torch.nn.Module]) -> HeadGroups:
     """Per head tensor, the process group of the ranks holding a copy of it in this rank's
     pipeline column (None where this rank holds none, or is the only holder).
 
@@ -83,11 +89,11 @@ def build_head_groups(chunks) -> HeadGroups:
     return HeadGroups(*mine)
 
 
-def allreduce_head_grads(chunks, groups: HeadGroups) -> None:
+def allreduce_head_grads(chunks: Sequence[torch.nn.Module], groups: HeadGroups) -> None:
     """Sum each head tensor's gradients over every copy (chunks on this rank, then ranks in
     its group)."""
     for copies, group in zip(head_copies(chunks), groups, strict=True):
-        _sum_copies([p.main_grad for p in copies], group)
+        _sum_copies([getattr(p, MAIN_GRAD) for p in copies], group)
 
 
 def _sum_copies(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
@@ -103,7 +109,7 @@ def _sum_copies(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> N
             g.copy_(total)
 
 
-def head_replica_max_diff(chunks, groups: HeadGroups) -> float:
+def head_replica_max_diff(chunks: Sequence[torch.nn.Module], groups: HeadGroups) -> float:
     """Largest absolute difference between this rank's head copies and its group's first
     rank's (every head tensor)."""
     worst = 0.0

@@ -3,12 +3,15 @@ torchtitan's `parallelize_*` do), and the hooks megatron-core's schedules call."
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads as megatron_finalize_model_grads
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.module import Float16Module, MegatronModule
 
 from soft.compat import wgrad
 from soft.models.heads import exit_only_matrices
@@ -16,9 +19,13 @@ from soft.parallel import head_sync
 from soft.parallel.config import ParallelConfig
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap(module: torch.nn.Module) -> MegatronModule:
+    """The model chunk (a GPTModel) inside the DDP and Float16Module wrappers."""
     while isinstance(module, DistributedDataParallel | Float16Module):
-        module = module.module
+        # Float16Module registers its inner module with add_module: no declared attribute.
+        module = cast(torch.nn.Module, module.module)
+    if not isinstance(module, MegatronModule):
+        raise TypeError(f"expected a megatron-core model chunk, got {type(module).__name__}")
     return module
 
 
@@ -60,7 +67,12 @@ def install_schedule_hooks(
     and no_sync / grad_sync of the DDP chunks."""
     raw_chunks = [unwrap(c) for c in wrapped]
 
-    def finalize_model_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    def finalize_model_grads(
+        chunks: list[torch.nn.Module],
+        num_tokens: torch.Tensor | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+        force_all_reduce: bool | None = False,
+    ) -> None:
         # Sum the head copies over stages before the DP reduction (any bucket layout), or, when
         # that reduction already ran during backward, after it (own buckets; see head_sync).
         if not sum_heads_after_dp:
@@ -73,6 +85,8 @@ def install_schedule_hooks(
 
     config.finalize_model_grads_func = finalize_model_grads
     no_sync = [c.no_sync for c in wrapped]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    # megatron-core declares these as one callable, but its interleaved schedule takes a list
+    # (one per virtual chunk), as Megatron-LM's training.py sets them.
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync  # type: ignore[assignment]
     if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
-        config.grad_sync_func = [c.start_grad_sync for c in wrapped]
+        config.grad_sync_func = [c.start_grad_sync for c in wrapped]  # type: ignore[assignment]

@@ -160,14 +160,13 @@ class JobEnding:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:  # never swallows the exception
         try:
             lost = self._record_failure(exc) if exc is not None else ""
         finally:
             self._release()
         if lost:
             raise PeerLost(f"{lost}: {type(exc).__name__}: {exc}") from exc
-        return False  # never swallow the exception
 
     def _record_failure(self, exc: BaseException) -> str:
         """Write the status and close MLflow; returns what this rank sees of peers that are

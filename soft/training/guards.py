@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import NoReturn
 
+from soft.runs.status import Reason
 from soft.training.config import TrainConfig
 from soft.training.step import StepResult
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 class TrainingHalted(RuntimeError):
     """A step went bad and the configured policy is to stop (nothing was saved after it)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 

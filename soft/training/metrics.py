@@ -15,9 +15,9 @@ from soft.training.run import Run
 from soft.training.step import StepResult
 
 
-def log_entry(result: StepResult, iteration: int) -> dict:
+def log_entry(result: StepResult, iteration: int) -> dict[str, float | str]:
     """One train_log/valid_log line (and what the Meter averages)."""
-    entry = {
+    entry: dict[str, float | str] = {
         "iteration": iteration,
         "loss": result.loss,
         **{f"exit_{k}": v for k, v in result.exit_losses.items()},

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
 
 from soft.models.build import build_chunks
 from soft.models.config import ModelConfig, SoftConfig
@@ -21,7 +23,7 @@ from soft.parallel.wrap import install_schedule_hooks, unwrap, wrap_chunks
 
 @dataclass
 class SoftModel:
-    chunks: list[torch.nn.Module]  # wrapped (DDP, Float16Module), one per virtual stage
+    chunks: list[DistributedDataParallel]  # DDP (around Float16Module), one per virtual stage
     plan: ExitPlan
     config: TransformerConfig
     vocab_size: int  # padded
@@ -30,7 +32,7 @@ class SoftModel:
     tallies: ExitTallies = field(default_factory=ExitTallies)
 
     @property
-    def unwrapped(self) -> list[torch.nn.Module]:
+    def unwrapped(self) -> list[MegatronModule]:
         return [unwrap(c) for c in self.chunks]
 
     def hooks_for(self, chunk: torch.nn.Module) -> ExitHooks:

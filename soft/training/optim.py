@@ -7,6 +7,7 @@ import logging
 import torch.distributed as dist
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import MegatronModule
 
 from soft.compat import optimizer_state
 from soft.models.config import ModelConfig
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def build_optimizer(
     model: SoftModel, train: TrainConfig, model_cfg: ModelConfig, parallel: ParallelConfig
-):
+) -> MegatronOptimizer:
     config = OptimizerConfig(
         optimizer="adam",
         lr=train.lr,
@@ -37,7 +38,8 @@ def build_optimizer(
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         overlap_param_gather=parallel.overlap_param_gather,
     )
-    optimizer = get_megatron_optimizer(config, model.chunks)
+    chunks: list[MegatronModule] = list(model.chunks)  # a list of the base type (invariance)
+    optimizer = get_megatron_optimizer(config, chunks)
     optimizer_state.keep_step_on_reshardable_load(optimizer)
     # The schedule multiplies the main loss by this before backward; exits use the same scale.
     model.config.grad_scale_func = optimizer.scale_loss
@@ -60,7 +62,7 @@ def apply_optimizer_hyperparameters(
     scheduler.step(increment=0)
 
 
-def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
+def build_scheduler(optimizer: MegatronOptimizer, train: TrainConfig) -> OptimizerParamScheduler:
     """LR in optimizer steps: linear warmup, then decay to min_lr at train_iters.
 
     A null train.lr_warmup_iters is the default warmup (TrainConfig.warmup_iters); when it had

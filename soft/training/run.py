@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from soft.checkpointing import compatibility, directory
 from soft.checkpointing.checkpoint import (
@@ -35,6 +36,10 @@ from soft.runs.lock import LOCK_FILE
 from soft.training.model import SoftModel, build_soft_model
 from soft.training.optim import apply_optimizer_hyperparameters, build_optimizer, build_scheduler
 
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +50,8 @@ class Run:
     cfg: RootConfig
     topo: Topology
     model: SoftModel
-    optimizer: object
-    scheduler: object
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
     train_data: SFTDataset
     valid_data: SFTDataset | None
     tokenizer_identity: dict  # recorded in every checkpoint, compared on resume and fine-tune

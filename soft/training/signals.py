@@ -44,7 +44,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
+from types import FrameType, TracebackType
 
 from soft.parallel import collectives
 
@@ -56,7 +56,7 @@ REPEAT_WINDOW_S = 1.0
 Cleanup = Callable[[str], None]  # gets the reason the rank gives up
 
 
-def _ignore(signum, frame) -> None:
+def _ignore(signum: int, frame: FrameType | None) -> None:
     """The Python-level handler: installed so that the signals do not kill the process; the
     watcher thread does the work (it also runs while the main thread is blocked)."""
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from soft.compat.optimizer_step import Skipped, guarded_step
@@ -69,7 +72,12 @@ def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
     return _MASKS[key]
 
 
-def loss_func(model: SoftModel, loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+LossResult = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
+
+
+def loss_func(
+    model: SoftModel, loss_mask: torch.Tensor, per_token_loss: torch.Tensor
+) -> LossResult:
     """Last stage: the final exit's loss, as megatron-core's schedule expects it:
     (weighted per-token sum, token count, values to report)."""
     mask = loss_mask.float()
@@ -86,7 +94,7 @@ def forward_step(
     measure_untrained: bool,
     data_iterator: Iterator[Batch],
     chunk: torch.nn.Module,
-):
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], LossResult]]:
     batch = next(data_iterator)
     tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     b, s = tokens.shape
@@ -158,8 +166,8 @@ def _objective(model: SoftModel, exit_losses: dict[int, float]) -> float:
 
 def train_step(
     model: SoftModel,
-    optimizer,
-    scheduler,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
     microbatches: list[Batch],
     measure_untrained: bool = True,
 ) -> StepResult:

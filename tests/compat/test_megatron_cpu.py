@@ -13,10 +13,16 @@ from tests.megatron_env import single_rank_world
 @pytest.fixture
 def restored():
     """Run a test with the layer off, and leave it as the test process had it."""
+    from megatron.core.tensor_parallel import random as mp_random
+
     single_rank_world()  # the rest of the session expects the layer applied
+    tracker = mp_random._CUDA_RNG_STATE_TRACKER  # seeded by init_distributed
     megatron_cpu.restore()
     yield
     megatron_cpu.apply()
+    # apply() installs a fresh tracker without the model-parallel RNG state: a later test that
+    # builds a model in this process would fail with "rng state ... is not added".
+    mp_random._CUDA_RNG_STATE_TRACKER = tracker
 
 
 def _mode_stack() -> list:

@@ -123,7 +123,7 @@ def test_every_field_has_help():
 
 
 def test_config_reference_doc_is_current():
-    from tools.config_reference import DOC, render
+    from soft.config.cli_reference import DOC, render
 
     assert DOC.read_text() == render(), "run: python tools/config_reference.py --write"
 

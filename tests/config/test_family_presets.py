@@ -58,7 +58,7 @@ def test_import_reads_the_preset_back(name):
 
 @pytest.mark.parametrize("name", RELEASED)
 def test_plan_pipeline_plans_the_preset(name, capsys):
-    from tools.plan_pipeline import main
+    from soft.parallel.cli_plan import main
 
     assert (
         main(["--config", str(CONFIGS / f"{name}.yaml"), "parallel.pipeline_model_parallel_size=4"])

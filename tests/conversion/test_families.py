@@ -146,7 +146,7 @@ def test_speculative_decoding_on_the_export_equals_greedy(tmp_path, name, capsys
     """tools/generate.py on an export of each family: self-speculative decoding with exit 1
     as the draft returns the full model's greedy tokens (the built-in tokenizer's 512 pieces:
     the model's vocabulary matches it so every generated id decodes)."""
-    import tools.generate as generate
+    from soft.evaluation import cli_generate as generate
 
     make_family_model(tmp_path / "hf", name, vocab=512, layers=4, seed=7)
     meg = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "meg", dtype="fp32", progress=False)

@@ -1,8 +1,8 @@
-"""tools/eval_exits.py and tools/generate.py, run in-process through main(argv)."""
+"""soft-eval and soft-generate (tools/eval_exits.py, tools/generate.py), run in-process through
+run(argv), which raises on bad input (main prints it and returns 2: the subprocess test)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,22 +15,11 @@ from transformers import LlamaForCausalLM
 
 from soft.config.errors import ConfigError
 from soft.data.tokenizer import Tokenizer
+from soft.evaluation import cli_eval as eval_exits
+from soft.evaluation import cli_generate as generate
 from soft.evaluation import exit_nll, load_eval_examples, tokenize_example
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"soft_tool_{name}", REPO / "tools" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_exits = _load_tool("eval_exits")
-generate = _load_tool("generate")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +35,7 @@ def test_eval_exits_triviaqa_with_mlflow(export_dir, trivia_file, tmp_path, caps
         "--limit", "3", "--max-new-tokens", "4", "--out", str(out), "--mlflow-uri", uri,
         "--no-progress",
     ]  # fmt: skip
-    assert eval_exits.main(argv) == 0
+    assert eval_exits.run(argv) == 0
     printed = capsys.readouterr().out
     assert "| layer | loss | perplexity | exact_match |" in printed
 
@@ -92,7 +81,7 @@ def test_eval_exits_alpaca_every_layer_by_default(export_dir_no_exits, tmp_path)
     out = tmp_path / "alpaca.json.results.json"
     argv = ["--model-dir", str(export_dir_no_exits), "--data", str(data), "--format", "alpaca",
             "--max-new-tokens", "0", "--out", str(out), "--no-progress"]  # fmt: skip
-    assert eval_exits.main(argv) == 0
+    assert eval_exits.run(argv) == 0
     records = json.loads(out.read_text())["exits"]
     assert [r["layer"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["exact_match"] is None and r["ms_per_token"] is None for r in records)
@@ -104,7 +93,7 @@ def test_eval_exits_text_explicit_exits(export_dir, tmp_path):
     out = tmp_path / "text.json"
     argv = ["--model-dir", str(export_dir), "--data", str(data), "--format", "text",
             "--exits", "3,1", "--max-new-tokens", "2", "--out", str(out), "--no-progress"]  # fmt: skip
-    assert eval_exits.main(argv) == 0
+    assert eval_exits.run(argv) == 0
     assert [r["layer"] for r in json.loads(out.read_text())["exits"]] == [
         1,
         3,
@@ -117,13 +106,13 @@ def test_eval_exits_bad_input(export_dir, tmp_path, trivia_file):
     empty.write_text("")
     base = ["--data", str(trivia_file), "--format", "triviaqa", "--out", str(tmp_path / "x.json")]
     with pytest.raises(ConfigError, match="is not a megatron checkpoint"):
-        eval_exits.main(["--model-dir", str(tmp_path), *base])
+        eval_exits.run(["--model-dir", str(tmp_path), *base])
     with pytest.raises(ConfigError, match=r"--exits.*outside the model's depth.*1\.\.6"):
-        eval_exits.main(["--model-dir", str(export_dir), *base, "--exits", "2,7"])
+        eval_exits.run(["--model-dir", str(export_dir), *base, "--exits", "2,7"])
     with pytest.raises(ConfigError, match="--exits: expected comma-separated integers"):
-        eval_exits.main(["--model-dir", str(export_dir), *base, "--exits", "two"])
+        eval_exits.run(["--model-dir", str(export_dir), *base, "--exits", "two"])
     with pytest.raises(ConfigError, match="no records"):
-        eval_exits.main(
+        eval_exits.run(
             ["--model-dir", str(export_dir), "--data", str(empty), "--format", "triviaqa"]
         )
     bad_config = tmp_path / "bad_exits"
@@ -131,11 +120,11 @@ def test_eval_exits_bad_input(export_dir, tmp_path, trivia_file):
     config = json.loads((export_dir / "config.json").read_text())
     (bad_config / "config.json").write_text(json.dumps({**config, "soft_exit_layers": [2, 9]}))
     with pytest.raises(ConfigError, match="soft_exit_layers.*outside"):
-        eval_exits.main(["--model-dir", str(bad_config), *base])
+        eval_exits.run(["--model-dir", str(bad_config), *base])
 
 
 def _generate_json(capsys, argv: list[str]) -> dict:
-    assert generate.main([*argv, "--json"]) == 0
+    assert generate.run([*argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -168,12 +157,12 @@ def test_generate_modes(export_dir, capsys):
 def test_generate_bad_input(export_dir, export_dir_no_exits):
     base = ["--prompt", "hi", "--max-new-tokens", "2"]
     with pytest.raises(ConfigError, match="records no soft_exit_layers"):
-        generate.main(["--model-dir", str(export_dir_no_exits), *base, "--mode", "dynamic",
+        generate.run(["--model-dir", str(export_dir_no_exits), *base, "--mode", "dynamic",
                        "--thresholds", "0.5"])  # fmt: skip
     with pytest.raises(ConfigError, match="needs --thresholds"):
-        generate.main(["--model-dir", str(export_dir), *base, "--mode", "dynamic"])
+        generate.run(["--model-dir", str(export_dir), *base, "--mode", "dynamic"])
     with pytest.raises(ConfigError, match="--thresholds: expected 2 thresholds"):
-        generate.main(
+        generate.run(
             [
                 "--model-dir",
                 str(export_dir),
@@ -185,15 +174,13 @@ def test_generate_bad_input(export_dir, export_dir_no_exits):
             ]
         )
     with pytest.raises(ConfigError, match="--exit-layer.*outside the model's depth"):
-        generate.main(
-            ["--model-dir", str(export_dir), *base, "--mode", "exit", "--exit-layer", "7"]
-        )
+        generate.run(["--model-dir", str(export_dir), *base, "--mode", "exit", "--exit-layer", "7"])
     with pytest.raises(ConfigError, match="--exit-layer is required"):
-        generate.main(["--model-dir", str(export_dir), *base, "--mode", "exit"])
+        generate.run(["--model-dir", str(export_dir), *base, "--mode", "exit"])
     with pytest.raises(ConfigError, match="--draft-exit is required"):
-        generate.main(["--model-dir", str(export_dir_no_exits), *base, "--mode", "speculative"])
+        generate.run(["--model-dir", str(export_dir_no_exits), *base, "--mode", "speculative"])
     with pytest.raises(ConfigError, match="--draft-exit.*outside"):
-        generate.main(
+        generate.run(
             ["--model-dir", str(export_dir), *base, "--mode", "speculative", "--draft-exit", "0"]
         )
 

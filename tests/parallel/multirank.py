@@ -664,8 +664,12 @@ def main(argv: list[str]) -> int:
             else:
                 result = check_scenario(SCENARIOS[name], out / name)
             report[name] = {"ok": True, **result}
-        except BaseException as exc:  # report every scenario, then fail
-            report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000]}
+        except BaseException as exc:  # report every scenario (whole messages), then fail
+            report[name] = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
         print(name, json.dumps(report[name])[:600], flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return 0 if all(r["ok"] for r in report.values()) else 1

@@ -161,7 +161,7 @@ def test_llama2_13b_paper_plan_from_config():
 
 
 def test_tool_prints_tables_and_override(capsys):
-    from tools.plan_pipeline import main
+    from soft.parallel.cli_plan import main
 
     assert (
         main(

@@ -43,19 +43,22 @@ from __future__ import annotations
 
 import pytest
 
-from tests.launcher_utils import run_harness
+from tests.launcher_utils import run_harness, scenario_failure, selected_names
 from tests.parallel.multirank import GOLDEN, RESHARDS, SCENARIOS
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
+def report(request, tmp_path_factory) -> dict:
+    """One harness launch for the layouts selected (`-k tp2_pp2` runs those only)."""
     out = tmp_path_factory.mktemp("multirank")
-    return run_harness("tests.parallel.multirank", out, timeout=1500)
+    names = selected_names(request, test_layout_matches_single_rank)
+    return run_harness("tests.parallel.multirank", out, *names, timeout=1500)
 
 
 @pytest.mark.parametrize("name", [*SCENARIOS, *RESHARDS, *GOLDEN])
 def test_layout_matches_single_rank(report, name):
     result = report[name]
-    assert result["ok"], result.get("error")
+    if not result["ok"]:
+        pytest.fail(scenario_failure(result), pytrace=False)

@@ -698,8 +698,12 @@ def main(argv: list[str]) -> int:
         started = time.monotonic()
         try:
             report[name] = {"ok": True, **(SCENARIOS[name](root) or {})}
-        except BaseException as exc:
-            report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:6000]}
+        except BaseException as exc:  # the whole message: the test shows it as its failure
+            report[name] = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
             traceback.print_exc()
         report[name]["seconds"] = round(time.monotonic() - started, 1)
         print(name, json.dumps(report[name])[:800], flush=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.launcher_utils import mlflow_metrics, run_harness
+from tests.launcher_utils import mlflow_metrics, run_harness, scenario_failure, selected_names
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -47,9 +47,11 @@ SCENARIOS = [
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
+def report(request, tmp_path_factory) -> dict:
+    """One harness launch for the scenarios selected (`-k kill_at_save` runs those only)."""
     out = tmp_path_factory.mktemp("faults")
-    return run_harness("tests.training.faults", out, *SCENARIOS, timeout=1800)
+    names = selected_names(request, test_fault_scenario)
+    return run_harness("tests.training.faults", out, *names, timeout=1800)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -57,7 +59,8 @@ def test_fault_scenario(report, name):
     result = report[name]
     if result.get("skipped"):
         pytest.skip(result["skipped"])
-    assert result["ok"], result.get("error")
+    if not result["ok"]:
+        pytest.fail(scenario_failure(result), pytrace=False)
 
 
 def test_the_harness_lists_every_scenario():
