@@ -148,3 +148,20 @@ def test_a_token_never_sees_another_example() -> None:
         first.nonzero().flatten()
     ]
     assert (own - ref).abs().max() > 1e-4
+
+
+def test_transformer_engine_spec_refuses_packing(monkeypatch) -> None:
+    """TE's packed (THD, cu_seqlens) path is not implemented: a clear error before any work,
+    never a silently unmasked run. TE is absent here, so its resolution is stubbed."""
+    from soft.config.errors import ConfigError
+    from soft.training import run
+
+    monkeypatch.setattr(run, "check_runtime_support", lambda model: True)
+    with pytest.raises(ConfigError, match="data.packing on the transformer_engine spec"):
+        run.setup(tiny_config("data.packing=true"))
+    monkeypatch.setattr(run, "check_runtime_support", lambda model: False)
+    called = []
+    monkeypatch.setattr(run, "init_distributed", lambda *a: called.append(a) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the local spec goes on to set up the run
+        run.setup(tiny_config("data.packing=true"))
+    assert called
