@@ -249,6 +249,23 @@ SCENARIOS = {
         # bias split per query group) and pipelining: biases, q/k norms, a head_dim that is
         # not hidden/heads, grouped-query attention and llama3 RoPE scaling
         Scenario("features_tp2_pp2", 4, TP2_PP2, "[2,3,5,8]", extra=FEATURES),
+        # packed sequences (data.packing): the block-diagonal mask and restarting positions
+        # through TP, SP (the mask is per microbatch, the sequence sharded), PP and
+        # interleaving; 128 tokens hold two or three built-in examples
+        Scenario(
+            "packed_tp2_pp2_sp",
+            4,
+            TP2_PP2_SP,
+            "[2,3,5,8]",
+            extra=["data.packing=true", "data.seq_length=128"],
+        ),
+        Scenario(
+            "packed_pp2_vp2",
+            2,
+            PP2_VP2,
+            "[1,3,5,8]",
+            extra=["data.packing=true", "data.seq_length=128"],
+        ),
         # the gradient reduction overlapped with backward: DDP starts a bucket once each of
         # its parameters reported a gradient; the first stage's head replica gets its whole
         # gradient from the fused exit loss (into main_grad) and reports it with megatron-
