@@ -266,6 +266,28 @@ SCENARIOS = {
             "[1,3,5,8]",
             extra=["data.packing=true", "data.seq_length=128"],
         ),
+        # ... with data parallelism and full activation recompute (the mask rides along into
+        # the recomputed segments), and in ict mode from an SFT checkpoint
+        Scenario(
+            "packed_dp2_tp2_recompute",
+            4,
+            ["parallel.tensor_model_parallel_size=2"],
+            "[1,4,8]",
+            extra=["data.packing=true", "data.seq_length=128"],
+            parallel_only=[
+                "model.recompute_granularity=full",
+                "model.recompute_method=uniform",
+                "model.recompute_num_layers=2",
+            ],
+        ),
+        Scenario(
+            "packed_ict_tp2_pp2",
+            4,
+            TP2_PP2,
+            "[2,3,5,8]",
+            extra=["soft.mode=ict", *FROM_BASE, "data.packing=true", "data.seq_length=128"],
+            base=["soft.mode=sft"],
+        ),
         # the gradient reduction overlapped with backward: DDP starts a bucket once each of
         # its parameters reported a gradient; the first stage's head replica gets its whole
         # gradient from the fused exit loss (into main_grad) and reports it with megatron-
@@ -638,6 +660,8 @@ RESHARDS = {
     # tied embeddings: saved at TP2xPP2 (the last stage's copy and the replicas stored as
     # non-main replicas of the embedding), resumed at one rank
     "reshard_tied_tp2pp2_to_tp1pp1": ("tied_tp2_pp2", True, False, None),
+    # packed data: the resumed run continues at the same pack of the same packing
+    "reshard_packed_tp2pp2sp_to_tp1pp1": ("packed_tp2_pp2_sp", True, False, None),
 }
 
 
