@@ -206,7 +206,10 @@ def pack_first_fit_decreasing(lengths: np.ndarray, capacity: int) -> Packs:
     room = np.empty(len(lengths), dtype=np.int64)  # free slots per pack (at most one per sample)
     owner = np.empty(len(lengths), dtype=np.int64)
     num_packs = 0
-    for i in order:  # numpy scan of the open packs: ~1 s for 10^5 samples
+    # A numpy scan of the open packs per sample: O(samples x packs), once per selection (the
+    # packs are cached): 0.3 s for GSM8K's 7.5k examples at 512, ~4 s for 10^5; millions of
+    # examples would want a segment tree over the packs' free room.
+    for i in order:
         fits = room[:num_packs] >= lengths[i]
         p = int(fits.argmax()) if num_packs and fits.any() else num_packs
         if p == num_packs:
