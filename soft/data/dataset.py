@@ -203,23 +203,33 @@ def pack_first_fit_decreasing(lengths: np.ndarray, capacity: int) -> Packs:
     if len(lengths) and (lengths.max() > capacity or lengths.min() < 1):
         raise ValueError(f"sample lengths must be in [1, {capacity}]")
     order = np.lexsort((np.arange(len(lengths)), -lengths))
-    room = np.empty(len(lengths), dtype=np.int64)  # free slots per pack (at most one per sample)
-    owner = np.empty(len(lengths), dtype=np.int64)
-    num_packs = 0
-    # A numpy scan of the open packs per sample: O(samples x packs), once per selection (the
-    # packs are cached): 0.3 s for GSM8K's 7.5k examples at 512, ~4 s for 10^5; millions of
-    # examples would want a segment tree over the packs' free room.
-    for i in order:
-        fits = room[:num_packs] >= lengths[i]
-        p = int(fits.argmax()) if num_packs and fits.any() else num_packs
-        if p == num_packs:
-            room[p] = capacity
-            num_packs += 1
-        room[p] -= lengths[i]
-        owner[i] = p
+    owner = _first_fit(lengths[order].tolist(), capacity)
+    owner = np.asarray(owner, dtype=np.int64)[np.argsort(order)]  # back to sample order
+    num_packs = int(owner.max()) + 1 if len(owner) else 0
     members = np.lexsort((np.arange(len(lengths)), owner))  # by pack, then sample order
     counts = np.bincount(owner, minlength=num_packs)
     return Packs(members.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]))
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[int]:
+    """The pack of each length, in order: the lowest-numbered pack with room (numbered as
+    opened). A max-tree of free room over n packs, unopened ones all free, finds it in
+    O(log n): the leftmost leaf with room >= length is an open pack or the next new one.
+    2-4 s per 10^5 samples on a busy 2-core CPU, whatever the number of packs."""
+    size = 1 << max(0, len(lengths) - 1).bit_length()  # leaves >= samples >= packs
+    tree = [capacity] * (2 * size)
+    owner = []
+    for length in lengths:
+        node = 1
+        while node < size:  # descend to the leftmost leaf with room
+            node = 2 * node if tree[2 * node] >= length else 2 * node + 1
+        owner.append(node - size)
+        tree[node] -= length
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+    return owner
 
 
 def cached_packs(lengths: np.ndarray, capacity: int, entry: Path | None) -> tuple[Packs, bool]:
