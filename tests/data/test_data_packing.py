@@ -41,6 +41,22 @@ def test_packing_is_a_deterministic_partition_within_capacity() -> None:
     assert len(packs) <= int(np.ceil(lengths.sum() / 256)) + 3
 
 
+def test_first_fit_matches_a_plain_scan() -> None:
+    """The max-tree search gives the packs of the textbook scan (first open pack with room)."""
+    lengths = np.random.default_rng(1).integers(1, 100, size=500)
+    order = sorted(range(500), key=lambda i: (-lengths[i], i))
+    rooms: list[int] = []
+    owner = [0] * 500
+    for i in order:
+        p = next((j for j, room in enumerate(rooms) if room >= lengths[i]), len(rooms))
+        if p == len(rooms):
+            rooms.append(100)
+        rooms[p] -= int(lengths[i])
+        owner[i] = p
+    expected = [[i for i in range(500) if owner[i] == p] for p in range(len(rooms))]
+    assert _packs_as_lists(lengths.tolist(), 100) == expected
+
+
 def _pairs(n: int) -> list[tuple[str, str]]:
     return [(f"Repeat the word {'ab ' * (i % 7)}", "ok " * (1 + i % 5)) for i in range(n)]
 
