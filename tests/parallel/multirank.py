@@ -288,6 +288,20 @@ SCENARIOS = {
             extra=["soft.mode=ict", *FROM_BASE, "data.packing=true", "data.seq_length=128"],
             base=["soft.mode=sft"],
         ),
+        Scenario(
+            "packed_extracted_tp2_pp2",
+            4,
+            TP2_PP2,
+            "null",
+            extra=[
+                "soft.mode=extracted",
+                "model.num_layers=4",
+                *FROM_BASE,
+                "data.packing=true",
+                "data.seq_length=128",
+            ],
+            base=["soft.mode=sft", "soft.exit_layers=[4,8]", "model.num_layers=8"],
+        ),
         # the gradient reduction overlapped with backward: DDP starts a bucket once each of
         # its parameters reported a gradient; the first stage's head replica gets its whole
         # gradient from the fused exit loss (into main_grad) and reports it with megatron-
