@@ -291,11 +291,10 @@ class SFTDataset(Dataset):
         _check_not_empty(self.stats, source)
         self.packs: Packs | None = None
         self.packs_cached = False
+        # Tokens of each sample (its ids less the last, a label only): the packing's sizes.
+        self._lengths = _list_lengths(table.column("ids").combine_chunks())[self._index] - 1
         if packing:
-            ids = rows.data.column("ids").combine_chunks()
-            lengths = _list_lengths(ids)[self._index] - 1  # tokens = ids[:-1]
-            self.packs, self.packs_cached = cached_packs(lengths, seq_length, cache_entry)
-            self._lengths = lengths
+            self.packs, self.packs_cached = cached_packs(self._lengths, seq_length, cache_entry)
 
     @classmethod
     def from_rows(cls, columns: dict[str, list[Any]], num_records: int, **kwargs) -> SFTDataset:
@@ -435,15 +434,7 @@ class SFTDataset(Dataset):
 
     def fill_ratio(self) -> float:
         """Real tokens / token slots over all samples (1.0 = no padding)."""
-        lengths = (
-            self._lengths
-            if self.packs is not None
-            else _list_lengths(self._all_ids())[self._index] - 1
-        )
-        return float(lengths.sum()) / max(1, len(self) * self.seq_length)
-
-    def _all_ids(self) -> Any:
-        return self._rows.data.column("ids").combine_chunks()
+        return float(self._lengths.sum()) / max(1, len(self) * self.seq_length)
 
     def describe(self) -> str:
         """One line for the log."""
