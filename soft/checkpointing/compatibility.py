@@ -67,6 +67,8 @@ RUN = (
     "data.answer_alias_index",
     "data.text_field",
     "data.builtin_num_samples",
+    # Samples are packs with packing on: the saved sample count means another order without.
+    "data.packing",
 )
 # What a run started from: part of RUN when a job resumes its own run folder; not compared when
 # it continues from another folder's checkpoint (whose own starting point does not matter).

@@ -76,16 +76,20 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[SFTDataset, SFTDataset |
     valid_source = (
         None if cfg.valid_path is None else parse_source(cfg.valid_path, "data.valid_path")
     )
-    rows, num_records, _ = tokenized_rows(train_source, cfg, tokenizer)
-    common = dict(seq_length=cfg.seq_length, pad_id=tokenizer.pad_id)
+    rows, num_records, entry = tokenized_rows(train_source, cfg, tokenizer)
+    # Packs are kept in the rows' cache entry (see SFTDataset): computed once per selection.
+    common = dict(
+        seq_length=cfg.seq_length, pad_id=tokenizer.pad_id, packing=cfg.packing, cache_entry=entry
+    )
     if valid_source is not None:
         train = SFTDataset(
             rows, num_records=num_records, source=cfg.train_path, name="train", **common
         )
-        v_rows, v_records, _ = tokenized_rows(valid_source, cfg, tokenizer)
+        v_rows, v_records, v_entry = tokenized_rows(valid_source, cfg, tokenizer)
         valid = SFTDataset(
-            v_rows, num_records=v_records, source=cfg.valid_path, name="valid", **common
-        )
+            v_rows, num_records=v_records, source=cfg.valid_path, name="valid",
+            **{**common, "cache_entry": v_entry},
+        )  # fmt: skip
         return train, valid, tokenizer
     train_ids, valid_ids = _hold_out(range(num_records), cfg.valid_fraction, seed, cfg.train_path)
     train = SFTDataset(
@@ -144,5 +148,6 @@ def _make_dataset(
     cfg: DataConfig, examples: list[Example], tokenizer: Tokenizer, source: str, name: str
 ) -> SFTDataset:
     return SFTDataset.from_examples(
-        examples, tokenizer, cfg.seq_length, cfg.overlong, source=source, name=name
-    )
+        examples, tokenizer, cfg.seq_length, cfg.overlong, source=source, name=name,
+        packing=cfg.packing,
+    )  # fmt: skip

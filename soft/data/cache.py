@@ -8,6 +8,10 @@ A changed file, tokenizer, template or length is a new entry; nothing stale is e
 
     <cache_dir>/<key>/rows.arrow   the rows (`datasets.Dataset.map` output, memory-mapped)
     <cache_dir>/<key>/meta.json    source, key inputs, record/row counts, build time
+    <cache_dir>/<key>/packs-<k>.npz with data.packing: the packs of one selection of the rows
+                                   (train or valid), keyed by its examples' lengths, seq_length
+                                   and the packing version (soft.data.dataset.cached_packs);
+                                   packing changes no row, so the rows' key does not include it
 
 An entry is built in a temporary folder beside it and renamed into place, so a reader sees a
 complete entry or none, and two builders (two jobs, or ranks on node-local disks) cannot mix

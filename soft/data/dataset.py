@@ -13,6 +13,17 @@ Layout of one sample:
 
 padded to `seq_length` with the pad id (the tokenizer's, else EOS) and mask 0.
 
+With packing (`data.packing`), a sample is a pack: several examples side by side, each laid
+out as above (its own tokens/labels shift, so the last token of one example predicts its own
+EOS, never the next example's first token), then padding. A packed batch also carries
+
+    position_ids = 0, 1, ... restarting at each example (0 on padding)
+    document     = which example of the pack the token belongs to (0..n-1; -1 on padding)
+
+from which the training step builds the block-diagonal causal mask. Packs come from
+`pack_first_fit_decreasing` over the examples' lengths, computed once per selection and kept
+beside the cached rows (`packs-<key>.npz`), so every rank and every resume sees the same packs.
+
 The tokenised rows of a whole source live in one Arrow table (`datasets.Dataset`), one row per
 sample, and one row per dropped record saying why:
 
@@ -31,9 +42,13 @@ train/valid hold-out); padding happens per batch.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -46,6 +61,8 @@ from soft.data.tokenizer import Tokenizer
 
 Overlong = Literal["truncate", "drop"]
 ROW_COLUMNS = ("record", "ids", "targets", "truncated", "drop")
+# Bump when the packing algorithm changes: cached packs of the old one are then never read.
+PACKING_VERSION = 1
 
 
 @dataclass
@@ -159,6 +176,85 @@ def row_features() -> Any:
     )
 
 
+# ----------------------------------------------------------------------------- packing
+
+
+@dataclass(frozen=True)
+class Packs:
+    """Samples grouped into packs: pack p holds samples members[offsets[p]:offsets[p + 1]]
+    (in ascending sample order), whose lengths sum to at most the capacity."""
+
+    members: np.ndarray  # int64, every sample exactly once
+    offsets: np.ndarray  # int64, len = number of packs + 1
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def pack(self, p: int) -> np.ndarray:
+        return self.members[self.offsets[p] : self.offsets[p + 1]]
+
+
+def pack_first_fit_decreasing(lengths: np.ndarray, capacity: int) -> Packs:
+    """First-fit-decreasing bin packing: samples by decreasing length (ties: lower index
+    first), each into the first pack (in creation order) with room. Deterministic: a pure
+    function of the lengths. A length above `capacity` is a bug upstream (overlong samples
+    are truncated or dropped when tokenised), so it raises."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.max() > capacity or lengths.min() < 1):
+        raise ValueError(f"sample lengths must be in [1, {capacity}]")
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    owner = _first_fit(lengths[order].tolist(), capacity)
+    owner = np.asarray(owner, dtype=np.int64)[np.argsort(order)]  # back to sample order
+    num_packs = int(owner.max()) + 1 if len(owner) else 0
+    members = np.lexsort((np.arange(len(lengths)), owner))  # by pack, then sample order
+    counts = np.bincount(owner, minlength=num_packs)
+    return Packs(members.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]))
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[int]:
+    """The pack of each length, in order: the lowest-numbered pack with room (numbered as
+    opened). A max-tree of free room over n packs, unopened ones all free, finds it in
+    O(log n): the leftmost leaf with room >= length is an open pack or the next new one.
+    2-4 s per 10^5 samples on a busy 2-core CPU, whatever the number of packs."""
+    size = 1 << max(0, len(lengths) - 1).bit_length()  # leaves >= samples >= packs
+    tree = [capacity] * (2 * size)
+    owner = []
+    for length in lengths:
+        node = 1
+        while node < size:  # descend to the leftmost leaf with room
+            node = 2 * node if tree[2 * node] >= length else 2 * node + 1
+        owner.append(node - size)
+        tree[node] -= length
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+    return owner
+
+
+def cached_packs(lengths: np.ndarray, capacity: int, entry: Path | None) -> tuple[Packs, bool]:
+    """`pack_first_fit_decreasing`, read from / written to the cache entry `entry` when given
+    (keyed by the lengths, the capacity and PACKING_VERSION). Returns (packs, cache hit)."""
+    if entry is None:
+        return pack_first_fit_decreasing(lengths, capacity), False
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    key = hashlib.sha256(f"{PACKING_VERSION}:{capacity}:".encode() + lengths.tobytes()).hexdigest()[
+        :32
+    ]
+    path = entry / f"packs-{key}.npz"
+    if path.is_file():
+        with np.load(path) as saved:
+            return Packs(saved["members"], saved["offsets"]), True
+    packs = pack_first_fit_decreasing(lengths, capacity)
+    tmp = entry / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
+    try:  # written beside and renamed: a reader sees a whole file or none
+        np.savez(tmp, members=packs.members, offsets=packs.offsets)
+        tmp.rename(path)
+    except OSError:  # a read-only cache still trains: the packs are recomputed next time
+        tmp.unlink(missing_ok=True)
+    return packs, False
+
+
 # ----------------------------------------------------------------------------- the dataset
 
 
@@ -178,6 +274,8 @@ class SFTDataset(Dataset):
         source: str,
         name: str = "data",
         records: np.ndarray | None = None,
+        packing: bool = False,
+        cache_entry: Path | None = None,
     ):
         self.seq_length = seq_length
         self.pad_id = pad_id
@@ -191,6 +289,12 @@ class SFTDataset(Dataset):
         self._rows = rows.with_format("numpy", columns=["ids", "targets"])
         self.stats = _stats(table, record, chosen, dropped, self._index, num_records, records)
         _check_not_empty(self.stats, source)
+        self.packs: Packs | None = None
+        self.packs_cached = False
+        # Tokens of each sample (its ids less the last, a label only): the packing's sizes.
+        self._lengths = _list_lengths(table.column("ids").combine_chunks())[self._index] - 1
+        if packing:
+            self.packs, self.packs_cached = cached_packs(self._lengths, seq_length, cache_entry)
 
     @classmethod
     def from_rows(cls, columns: dict[str, list[Any]], num_records: int, **kwargs) -> SFTDataset:
@@ -230,6 +334,7 @@ class SFTDataset(Dataset):
         *,
         source: str = "<memory>",
         name: str = "data",
+        packing: bool = False,
     ) -> SFTDataset:
         """Samples from examples (soft.data.prompts); raises ConfigError if none survive."""
         columns = tokenize_rows(
@@ -242,6 +347,7 @@ class SFTDataset(Dataset):
             pad_id=tokenizer.pad_id,
             source=source,
             name=name,
+            packing=packing,
         )
 
     @classmethod
@@ -268,13 +374,16 @@ class SFTDataset(Dataset):
         )
 
     def __len__(self) -> int:
-        return len(self._index)
+        """Samples: packs when packing, else examples."""
+        return len(self._index) if self.packs is None else len(self.packs)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: value[0] for key, value in self.batch([index]).items()}
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Samples `indices` stacked and padded (the same result as `collate` of the items)."""
+        if self.packs is not None:
+            return self._packed_batch(indices)
         rows = self._rows[self._index[np.asarray(list(indices), dtype=np.int64)].tolist()]
         n = len(rows["targets"])
         tokens = torch.full((n, self.seq_length), self.pad_id, dtype=torch.long)
@@ -289,14 +398,67 @@ class SFTDataset(Dataset):
                 loss_mask[i, int(start) : int(end)] = 1.0
         return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
 
+    def _packed_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Packs `indices`: each example laid out as in `batch`, one after another."""
+        assert self.packs is not None
+        n, s = len(indices), self.seq_length
+        out = self._padding_batch(n)
+        for i, p in enumerate(indices):
+            members = self.packs.pack(int(p))
+            rows = self._rows[self._index[members].tolist()]
+            start = 0
+            for doc, (ids, targets) in enumerate(zip(rows["ids"], rows["targets"], strict=True)):
+                full = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+                end = start + len(full) - 1
+                out["tokens"][i, start:end] = full[:-1]
+                out["labels"][i, start:end] = full[1:]
+                out["position_ids"][i, start:end] = torch.arange(end - start)
+                out["document"][i, start:end] = doc
+                for a, b in zip(targets[0::2], targets[1::2], strict=True):
+                    out["loss_mask"][i, start + int(a) : start + int(b)] = 1.0
+                start = end
+            if start > s:  # packing guarantees it; a corrupt cache must not go unnoticed
+                raise RuntimeError(f"{self.name}: pack {p} holds {start} > {s} tokens")
+        return out
+
+    def _padding_batch(self, n: int) -> dict[str, torch.Tensor]:
+        """An all-padding packed batch of `n` rows (padding: position 0, document -1)."""
+        s = self.seq_length
+        return {
+            "tokens": torch.full((n, s), self.pad_id, dtype=torch.long),
+            "labels": torch.full((n, s), self.pad_id, dtype=torch.long),
+            "loss_mask": torch.zeros((n, s), dtype=torch.float),
+            "position_ids": torch.zeros((n, s), dtype=torch.long),
+            "document": torch.full((n, s), -1, dtype=torch.long),
+        }
+
+    def fill_ratio(self) -> float:
+        """Real tokens / token slots over all samples (1.0 = no padding)."""
+        return float(self._lengths.sum()) / max(1, len(self) * self.seq_length)
+
     def describe(self) -> str:
         """One line for the log."""
         s = self.stats
-        return (
+        line = (
             f"{self.name}: {s.num_samples} samples of {self.seq_length} tokens from "
             f"{s.num_records} records of {self.source}; {s.num_truncated} truncated, "
             f"{s.num_dropped} dropped; {s.num_loss_tokens} tokens in the loss"
         )
+        if self.packs is None:
+            return line
+        per_pack = np.diff(self.packs.offsets)
+        return (
+            f"{line}; packed into {len(self.packs)} sequences "
+            f"({'from the cache' if self.packs_cached else 'packed now'}): "
+            f"fill {100 * self.fill_ratio():.1f}% of token slots, {per_pack.mean():.2f} examples "
+            f"per pack (max {per_pack.max()})"
+        )
+
+
+def _list_lengths(column: Any) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _dropped_mask(column: Any) -> np.ndarray:

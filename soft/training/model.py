@@ -43,10 +43,17 @@ class SoftModel:
             c.train(mode)
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, packed: bool = False
+) -> TransformerConfig:
     """megatron-core's config of a run: the model's fields and the layout's, composed here
-    (neither soft/models nor soft/parallel knows the other's)."""
-    return TransformerConfig(**model_fields(model), **parallel.transformer_fields())
+    (neither soft/models nor soft/parallel knows the other's). `packed` (data.packing): the
+    fused causal softmax kernel applies its own triangle and ignores the block-diagonal
+    mask, so packed batches take the unfused softmax, which applies the mask given."""
+    fields = model_fields(model)
+    if packed:
+        fields["masked_softmax_fusion"] = False
+    return TransformerConfig(**fields, **parallel.transformer_fields())
 
 
 def build_soft_model(
@@ -57,8 +64,9 @@ def build_soft_model(
     vocab_size: int,
     seed: int,
     init: bool = True,
+    packed: bool = False,
 ) -> SoftModel:
-    config = transformer_config(model_cfg, parallel_cfg)
+    config = transformer_config(model_cfg, parallel_cfg, packed)
     chunks = build_chunks(model_cfg, config, plan, vocab_size, seed, init)
     wrapped = wrap_chunks(chunks, config, parallel_cfg)
     head_groups = build_head_groups(chunks)

@@ -75,7 +75,13 @@ class Run:
 
 
 def setup(cfg: RootConfig) -> Run:
-    check_runtime_support(cfg.model)  # FP8/TE where they cannot run: fail first
+    uses_te = check_runtime_support(cfg.model)  # FP8/TE where they cannot run: fail first
+    if cfg.data.packing and uses_te:
+        raise ConfigError(
+            "config key 'data.packing': data.packing on the transformer_engine spec is not "
+            "implemented yet (it needs THD inputs with cu_seqlens); set "
+            "model.transformer_impl=local to pack with an explicit block-diagonal mask"
+        )
     topo = init_distributed(cfg.parallel, cfg.train.seed)
     run_dir = RunDir.of(cfg.train.output_dir, cfg.checkpoint.save_dir)
     created = not run_dir.root.exists()
@@ -140,6 +146,7 @@ def _build(cfg: RootConfig, topo: Topology, run_dir: RunDir, lock: RunLock | Non
         cfg.exit_plan(),
         padded_vocab_size(vocab, cfg.model, tp),
         cfg.train.seed,
+        packed=cfg.data.packing,
     )
     optimizer = build_optimizer(model, cfg.train, cfg.model, cfg.parallel)
     scheduler = build_scheduler(optimizer, cfg.train)

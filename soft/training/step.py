@@ -75,6 +75,31 @@ def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
 LossResult = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
 
 
+def packed_mask(document: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] bool, True = masked (megatron-core's convention: masked_fill before the
+    softmax): token i sees token j only when j <= i and both belong to the same example of the
+    pack. Padding (document -1) sees only padding, so no row is fully masked."""
+    s = document.shape[1]
+    same = document[:, :, None] == document[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document.device).tril()
+    return ~(same & causal)[:, None]
+
+
+def model_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids, attention mask) of a batch. Packed batches (data.packing) carry their
+    own positions, restarting at each example, and get the block-diagonal mask. The local
+    spec's RoPE takes positions from the sequence index, not position_ids; attention scores
+    depend only on the difference of two positions, which is the same inside an example
+    wherever it sits, so the block-diagonal mask alone makes a packed example compute what it
+    would alone (tests/training/test_packing.py proves it)."""
+    tokens = batch["tokens"]
+    b, s = tokens.shape
+    if "document" in batch:
+        return batch["position_ids"], packed_mask(batch["document"])
+    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    return position_ids, causal_mask(s, tokens.device)
+
+
 def loss_func(
     model: SoftModel, loss_mask: torch.Tensor, per_token_loss: torch.Tensor
 ) -> LossResult:
@@ -97,12 +122,11 @@ def forward_step(
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], LossResult]]:
     batch = next(data_iterator)
     tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-    b, s = tokens.shape
-    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    position_ids, attention_mask = model_inputs(batch)
     hooks = model.hooks_for(chunk)
     hooks.set_targets(labels, loss_mask, loss_scale, measure_untrained)
     try:
-        output = chunk(tokens, position_ids, causal_mask(s, tokens.device), labels=labels)
+        output = chunk(tokens, position_ids, attention_mask, labels=labels)
     finally:
         hooks.clear_targets()
     return output, partial(loss_func, model, loss_mask)

@@ -249,6 +249,59 @@ SCENARIOS = {
         # bias split per query group) and pipelining: biases, q/k norms, a head_dim that is
         # not hidden/heads, grouped-query attention and llama3 RoPE scaling
         Scenario("features_tp2_pp2", 4, TP2_PP2, "[2,3,5,8]", extra=FEATURES),
+        # packed sequences (data.packing): the block-diagonal mask and restarting positions
+        # through TP, SP (the mask is per microbatch, the sequence sharded), PP and
+        # interleaving; 128 tokens hold two or three built-in examples
+        Scenario(
+            "packed_tp2_pp2_sp",
+            4,
+            TP2_PP2_SP,
+            "[2,3,5,8]",
+            extra=["data.packing=true", "data.seq_length=128"],
+        ),
+        Scenario(
+            "packed_pp2_vp2",
+            2,
+            PP2_VP2,
+            "[1,3,5,8]",
+            extra=["data.packing=true", "data.seq_length=128"],
+        ),
+        # ... with data parallelism and full activation recompute (the mask rides along into
+        # the recomputed segments), and in ict mode from an SFT checkpoint
+        Scenario(
+            "packed_dp2_tp2_recompute",
+            4,
+            ["parallel.tensor_model_parallel_size=2"],
+            "[1,4,8]",
+            extra=["data.packing=true", "data.seq_length=128"],
+            parallel_only=[
+                "model.recompute_granularity=full",
+                "model.recompute_method=uniform",
+                "model.recompute_num_layers=2",
+            ],
+        ),
+        Scenario(
+            "packed_ict_tp2_pp2",
+            4,
+            TP2_PP2,
+            "[2,3,5,8]",
+            extra=["soft.mode=ict", *FROM_BASE, "data.packing=true", "data.seq_length=128"],
+            base=["soft.mode=sft"],
+        ),
+        Scenario(
+            "packed_extracted_tp2_pp2",
+            4,
+            TP2_PP2,
+            "null",
+            extra=[
+                "soft.mode=extracted",
+                "model.num_layers=4",
+                *FROM_BASE,
+                "data.packing=true",
+                "data.seq_length=128",
+            ],
+            base=["soft.mode=sft", "soft.exit_layers=[4,8]", "model.num_layers=8"],
+        ),
         # the gradient reduction overlapped with backward: DDP starts a bucket once each of
         # its parameters reported a gradient; the first stage's head replica gets its whole
         # gradient from the fused exit loss (into main_grad) and reports it with megatron-
@@ -621,6 +674,8 @@ RESHARDS = {
     # tied embeddings: saved at TP2xPP2 (the last stage's copy and the replicas stored as
     # non-main replicas of the embedding), resumed at one rank
     "reshard_tied_tp2pp2_to_tp1pp1": ("tied_tp2_pp2", True, False, None),
+    # packed data: the resumed run continues at the same pack of the same packing
+    "reshard_packed_tp2pp2sp_to_tp1pp1": ("packed_tp2_pp2_sp", True, False, None),
 }
 
 
