@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from soft.config.errors import InputError
+from soft.config.errors import exit_status_of
 from soft.data.prompts import PROMPT_TEMPLATES
 from soft.evaluation.inference import MODES, GenerateOptions, generate_text
 from soft.evaluation.model_io import (
@@ -73,11 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The console script: bad input is one `error:` line and exit status 2."""
-    try:
-        return run(argv)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status_of(run, argv)
 
 
 def run(argv: list[str] | None = None) -> int:
