@@ -18,6 +18,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from soft.experiments import results
 from soft.experiments.plan import MODE_LABELS, MODES
 from soft.experiments.results import COMPARISONS, DASH, grid_table
 
@@ -134,17 +135,7 @@ def _spread(got: Mapping | None, scale: float = 1.0, digits: int = 3, sign: str 
 
 def quality_table(rows: Sequence[Mapping]) -> str:
     """Loss and EM (%) per exit and method: mean ± std [min, max] over the seeds."""
-    header = ["exit k"]
-    for m in MODES:
-        header += [f"{MODE_LABELS[m]} loss", f"{MODE_LABELS[m]} EM %"]
-    body = []
-    for row in rows:
-        cells = [str(row["layer"])]
-        for m in MODES:
-            got = row["metrics"].get(m) or {}
-            cells += [_spread(got.get("loss")), _spread(got.get("exact_match"), 100, 1)]
-        body.append(cells)
-    return grid_table(header, body)
+    return results.quality_table(rows, _spread, lambda got: _spread(got, 100, 1), em_label="EM %")
 
 
 def claims_table(rows: Sequence[Mapping]) -> str:

@@ -12,9 +12,10 @@ reverse, ties otherwise; score = (wins - losses) / n, in [-1, 1], 0 = no differe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from soft.experiments.plan import MODE_LABELS, MODES
 
@@ -117,17 +118,23 @@ def grid_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def quality_table(rows: Sequence[Mapping]) -> str:
-    """Loss and exact match per exit layer and method."""
+def quality_table(
+    rows: Sequence[Mapping],
+    loss_cell: Callable[[Any], str] = _num,
+    em_cell: Callable[[Any], str] = _pct,
+    em_label: str = "EM",
+) -> str:
+    """Loss and exact match per exit layer and method; the cell formatters let the multi-seed
+    report (soft.experiments.aggregate) write its spreads in the same table."""
     header = ["exit k"]
     for m in MODES:
-        header += [f"{MODE_LABELS[m]} loss", f"{MODE_LABELS[m]} EM"]
+        header += [f"{MODE_LABELS[m]} loss", f"{MODE_LABELS[m]} {em_label}"]
     body = []
     for row in rows:
         cells = [str(row["layer"])]
         for m in MODES:
             got = row["metrics"].get(m) or {}
-            cells += [_num(got.get("loss")), _pct(got.get("exact_match"))]
+            cells += [loss_cell(got.get("loss")), em_cell(got.get("exact_match"))]
         body.append(cells)
     return grid_table(header, body)
 
