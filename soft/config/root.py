@@ -12,6 +12,7 @@ from soft.data.config import DataConfig
 from soft.models.config import ModelConfig, SoftConfig
 from soft.models.exit_plan import ExitPlan
 from soft.parallel.config import ParallelConfig
+from soft.peft.config import PeftConfig
 from soft.tracking.config import TrackingConfig
 from soft.training.config import TrainConfig
 
@@ -25,13 +26,24 @@ class RootConfig:
     train: TrainConfig = section(TrainConfig, "Optimizer, schedule, batch sizes, logging.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Saving and loading.")
     tracking: TrackingConfig = section(TrackingConfig, "MLflow tracking.")
+    peft: PeftConfig = section(PeftConfig, "Low-rank adapters (LoRA) over frozen base weights.")
 
     def validate(self) -> None:
         """Each section checks itself; then the checks that span sections."""
-        for name in ("model", "soft", "parallel", "data", "train", "checkpoint", "tracking"):
+        for name in (
+            "model",
+            "soft",
+            "parallel",
+            "data",
+            "train",
+            "checkpoint",
+            "tracking",
+            "peft",
+        ):
             getattr(self, name).validate(name)
         self.exit_plan()  # raises on a bad plan
         self._validate_mode()
+        self._validate_peft()
         self._validate_layout()
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ConfigError(
@@ -56,6 +68,24 @@ class RootConfig:
                 "config key 'model.recompute_granularity' is 'full', which soft.mode=ict cannot "
                 "use (its backbone is frozen: nothing there is backpropagated, so there is no "
                 "activation memory to save); use none or selective"
+            )
+
+    def _validate_peft(self) -> None:
+        """Adapters need the weights they adapt; ict and extracted are baselines of full
+        fine-tuning (ict freezes the backbone already)."""
+        if not self.peft.enabled:
+            return
+        self.peft.validate_layers(self.model.num_layers)
+        if self.soft.mode not in ("soft", "sft"):
+            raise ConfigError(
+                f"config key 'peft.method' is '{self.peft.method}', which soft.mode="
+                f"'{self.soft.mode}' cannot use: adapters train with soft.mode soft or sft"
+            )
+        if not (self.checkpoint.load_dir and self.checkpoint.finetune):
+            raise ConfigError(
+                f"config key 'peft.method' is '{self.peft.method}', which needs "
+                "'checkpoint.load_dir' (the base model the adapters adapt, e.g. an HF import) "
+                "with checkpoint.finetune=true"
             )
 
     def _validate_layout(self) -> None:
