@@ -5,17 +5,21 @@
 
 Prints the per-stage cost table of the configured split, of the even split and of the
 proposal (the feasible first/last pair with the smallest slowest stage), then the override to
-paste. Pure arithmetic: builds no model, needs no GPU.
+paste; then the memory per rank of the configured split (soft.parallel.memory): full SoFT, or
+LoRA SoFT with peft.method=lora, both with --compare-lora. Pure arithmetic: builds no model,
+needs no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from soft.config.errors import ConfigError, InputError
 from soft.config.root import RootConfig, load_config
-from soft.parallel import balance
+from soft.parallel import balance, memory
+from soft.peft.config import PeftConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +36,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--head-recompute",
         action="store_true",
         help="count the chunked exit CE's forward recompute (8*h*V per trained exit, not 6*h*V)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="GPUs of the job: data-parallel size = gpus / (TP x PP) (default TP x PP, DP 1)",
+    )
+    p.add_argument(
+        "--gpu-gib",
+        type=float,
+        default=80.0,
+        help="memory of one GPU in GiB; a stage fits when its estimate is at most 90%% of it "
+        "(the rest: CUDA context, communication buffers, fragmentation) (default 80)",
+    )
+    p.add_argument(
+        "--compare-lora",
+        action="store_true",
+        help="also plan LoRA SoFT (the config's peft section, or PEFT's defaults: r 16, "
+        "every linear layer)",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=["te", "local"],
+        default="te",
+        help="what attention/norm kernels keep: te = Transformer Engine with flash attention "
+        "(GPUs), local = megatron's local spec (the CPU path) (default te)",
     )
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     return p.parse_args(argv)
@@ -105,11 +134,81 @@ def report(cfg: RootConfig, vocab: int, head_recompute: bool) -> str:
     return "\n".join(out)
 
 
+# Share of a GPU's memory the estimate may fill: the rest is what it leaves out.
+USABLE_FRACTION = 0.9
+
+
+def memory_setup(
+    cfg: RootConfig, vocab: int, gpus: int | None, peft: PeftConfig, kernels: memory.Kernels
+) -> memory.MemorySetup:
+    """The memory model's inputs from the config; `gpus` sets the data-parallel size."""
+    par, train = cfg.parallel, cfg.train
+    model_parallel = par.model_parallel_size
+    gpus = model_parallel if gpus is None else gpus
+    if gpus < 1 or gpus % model_parallel:
+        raise ConfigError(
+            f"--gpus {gpus} is not a multiple of TP x PP = {model_parallel} "
+            "(parallel.tensor_model_parallel_size x parallel.pipeline_model_parallel_size)"
+        )
+    dp = gpus // model_parallel
+    per_step = train.micro_batch_size * dp
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"config key 'train.global_batch_size' ({train.global_batch_size}) is not a "
+            f"multiple of train.micro_batch_size x data-parallel size ({per_step})"
+        )
+    return memory.MemorySetup(
+        model=cfg.model,
+        parallel=par,
+        plan=cfg.exit_plan(),
+        peft=peft,
+        vocab_size=vocab,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=train.micro_batch_size,
+        num_microbatches=train.global_batch_size // per_step,
+        data_parallel=dp,
+        exit_loss=cfg.soft.exit_loss,
+        loss_chunk_tokens=cfg.soft.loss_chunk_tokens,
+        kernels=kernels,
+    )
+
+
+def memory_report(
+    cfg: RootConfig, vocab: int, gpus: int | None, compare_lora: bool, gpu_gib: float, kernels
+) -> str:
+    """The memory tables of the configured split: full and/or LoRA."""
+    if cfg.exit_plan().separate_heads:
+        return "memory: not planned for soft.mode=ict (separate heads over a frozen backbone)"
+    variants: list[tuple[str, PeftConfig]] = []
+    if not cfg.peft.enabled or compare_lora:
+        variants.append(("full SoFT", PeftConfig()))
+    if cfg.peft.enabled or compare_lora:
+        lora = cfg.peft if cfg.peft.enabled else dataclasses.replace(PeftConfig(), method="lora")
+        variants.append((f"LoRA SoFT (r {lora.rank}, {', '.join(lora.target_modules)})", lora))
+    budget = gpu_gib * USABLE_FRACTION
+    out = []
+    for title, peft in variants:
+        setup = memory_setup(cfg, vocab, gpus, peft, kernels)
+        stages = memory.stage_memory(setup)
+        worst = max(s.total for s in stages) / memory.GIB
+        out.append(
+            f"### memory per rank, {title}: DP {setup.data_parallel}, "
+            f"{setup.num_microbatches} micro batches/step, kernels {kernels}; "
+            f"largest stage {worst:.1f} GiB, "
+            f"{'fits' if worst <= budget else 'does not fit'} {gpu_gib:g} GiB "
+            f"(budget {budget:.0f} GiB)\n\n{memory.format_memory_table(stages, budget)}\n"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        print(report(cfg, resolve_vocab(cfg, args.vocab_size), args.head_recompute))
+        vocab = resolve_vocab(cfg, args.vocab_size)
+        print(report(cfg, vocab, args.head_recompute))
+        print()
+        print(memory_report(cfg, vocab, args.gpus, args.compare_lora, args.gpu_gib, args.kernels))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

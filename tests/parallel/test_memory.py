@@ -1,0 +1,235 @@
+"""The memory planner (soft.parallel.memory) against what a one-rank CPU model allocates.
+
+Weights, gradients and optimizer state are compared with the tensors megatron-core actually
+holds after a training step (parameters, DDP's main_grad buffers, the optimizer's main
+parameters and Adam moments): exact, within 1% for the buffer padding the distributed
+optimizer may add (none at these shapes). Activations are compared with the unique storages
+autograd saves during one micro batch's forward (saved_tensors_hooks), which is what is kept
+until backward, within 5%: the model leaves out small fixed-size tensors (the causal mask,
+the rotary table a full-recompute checkpoint keeps as an input), which are up to ~3% of this
+tiny model's activations (measured: 0.1% without full recompute, 2.8% with it) and vanish at
+real sizes. The CPU path is megatron's local spec, hence kernels="local"; the exits'
+transient chunk logits are not saved tensors and are not measured here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from soft.models.config import ModelConfig
+from soft.models.exit_plan import ExitPlan
+from soft.parallel import balance, memory
+from soft.parallel.config import ParallelConfig
+from soft.peft.config import PeftConfig
+from tests.megatron_env import single_rank_world, tiny_config
+
+SHAPE = (
+    "data.seq_length=128",
+    "model.hidden_size=128",
+    "model.ffn_hidden_size=352",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+)
+VOCAB = 512
+
+
+@dataclasses.dataclass
+class Measured:
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int  # one micro batch's saved tensors
+
+
+def _measure(cfg) -> Measured:
+    from soft.data import build_datasets
+    from soft.parallel.setup import seed_everything
+    from soft.training.model import build_soft_model
+    from soft.training.optim import build_optimizer, build_scheduler
+    from soft.training.step import forward_step, train_step
+
+    single_rank_world()
+    seed_everything(42)
+    train, _, _ = build_datasets(cfg.data, cfg.train.seed)
+    model = build_soft_model(
+        cfg.model, cfg.parallel, cfg.soft, cfg.exit_plan(), VOCAB, cfg.train.seed
+    )
+    optimizer = build_optimizer(model, cfg.train, cfg.model, cfg.parallel)
+    batches = [train.batch([0, 1]), train.batch([2, 3])]
+    train_step(model, optimizer, build_scheduler(optimizer, cfg.train), batches)
+    params = {id(p): p for chunk in model.unwrapped for p in chunk.parameters()}
+    buffers = [b for chunk in model.chunks for b in chunk.buffers]
+    # Storages of the model's own tensors: never counted as optimizer state or activations.
+    model_storage = {p.untyped_storage().data_ptr() for p in params.values()}
+    model_storage |= {
+        b.param_data.untyped_storage().data_ptr() for b in buffers if b.param_data is not None
+    }
+    state = 0
+    inner = optimizer.optimizer
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if p.untyped_storage().data_ptr() not in model_storage:  # an fp32 main copy
+                state += p.nbytes
+            state += sum(
+                v.nbytes for v in inner.state.get(p, {}).values() if torch.is_tensor(v) and v.dim()
+            )
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in model_storage:
+            saved.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_step(model, torch.ones(()), False, iter(batches[:1]), model.chunks[0])
+    return Measured(
+        weights=sum(p.nbytes for p in params.values()),
+        grads=sum(b.grad_data.nbytes for b in buffers),
+        optimizer=state,
+        activations=sum(saved.values()),
+    )
+
+
+def _setup(cfg, peft: PeftConfig | None = None, **kw) -> memory.MemorySetup:
+    values = dict(
+        model=cfg.model,
+        parallel=cfg.parallel,
+        plan=cfg.exit_plan(),
+        peft=peft or PeftConfig(),
+        vocab_size=VOCAB,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        num_microbatches=1,
+        data_parallel=1,
+        exit_loss=cfg.soft.exit_loss,
+        loss_chunk_tokens=cfg.soft.loss_chunk_tokens,
+        kernels="local",
+    )
+    values.update(kw)
+    return memory.MemorySetup(**values)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("soft.mode=sft",),
+        ("model.params_dtype=bf16", "parallel.use_distributed_optimizer=true"),
+        ("model.recompute_granularity=selective", "soft.exit_loss=recompute", "soft.loss_chunk_tokens=32"),
+        ("model.recompute_granularity=full", "model.recompute_num_layers=2"),
+        ("model.recompute_granularity=full", "model.recompute_method=block", "soft.exit_loss=plain"),
+    ],
+    ids=["soft", "sft", "bf16-distopt", "selective-recompute-loss", "full-uniform", "full-block-plain"],
+)  # fmt: skip
+def test_planner_matches_measured_allocations(overrides):
+    cfg = tiny_config(*SHAPE, *overrides)
+    got = _measure(cfg)
+    setup = _setup(cfg)
+    (stage,) = memory.stage_memory(setup)
+    assert got.weights == pytest.approx(stage.weights, rel=0.01)
+    assert got.grads == pytest.approx(stage.grads, rel=0.01)
+    assert got.optimizer == pytest.approx(stage.optimizer, rel=0.01)
+    act = memory.stage_activations(setup, 0)
+    planned = act.layers_per_microbatch + act.exits_per_microbatch
+    assert got.activations == pytest.approx(planned, rel=0.05)
+
+
+def test_exits_cost_what_the_planner_says():
+    """SoFT minus SFT (same model, early exits trained or not): the measured difference is the
+    planner's kept bytes for three early exits (one micro batch)."""
+    soft = _measure(tiny_config(*SHAPE))
+    sft = _measure(tiny_config(*SHAPE, "soft.mode=sft"))
+    act = memory.stage_activations(_setup(tiny_config(*SHAPE)), 0)
+    assert soft.activations - sft.activations == pytest.approx(act.exits_per_microbatch, rel=0.01)
+
+
+def _model(**kw) -> ModelConfig:
+    base = dict(hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2)
+    return ModelConfig(**{**base, **kw})
+
+
+def _plan_setup(model: ModelConfig, parallel: ParallelConfig, **kw) -> memory.MemorySetup:
+    values = dict(
+        model=model,
+        parallel=parallel,
+        plan=ExitPlan.build(model.num_layers, None),
+        peft=PeftConfig(),
+        vocab_size=VOCAB,
+        seq_length=64,
+        micro_batch_size=1,
+        num_microbatches=8,
+        data_parallel=1,
+    )
+    values.update(kw)
+    return memory.MemorySetup(**values)
+
+
+def test_lora_adapter_shapes_by_hand():
+    """r=8 at TP2, h=64, 4 heads of 16, 2 kv groups, f=176 (shapes of soft.peft.lora):
+    qkv A 8x64 + B (128/2)x8; proj A 8x(64/2) + B 64x8; fc1 A 8x64 + B (352/2)x8;
+    fc2 A 8x(176/2) + B 64x8."""
+    peft = PeftConfig(method="lora", rank=8)
+    assert memory.adapter_params_per_rank(_model(), peft, tp=2) == 1024 + 768 + 1920 + 1216
+    only = dataclasses.replace(peft, target_modules=["linear_proj"])
+    assert memory.adapter_params_per_rank(_model(), only, tp=1) == 8 * 64 + 64 * 8
+
+
+def test_lora_trains_only_adapters_and_keeps_the_base():
+    model, parallel = _model(params_dtype="bf16"), ParallelConfig(use_distributed_optimizer=True)
+    peft = PeftConfig(method="lora", rank=8, layers=[3, 4])
+    full = memory.stage_memory(_plan_setup(model, parallel, data_parallel=4))[0]
+    lora = memory.stage_memory(_plan_setup(model, parallel, peft=peft, data_parallel=4))[0]
+    adapters = 2 * memory.adapter_params_per_rank(model, peft, 1)
+    assert lora.trainable == adapters
+    assert lora.params == full.params + adapters
+    assert lora.weights == full.weights + 2 * adapters  # bf16
+    assert lora.grads == 4 * adapters  # fp32 main_grad
+    assert lora.optimizer == 12 * adapters / 4  # main copy + Adam, sharded over DP 4
+    assert full.optimizer == 12 * full.trainable / 4 and full.grads == 4 * full.trainable
+    # Layers 1-2 have no adapter below them: they keep nothing. With every target adapted a
+    # layer keeps what a fully trained one does (the adapters keep the frozen linears'
+    # inputs), plus x A^T: 64 tokens x r 8 x 4 targets x 2 bytes.
+    setup = _plan_setup(model, parallel, peft=peft)
+    lora_layer = memory.layer_activation_bytes(setup)
+    assert lora_layer - memory.layer_activation_bytes(_plan_setup(model, parallel)) == 4096
+    kept = memory.stage_activations(setup, 0).layers_per_microbatch
+    assert kept == 2 * lora_layer + memory.final_loss_bytes(setup)
+
+
+def test_params_agree_with_the_balance_table_at_tp1():
+    model = _model(num_layers=8)
+    parallel = ParallelConfig(pipeline_model_parallel_size=4, num_layers_in_first_pipeline_stage=1, num_layers_in_last_pipeline_stage=3)  # fmt: skip
+    plan = ExitPlan.build(8, [2, 5, 8])
+    setup = _plan_setup(model, parallel, plan=plan)
+    cost = balance.CostModel.build(model, 64, VOCAB)
+    expected = [s.params for s in balance.layout(parallel, plan, cost).stages]
+    assert [s.params for s in memory.stage_memory(setup)] == expected
+
+
+def test_one_f_one_b_in_flight_micro_batches():
+    parallel = ParallelConfig(pipeline_model_parallel_size=4)
+    model = _model(num_layers=8)
+    assert [memory.in_flight(_plan_setup(model, parallel), i) for i in range(4)] == [4, 3, 2, 1]
+    few = _plan_setup(model, parallel, num_microbatches=2)
+    assert [memory.in_flight(few, i) for i in range(4)] == [2, 2, 2, 1]
+
+
+def test_tool_prints_memory_for_full_and_lora(capsys):
+    from soft.parallel.cli_plan import main
+
+    assert main(["--compare-lora", "--gpus", "4", "parallel.pipeline_model_parallel_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "### memory per rank, full SoFT: DP 2" in out
+    assert "### memory per rank, LoRA SoFT (r 16" in out
+    assert out.count("| total GiB |") == 2
+
+
+def test_tool_refuses_gpus_not_a_multiple_of_the_layout(capsys):
+    from soft.parallel.cli_plan import main
+
+    assert main(["--gpus", "3", "parallel.pipeline_model_parallel_size=2"]) == 2
+    assert "--gpus 3 is not a multiple of TP x PP = 2" in capsys.readouterr().err
