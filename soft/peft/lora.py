@@ -26,6 +26,7 @@ default: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0), so one rank and any TP x PP lay
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -182,30 +183,28 @@ def _features(layer: Any, column: bool) -> tuple[int, int]:
     return (cols, rows * tp) if column else (cols * tp, rows)
 
 
-def adapt_layer(
-    layer: torch.nn.Module, name: str, peft: PeftConfig, slot: tuple[int, int]
-) -> LoraAdapter:
+def adapt_layer(layer: Any, name: str, peft: PeftConfig, slot: tuple[int, int]) -> LoraAdapter:
     """Attach an adapter to one linear layer in place (see the module docstring); `slot`:
     (index, count) of its transformer layer among the adapted ones."""
     column = name in COLUMN_PARALLEL
     in_features, out_features = _features(layer, column)
-    adapter = LoraAdapter(layer.config, column, in_features, out_features, peft)  # type: ignore[arg-type]
+    adapter = LoraAdapter(layer.config, column, in_features, out_features, peft)
     adapter.slot = slot
     adapter.to(layer.weight.device)
     layer.__class__ = _adapted_class(type(layer))
     layer.add_module(ADAPTER_NAME, adapter)
     if _fuses_norm(layer):
-        layer.return_layernorm_output = True  # type: ignore[assignment]
+        layer.return_layernorm_output = True
     return adapter
 
 
-def _targets(layer: torch.nn.Module, peft: PeftConfig) -> list[tuple[str, torch.nn.Module]]:
+def _targets(layer: Any, peft: PeftConfig) -> list[tuple[str, Any]]:
     owners = {"linear_qkv": "self_attention", "linear_proj": "self_attention",
               "linear_fc1": "mlp", "linear_fc2": "mlp"}  # fmt: skip
     return [(t, getattr(getattr(layer, owners[t]), t)) for t in peft.target_modules]
 
 
-def apply_lora(chunks: list[torch.nn.Module], peft: PeftConfig, seed: int) -> None:
+def apply_lora(chunks: list[Any], peft: PeftConfig, seed: int) -> None:
     """Freeze every weight of this rank's chunks and attach adapters to the chosen layers
     (peft.layers, 1-based global numbers) and modules; with peft.train_final_norm the final
     norm and its exit copies train too. Call before the chunks are wrapped in DDP (which
@@ -223,10 +222,20 @@ def apply_lora(chunks: list[torch.nn.Module], peft: PeftConfig, seed: int) -> No
             for norm in final_norm_copies(chunk):
                 for param in norm.parameters():
                     param.requires_grad = True
+        if chunk.pre_process:
+            chunk.embedding.register_forward_hook(_embedding_output_requires_grad)
     init_adapters(chunks, seed)
 
 
-def final_norm_copies(chunk: torch.nn.Module) -> list[torch.nn.Module]:
+def _embedding_output_requires_grad(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+    """The frozen embedding's output would not require a gradient, and megatron-core's
+    activation checkpointing (an autograd Function whose inputs then need none) would skip the
+    backward of the first checkpointed layers: their adapters would get no gradient. The same
+    remedy as transformers' enable_input_require_grads."""
+    return output if output.requires_grad else output.requires_grad_(True)
+
+
+def final_norm_copies(chunk: Any) -> list[torch.nn.Module]:
     """The final norm and every exit replica's norm (they are one tensor, kept in sync by
     soft.parallel.head_sync)."""
     from soft.models.heads import head_of
@@ -235,19 +244,21 @@ def final_norm_copies(chunk: torch.nn.Module) -> list[torch.nn.Module]:
     return [] if head is None else [head.norm]
 
 
-def init_adapters(chunks: list[torch.nn.Module], seed: int) -> None:
+def init_adapters(chunks: list[Any], seed: int) -> None:
     """PEFT's initial values, the same at any layout: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming
     uniform with a = sqrt(5)), B = 0."""
     for chunk in chunks:
         for item in walk_leaves(chunk.sharded_state_dict()):
             if isinstance(item, ShardedTensor) and item.key.endswith(f"{ADAPTER_KEY}a"):
                 fan_in = item.global_shape[-1]
-                bound = 1.0 / math.sqrt(fan_in)
-                fill_shard(item, seed, lambda shape, gen, b=bound: _uniform(shape, gen, b))
+                fill_shard(item, seed, _uniform(1.0 / math.sqrt(fan_in)))
 
 
-def _uniform(shape: tuple[int, ...], gen: torch.Generator, bound: float) -> torch.Tensor:
-    return torch.rand(shape, generator=gen) * (2 * bound) - bound
+def _uniform(bound: float) -> Callable[[tuple[int, ...], torch.Generator], torch.Tensor]:
+    def draw(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        return torch.rand(shape, generator=gen) * (2 * bound) - bound
+
+    return draw
 
 
 def is_adapter_key(key: str) -> bool:

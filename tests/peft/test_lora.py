@@ -143,3 +143,27 @@ def test_initial_adapters_follow_peft_and_do_not_depend_on_the_layout() -> None:
     layers = [n.split(".")[2] for n in _adapters(lora)]
     firsts = [a.a for n, a in _adapters(lora).items() if n.endswith("linear_qkv")]
     assert not torch.equal(firsts[0], firsts[1]) and len(set(layers)) == cfg.model.num_layers
+
+
+def test_full_recompute_keeps_every_adapters_gradient() -> None:
+    """The frozen embedding's output gets requires_grad: without it megatron-core's checkpointed
+    first segment has no input needing a gradient and its adapters would get none (checked:
+    with the hook removed, layer 1's adapters get zero gradient)."""
+    recompute = (
+        "model.recompute_granularity=full",
+        "model.recompute_method=uniform",
+        "model.recompute_num_layers=1",
+    )
+    _, data, _, plain = _build()
+    _, _, _, checkpointed = _build(*recompute)
+    for model in (plain, checkpointed):
+        for adapter in _adapters(model).values():
+            with torch.no_grad():
+                adapter.b.fill_(0.01)
+    batch = data.batch([0, 1])
+    want_losses, want = _losses_and_grads(plain, batch)
+    got_losses, got = _losses_and_grads(checkpointed, batch)
+    assert got_losses == pytest.approx(want_losses, rel=1e-6)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-8, msg=name)
+    assert got["decoder.layers.0.self_attention.linear_qkv.lora.a"].abs().sum() > 0
