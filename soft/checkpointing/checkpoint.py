@@ -144,6 +144,7 @@ def save(
     optimizer_format: str = "fully_reshardable",
     identity: dict[str, Any] | None = None,
     valid_loss: float | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> Path:
     """Write iter_N (model; with `optimizer`, also optimizer, scheduler, RNG and data
     position), then make it `latest` and prune. Returns the checkpoint folder.
@@ -152,7 +153,8 @@ def save(
     so does `valid_loss`, the validation loss of these weights when one was measured: pruning
     keeps the newest checkpoint whose validation loss was finite. Nothing in `save_dir`
     changes when the state is not finite or the save fails (a failed save's files are
-    removed at once: on a full disk they would hold the last free bytes)."""
+    removed at once: on a full disk they would hold the last free bytes). `keep`: only the
+    model tensors whose state-dict key it accepts (an adapter run's: what trains)."""
     save_dir = Path(save_dir)
     ensure_finite(chunks, optimizer, state.iteration)
     checkpoint_queue.apply()
@@ -161,7 +163,7 @@ def save(
     if rank == 0:
         directory.begin_save(save_dir, state.iteration)
     barrier()
-    sharded = model_state(chunks)
+    sharded = model_state(chunks, keep=keep)
     if optimizer is not None:  # it finds its parameters' keys in the model entries
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded, metadata=_optimizer_metadata(optimizer, optimizer_format)
@@ -325,9 +327,23 @@ def _load(ckpt: Path, request: dict[str, Any], partial: bool) -> dict[str, Any]:
     return loaded
 
 
-def _load_model(loaded: dict[str, Any], chunks: Sequence[Chunk]) -> None:
+def _load_model(
+    loaded: dict[str, Any], chunks: Sequence[Chunk], keep: Callable[[str], bool] | None, ckpt: Path
+) -> None:
+    """Strict, except that a partial request (`keep`) leaves out exactly what it did not ask."""
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+        result = chunk.load_state_dict(loaded[f"model{i}"], strict=keep is None)
+        if keep is not None:
+            asked = [k for k in result.missing_keys if keep(k)]
+            if asked or result.unexpected_keys:
+                raise CheckpointError(
+                    f"checkpoint '{ckpt}': no values for {asked[:5]}"
+                    + (
+                        f"; unexpected {result.unexpected_keys[:5]}"
+                        if result.unexpected_keys
+                        else ""
+                    )
+                )
 
 
 def load_weights(
@@ -335,15 +351,17 @@ def load_weights(
     chunks: Sequence[MegatronModule],
     extract: bool = False,
     allow_unverified: bool = False,
+    keep: Callable[[str], bool] | None = None,
 ) -> None:
     """Model weights only (fine-tuning starts at step 0 with a fresh optimizer).
 
     `extract`: the model may have fewer layers than the checkpoint; it gets the first ones
-    (soft.mode=extracted). `allow_unverified`: see `verify`."""
+    (soft.mode=extracted). `allow_unverified`: see `verify`. `keep`: only the tensors whose
+    state-dict key it accepts (an adapter run's base: everything but the adapters)."""
     verify(ckpt, allow_unverified)
     stored = _stored_metadata(ckpt)
-    request, partial = model_request(ckpt, chunks, stored, extract)
-    _load_model(_load(ckpt, request, partial), chunks)
+    request, partial = model_request(ckpt, chunks, stored, extract, keep)
+    _load_model(_load(ckpt, request, partial), chunks, keep, ckpt)
 
 
 def resume(
@@ -352,13 +370,15 @@ def resume(
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler | None,
     allow_unverified: bool = False,
+    keep: Callable[[str], bool] | None = None,
 ) -> TrainState:
     """Everything a run needs to continue where the checkpoint stopped: weights, optimizer
     and scheduler state, RNG states (at the same world size) and the data position.
-    `allow_unverified`: see `verify`."""
+    `allow_unverified`: see `verify`. `keep`: the model tensors the checkpoint holds (an
+    adapter checkpoint: what trains; the caller loads the rest from its base first)."""
     verify(ckpt, allow_unverified)
     stored = _stored_metadata(ckpt)
-    request, _ = model_request(ckpt, chunks, stored, extract=False)
+    request, _ = model_request(ckpt, chunks, stored, extract=False, keep=keep)
     distributed = _distributed(optimizer)
     if distributed:
         optimizer_state.materialise_state(optimizer)
@@ -370,7 +390,7 @@ def resume(
     if _saved_world_size(stored) == world:  # RNG states are per rank: only at the same world size
         request["rng_state"] = _rng_sharded_object(None)
     loaded = _load(ckpt, request, partial=False)
-    _load_model(loaded, chunks)
+    _load_model(loaded, chunks, keep, ckpt)
     with torch.no_grad():  # fp32 distributed-optimizer shards are views of the parameters
         optimizer.load_state_dict(loaded["optimizer"])
     if distributed:

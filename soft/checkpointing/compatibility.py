@@ -69,6 +69,13 @@ RUN = (
     "data.builtin_num_samples",
     # Samples are packs with packing on: the saved sample count means another order without.
     "data.packing",
+    # An adapter checkpoint holds adapters of this shape only; a full one has none.
+    "peft.method",
+    "peft.rank",
+    "peft.alpha",
+    "peft.target_modules",
+    "peft.layers",
+    "peft.train_final_norm",
 )
 # What a run started from: part of RUN when a job resumes its own run folder; not compared when
 # it continues from another folder's checkpoint (whose own starting point does not matter).
@@ -134,6 +141,7 @@ APPLIED = (
     "tracking.tracking_uri",
     "tracking.experiment",
     "tracking.run_name",
+    "peft.dropout",
 )
 # Compared in other ways: the vocabulary by the tokenizer's identity and the stored tensor
 # shapes; the tokenizer by its kind and checksum (the same files may sit at another path).

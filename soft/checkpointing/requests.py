@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,23 +48,36 @@ class Chunk(Protocol):
     ) -> Any: ...
 
 
-def model_state(chunks: Sequence[Chunk], metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
+def model_state(
+    chunks: Sequence[Chunk],
+    metadata: dict[str, Any] | None = None,
+    keep: Callable[[str], bool] | None = None,
+) -> dict[str, Any]:
+    """Every chunk's sharded state dict; `keep`: only the entries whose state-dict key it
+    accepts (an adapter run saves what trains and loads the rest from its base)."""
+    states = {
         f"model{i}": chunk.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(chunks)
     }
+    if keep is None:
+        return states
+    return {name: {k: v for k, v in s.items() if keep(k)} for name, s in states.items()}
 
 
 def model_request(
-    ckpt: Path, chunks: Sequence[MegatronModule], stored: dict[str, Any], extract: bool
+    ckpt: Path,
+    chunks: Sequence[MegatronModule],
+    stored: dict[str, Any],
+    extract: bool,
+    keep: Callable[[str], bool] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """(request, partial): partial is True when the request reads only part of the stored
-    layer tensors (extract=True with a deeper checkpoint)."""
+    layer tensors (extract=True with a deeper checkpoint). `keep`: see model_state."""
     needs_init = heads.has_separate_heads(chunks) and not any(
         k.startswith(f"{heads.SEPARATE_HEADS_NAME}.") for k in stored
     )
     if needs_init:
         log.info("%s has no separate exit heads: initialising them from its shared head", ckpt)
-    request = model_state(chunks, {heads.READ_SHARED_HEAD: True} if needs_init else None)
+    request = model_state(chunks, {heads.READ_SHARED_HEAD: True} if needs_init else None, keep)
     model_layers = chunks[0].config.num_layers
     stored_layers = stored_num_layers(stored)
     partial = False

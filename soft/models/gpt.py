@@ -8,6 +8,7 @@ mapped to megatron-core's own fields (`family_features`, `gpt_model_features`).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -224,15 +225,23 @@ def _init_std(key: str, model: ModelConfig) -> float | None:
 
 
 def _fill_shard(sh: ShardedTensor, seed: int, model: ModelConfig) -> None:
+    std = _init_std(sh.key, model)
+    if std is None:
+        fill_shard(sh, seed, lambda shape, gen: torch.ones(shape))
+    else:
+        fill_shard(sh, seed, lambda shape, gen: torch.randn(shape, generator=gen) * std)
+
+
+def fill_shard(
+    sh: ShardedTensor, seed: int, draw: Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
+) -> None:
+    """Copy this rank's shard of the full tensor `draw` makes from a generator keyed by the
+    checkpoint key and global layer: the same values at any layout."""
     n_pre = sh.prepend_axis_num
     tag = f"{sh.key}@{tuple(sh.global_offset[:n_pre])}"
     shape = tuple(sh.global_shape[n_pre:])
-    std = _init_std(sh.key, model)
-    if std is None:
-        full = torch.ones(shape)
-    else:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(tag.encode()))
-        full = torch.randn(shape, generator=gen) * std
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(tag.encode()))
+    full = draw(shape, gen)
     index = tuple(
         slice(off, off + size)
         for off, size in zip(sh.global_offset[n_pre:], sh.data.shape, strict=True)

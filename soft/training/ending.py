@@ -23,11 +23,13 @@ from __future__ import annotations
 import logging
 import time
 from types import TracebackType
+from typing import Any
 
 from soft.checkpointing.checkpoint import NonFiniteCheckpointError, save
 from soft.compat import checkpoint_queue
 from soft.config.core import flatten, to_dict
 from soft.parallel.collectives import PeerLost
+from soft.peft.base import BASE_KEY
 from soft.runs.status import Reason
 from soft.tracking import Tracker, build_tracker, mark_run_ended
 from soft.training.guards import TrainingHalted
@@ -47,6 +49,10 @@ MLFLOW_STATUS: dict[str, str] = {
 STAND_IN_WAIT_S = 3.0  # how long a survivor waits to see a dying rank 0 gone
 
 
+def _base_of(run: Run) -> dict[str, Any]:
+    return {} if run.peft_base is None else {BASE_KEY: run.peft_base}
+
+
 def save_checkpoint(run: Run) -> float:
     """Save the current state unless this iteration is saved already; returns seconds taken."""
     if run.saved_iteration == run.state.iteration:
@@ -64,8 +70,9 @@ def save_checkpoint(run: Run) -> float:
             scheduler=run.scheduler,
             keep_last=ck.keep_last,
             optimizer_format=ck.optimizer_format,
-            identity={"tokenizer": run.tokenizer_identity},
+            identity={"tokenizer": run.tokenizer_identity, **_base_of(run)},
             valid_loss=validated[1] if validated else None,
+            keep=run.checkpoint_keep(),
         )
     except NonFiniteCheckpointError as exc:
         raise TrainingHalted("nonfinite", str(exc)) from exc

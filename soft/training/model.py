@@ -19,6 +19,8 @@ from soft.models.heads import exit_heads_of
 from soft.parallel.config import ParallelConfig
 from soft.parallel.head_sync import HeadGroups, build_head_groups
 from soft.parallel.wrap import install_schedule_hooks, unwrap, wrap_chunks
+from soft.peft.config import PeftConfig
+from soft.peft.lora import apply_lora
 
 
 @dataclass
@@ -65,9 +67,14 @@ def build_soft_model(
     seed: int,
     init: bool = True,
     packed: bool = False,
+    peft: PeftConfig | None = None,
 ) -> SoftModel:
+    """`peft` (peft.method=lora): every weight frozen, adapters attached before DDP wraps the
+    chunks (DDP and the optimizer then hold the adapters only)."""
     config = transformer_config(model_cfg, parallel_cfg, packed)
     chunks = build_chunks(model_cfg, config, plan, vocab_size, seed, init)
+    if peft is not None and peft.enabled:
+        apply_lora(chunks, peft, seed)
     wrapped = wrap_chunks(chunks, config, parallel_cfg)
     head_groups = build_head_groups(chunks)
     install_schedule_hooks(config, wrapped, head_groups, parallel_cfg.overlap_grad_reduce)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,8 @@ from soft.models.gpt import check_runtime_support, padded_vocab_size
 from soft.parallel import collectives
 from soft.parallel.collectives import Peers
 from soft.parallel.setup import Topology, init_distributed
+from soft.peft.base import base_reference, resolve_base, stored_reference, trained_keys
+from soft.peft.lora import is_adapter_key
 from soft.runs import RunDir, RunFolderBusy, RunLock, acquire
 from soft.runs.lock import LOCK_FILE
 from soft.training.model import SoftModel, build_soft_model
@@ -64,6 +67,15 @@ class Run:
     # The last validation (iteration, loss): a checkpoint of that iteration records it, and
     # pruning keeps the newest checkpoint whose validation loss was finite.
     validated: tuple[int, float] | None = None
+    # peft runs: the base checkpoint the adapters adapt (path and checksum), recorded in
+    # every checkpoint (soft.peft.base).
+    peft_base: dict[str, str] | None = None
+
+    def checkpoint_keep(self) -> Callable[[str], bool] | None:
+        """Which model tensors this run's checkpoints hold: what trains, for adapter runs."""
+        if self.peft_base is None:
+            return None
+        return trained_keys(self.model.unwrapped).__contains__
 
     @property
     def output_dir(self) -> Path:
@@ -147,6 +159,7 @@ def _build(cfg: RootConfig, topo: Topology, run_dir: RunDir, lock: RunLock | Non
         padded_vocab_size(vocab, cfg.model, tp),
         cfg.train.seed,
         packed=cfg.data.packing,
+        peft=cfg.peft,
     )
     optimizer = build_optimizer(model, cfg.train, cfg.model, cfg.parallel)
     scheduler = build_scheduler(optimizer, cfg.train)
@@ -212,8 +225,13 @@ def starting_state(run: Run) -> TrainState:
         extract = run.model.plan.extracts_layers
         log.info("fine-tuning from the weights in %s", found.path)
         compatibility.check_weights_load(found.path, requested, run.tokenizer_identity, extract)
+        keep = _base_keys(run, found.path)
         load_weights(
-            found.path, run.model.unwrapped, extract=extract, allow_unverified=ck.allow_unverified
+            found.path,
+            run.model.unwrapped,
+            extract=extract,
+            allow_unverified=ck.allow_unverified,
+            keep=keep,
         )
         # Optimizer main params (fp32 copies for bf16) must pick up the loaded weights.
         if hasattr(run.optimizer, "reload_model_params"):
@@ -228,6 +246,39 @@ def starting_state(run: Run) -> TrainState:
         found.path, requested, run.tokenizer_identity, ignore=compatibility.STARTING_POINT
     )
     return _resumed(run, found.path, changes)
+
+
+def _base_keys(run: Run, base: Path) -> Callable[[str], bool] | None:
+    """peft: the base's tensors are everything but the adapters; the run records the base
+    (an adapter checkpoint as the base of another adapter run is refused: merge it first)."""
+    if not run.cfg.peft.enabled:
+        return None
+    if stored_reference(base) is not None:
+        raise ConfigError(
+            f"checkpoint.load_dir '{base}' holds adapters, not a base model: fine-tune from its "
+            "base, or export the merged model (soft-export) and import that"
+        )
+    run.peft_base = base_reference(base)
+    return lambda key: not is_adapter_key(key)
+
+
+def _load_adapter_base(run: Run, ckpt: Path) -> Callable[[str], bool] | None:
+    """Resuming an adapter checkpoint: the base weights first, from the base it names (checked
+    by checksum); returns what the checkpoint itself holds."""
+    reference = stored_reference(ckpt)
+    if reference is None:
+        return None
+    base = resolve_base(ckpt, reference)
+    trained = trained_keys(run.model.unwrapped)
+    log.info("loading the base weights of %s from %s", ckpt, base)
+    load_weights(
+        base,
+        run.model.unwrapped,
+        allow_unverified=run.cfg.checkpoint.allow_unverified,
+        keep=lambda key: key not in trained,
+    )
+    run.peft_base = reference
+    return trained.__contains__
 
 
 def _is_own_run(ckpt: Path, run: Run) -> bool:
@@ -277,12 +328,14 @@ def _resume_own(run: Run, found: directory.Found) -> TrainState:
 
 def _resumed(run: Run, ckpt: Path, changes: list[compatibility.Change]) -> TrainState:
     log.info("resuming from %s", ckpt)
+    keep = _load_adapter_base(run, ckpt)
     state = resume(
         ckpt,
         run.model.unwrapped,
         run.optimizer,
         run.scheduler,
         allow_unverified=run.cfg.checkpoint.allow_unverified,
+        keep=keep,
     )
     for change in changes:
         log.warning("resuming with a changed setting (applied): %s", change)

@@ -105,6 +105,7 @@ PP2_VP2 = [
     "parallel.virtual_pipeline_model_parallel_size=2",
 ]
 TIED = ["model.tie_word_embeddings=true"]
+LORA = ["peft.method=lora", "peft.rank=4", "peft.alpha=8", "peft.train_final_norm=true"]
 FEATURES = [
     "model.qkv_bias=true",
     "model.qk_layernorm=true",
@@ -216,6 +217,34 @@ SCENARIOS = {
             "[2,3,5,8]",
             extra=["model.params_dtype=bf16"],
             bf16=True,
+        ),
+        # LoRA (peft): adapters over the frozen SFT base, the final norm trained too; sequence
+        # parallel splits the adapters' replicated halves' gradients over TP (summed as the
+        # norms' are)
+        Scenario(
+            "lora_tp2_pp2_sp",
+            4,
+            TP2_PP2_SP,
+            "[2,3,5,8]",
+            extra=[*LORA, *FROM_BASE],
+            base=["soft.mode=sft"],
+        ),
+        # LoRA with the distributed optimizer (adapters only in its buffers), interleaved
+        # pipeline and full activation recompute (the frozen embedding's output must carry a
+        # gradient into the first checkpointed segment)
+        Scenario(
+            "lora_pp2_vp2_distopt_recompute",
+            4,
+            [*PP2_VP2, "parallel.use_distributed_optimizer=true"],
+            "[1,3,5,8]",
+            extra=[*LORA, "peft.layers=[1,2,4,6,7]", *FROM_BASE],
+            base=["soft.mode=sft"],
+            compare_grads=False,
+            parallel_only=[
+                "model.recompute_granularity=full",
+                "model.recompute_method=uniform",
+                "model.recompute_num_layers=1",
+            ],
         ),
         Scenario(
             "pp2_uneven",
@@ -674,6 +703,9 @@ RESHARDS = {
     # tied embeddings: saved at TP2xPP2 (the last stage's copy and the replicas stored as
     # non-main replicas of the embedding), resumed at one rank
     "reshard_tied_tp2pp2_to_tp1pp1": ("tied_tp2_pp2", True, False, None),
+    # adapter checkpoints: adapters (TP-split halves) saved at TP2xPP2 with SP, the base read
+    # from its own checkpoint, resumed at one rank
+    "reshard_lora_tp2pp2sp_to_tp1pp1": ("lora_tp2_pp2_sp", True, False, None),
     # packed data: the resumed run continues at the same pack of the same packing
     "reshard_packed_tp2pp2sp_to_tp1pp1": ("packed_tp2_pp2_sp", True, False, None),
 }
