@@ -34,9 +34,12 @@ sp = t with sequence parallelism else 1, e the dtype's bytes:
   trains; unfused attention keeps q and k, v repeated to all a heads (3 a d/t), the softmax
   [a/t x s] per token (fp32, plus a bf16 copy for the bmm in bf16), and RoPE's cos/sin
   (4 s d per layer and micro batch); the unfused SwiGLU keeps 3f/t more.
-- LoRA: a frozen linear keeps no input (megatron's LinearWithFrozenWeight saves only its
-  weight) and a frozen norm no x/rms; an adapted target keeps its input for dA (the shard
-  the base would keep) and x A^T [tokens x r] for dB.
+- LoRA (soft.peft.lora): a frozen linear keeps no input (megatron's LinearWithFrozenWeight
+  saves only its weight) and a frozen norm no x/rms; an adapted target keeps its input for
+  dA (the shard the base would keep; with peft.dropout, the dropped copy and its mask)
+  and u = A x for dB: [tokens x r], gathered over the sequence for column-parallel bases,
+  the sequence-parallel shard for row-parallel ones. Every layer keeps its input-gradient
+  path, those below the first adapter too (the frozen embedding's output requires grad).
 - model.recompute_granularity: selective keeps the core attention's inputs instead of its
   internals; full keeps each checkpoint's input hidden state (h/sp) and rebuilds one block
   (recompute_num_layers layers) at a time in backward: that block is a transient.
@@ -279,11 +282,27 @@ def layer_activation_bytes(setup: MemorySetup, adapted: bool = True) -> float:
         elements += 2 * f / tp  # unfused SwiGLU: silu(x1) and x2 + 0
     if keeps_input("linear_fc2"):
         elements += f / tp
-    elements += setup.peft.rank * len(targets)  # x A^T per adapted target
+    elements += _adapter_elements(setup, targets)
     per_microbatch = setup.tokens * (elements * e + fp32 + norms)
+    if setup.peft.dropout > 0:  # the adapters keep dropout(x) instead of x, and the mask:
+        mask = e if local else 1  # torch's CPU dropout keeps scaled noise, CUDA's a bool mask
+        per_microbatch += setup.tokens * mask * sum(_input_elements(setup, t) for t in targets)
     if local:
         per_microbatch += 4 * s * d * e  # RoPE cos/sin for q and k, in the model dtype
     return per_microbatch
+
+
+def _input_elements(setup: MemorySetup, target: str) -> float:
+    """Per token, the input a linear layer (or its adapter) keeps on this rank."""
+    fan_in = _layer_shapes(setup.model)[target][0]
+    return fan_in / setup.sp if target in COLUMN_PARALLEL else fan_in / setup.tp
+
+
+def _adapter_elements(setup: MemorySetup, targets: set[str]) -> float:
+    """Per token, u = A x kept for dB (soft.peft.lora): gathered over the sequence for a
+    column-parallel base (r wide), reduce-scattered along it for a row-parallel one."""
+    r = setup.peft.rank
+    return sum(r if t in COLUMN_PARALLEL else r / setup.sp for t in targets)
 
 
 def _checkpoint_input_bytes(setup: MemorySetup) -> float:
@@ -376,17 +395,15 @@ def stage_activations(setup: MemorySetup, index: int) -> Activations:
     m, plan = setup.model, setup.plan
     first, last = _stage_range(setup, index)
     layers = list(range(first, last + 1))
-    adapted = [k for k in range(1, m.num_layers + 1) if setup.peft.adapts(k)]
-    lowest = min(adapted, default=m.num_layers + 1) if setup.lora else 1
 
+    # With LoRA every layer keeps what its input gradient needs, the layers below the first
+    # adapter too: soft.peft.lora makes the frozen embedding's output require a gradient.
     def layer_bytes(k: int) -> float:
-        if k < lowest:
-            return 0.0  # with LoRA, nothing below the first adapter needs a gradient
         return layer_activation_bytes(setup, adapted=setup.peft.adapts(k) or not setup.lora)
 
     def exit_bytes(k: int) -> float:
         trained = plan.trains_early_exits and k != plan.final and k in plan.layers
-        return exit_kept_bytes(setup, k == last) if trained and k >= lowest else 0.0
+        return exit_kept_bytes(setup, k == last) if trained else 0.0
 
     recomputed = _recomputed_layers(setup, layers)
     kept = [k for k in layers if k not in recomputed]

@@ -1,4 +1,6 @@
-"""The memory planner (soft.parallel.memory) against what a one-rank CPU model allocates.
+"""The memory planner (soft.parallel.memory) against what a one-rank CPU model allocates,
+full SoFT and LoRA SoFT (soft.peft.lora: subsets of layers and targets, trained final norm,
+adapter dropout, with full recompute).
 
 Weights, gradients and optimizer state are compared with the tensors megatron-core actually
 holds after a training step (parameters, DDP's main_grad buffers, the optimizer's main
@@ -45,6 +47,7 @@ class Measured:
 
 
 def _measure(cfg) -> Measured:
+    """Allocations of a one-rank model after one training step (cfg.peft: LoRA or not)."""
     from soft.data import build_datasets
     from soft.parallel.setup import seed_everything
     from soft.training.model import build_soft_model
@@ -55,7 +58,7 @@ def _measure(cfg) -> Measured:
     seed_everything(42)
     train, _, _ = build_datasets(cfg.data, cfg.train.seed)
     model = build_soft_model(
-        cfg.model, cfg.parallel, cfg.soft, cfg.exit_plan(), VOCAB, cfg.train.seed
+        cfg.model, cfg.parallel, cfg.soft, cfg.exit_plan(), VOCAB, cfg.train.seed, peft=cfg.peft
     )
     optimizer = build_optimizer(model, cfg.train, cfg.model, cfg.parallel)
     batches = [train.batch([0, 1]), train.batch([2, 3])]
@@ -94,12 +97,21 @@ def _measure(cfg) -> Measured:
     )
 
 
-def _setup(cfg, peft: PeftConfig | None = None, **kw) -> memory.MemorySetup:
+def _config(overrides: tuple[str, ...], lora: dict | None = None):
+    """The tiny model with `overrides`; `lora`: PeftConfig fields of method=lora (set after
+    loading: the config refuses adapters without a base checkpoint to load)."""
+    cfg = tiny_config(*SHAPE, *overrides)
+    if lora is None:
+        return cfg
+    return dataclasses.replace(cfg, peft=PeftConfig(method="lora", **lora))
+
+
+def _setup(cfg, **kw) -> memory.MemorySetup:
     values = dict(
         model=cfg.model,
         parallel=cfg.parallel,
         plan=cfg.exit_plan(),
-        peft=peft or PeftConfig(),
+        peft=cfg.peft,
         vocab_size=VOCAB,
         seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.train.micro_batch_size,
@@ -114,19 +126,24 @@ def _setup(cfg, peft: PeftConfig | None = None, **kw) -> memory.MemorySetup:
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides, lora",
     [
-        (),
-        ("soft.mode=sft",),
-        ("model.params_dtype=bf16", "parallel.use_distributed_optimizer=true"),
-        ("model.recompute_granularity=selective", "soft.exit_loss=recompute", "soft.loss_chunk_tokens=32"),
-        ("model.recompute_granularity=full", "model.recompute_num_layers=2"),
-        ("model.recompute_granularity=full", "model.recompute_method=block", "soft.exit_loss=plain"),
+        ((), None),
+        (("soft.mode=sft",), None),
+        (("model.params_dtype=bf16", "parallel.use_distributed_optimizer=true"), None),
+        (("model.recompute_granularity=selective", "soft.exit_loss=recompute", "soft.loss_chunk_tokens=32"), None),
+        (("model.recompute_granularity=full", "model.recompute_num_layers=2"), None),
+        (("model.recompute_granularity=full", "model.recompute_method=block", "soft.exit_loss=plain"), None),
+        ((), {}),
+        (("model.params_dtype=bf16",), dict(target_modules=["linear_qkv", "linear_fc2"], layers=[3, 4], train_final_norm=True)),
+        ((), dict(rank=4, dropout=0.1)),
+        (("model.recompute_granularity=full",), {}),
     ],
-    ids=["soft", "sft", "bf16-distopt", "selective-recompute-loss", "full-uniform", "full-block-plain"],
+    ids=["soft", "sft", "bf16-distopt", "selective-recompute-loss", "full-uniform",
+         "full-block-plain", "lora", "lora-bf16-subset-norm", "lora-dropout", "lora-recompute"],
 )  # fmt: skip
-def test_planner_matches_measured_allocations(overrides):
-    cfg = tiny_config(*SHAPE, *overrides)
+def test_planner_matches_measured_allocations(overrides, lora):
+    cfg = _config(overrides, lora)
     got = _measure(cfg)
     setup = _setup(cfg)
     (stage,) = memory.stage_memory(setup)
@@ -141,9 +158,9 @@ def test_planner_matches_measured_allocations(overrides):
 def test_exits_cost_what_the_planner_says():
     """SoFT minus SFT (same model, early exits trained or not): the measured difference is the
     planner's kept bytes for three early exits (one micro batch)."""
-    soft = _measure(tiny_config(*SHAPE))
-    sft = _measure(tiny_config(*SHAPE, "soft.mode=sft"))
-    act = memory.stage_activations(_setup(tiny_config(*SHAPE)), 0)
+    soft = _measure(_config(()))
+    sft = _measure(_config(("soft.mode=sft",)))
+    act = memory.stage_activations(_setup(_config(())), 0)
     assert soft.activations - sft.activations == pytest.approx(act.exits_per_microbatch, rel=0.01)
 
 
@@ -190,14 +207,16 @@ def test_lora_trains_only_adapters_and_keeps_the_base():
     assert lora.grads == 4 * adapters  # fp32 main_grad
     assert lora.optimizer == 12 * adapters / 4  # main copy + Adam, sharded over DP 4
     assert full.optimizer == 12 * full.trainable / 4 and full.grads == 4 * full.trainable
-    # Layers 1-2 have no adapter below them: they keep nothing. With every target adapted a
-    # layer keeps what a fully trained one does (the adapters keep the frozen linears'
-    # inputs), plus x A^T: 64 tokens x r 8 x 4 targets x 2 bytes.
+    # With every target adapted a layer keeps what a fully trained one does (the adapters
+    # keep the frozen linears' inputs) plus u = A x: 64 tokens x r 8 x 4 targets x 2 bytes;
+    # a layer without adapters keeps only its input-gradient path, and so do layers 1-2.
     setup = _plan_setup(model, parallel, peft=peft)
-    lora_layer = memory.layer_activation_bytes(setup)
-    assert lora_layer - memory.layer_activation_bytes(_plan_setup(model, parallel)) == 4096
+    adapted = memory.layer_activation_bytes(setup, adapted=True)
+    frozen = memory.layer_activation_bytes(setup, adapted=False)
+    assert adapted - memory.layer_activation_bytes(_plan_setup(model, parallel)) == 4096
     kept = memory.stage_activations(setup, 0).layers_per_microbatch
-    assert kept == 2 * lora_layer + memory.final_loss_bytes(setup)
+    assert kept == 2 * adapted + 2 * frozen + memory.final_loss_bytes(setup)
+    assert frozen < adapted
 
 
 def test_params_agree_with_the_balance_table_at_tp1():
