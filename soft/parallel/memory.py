@@ -152,6 +152,7 @@ class StageMemory:
     activations: float
     exit_bytes: float
     in_flight: float  # micro batches (interleaved: chunk-forwards / vp) held at the peak
+    replica_state: tuple[float, float, float] = (0.0, 0.0, 0.0)  # in exit_bytes: w, g, opt
 
     @property
     def total(self) -> float:
@@ -460,7 +461,7 @@ def stage_memory(setup: MemorySetup) -> list[StageMemory]:
         act, flight = stage_activations(setup, index), in_flight(setup, index)
         trained_early = setup.plan.trains_early_exits and any(k != setup.plan.final for k in exits)
         transient = exit_transient_bytes(setup) if trained_early else 0.0
-        replica = params.replica * setup.dtype_bytes + r_grads + r_optimizer
+        replica = (params.replica * setup.dtype_bytes, r_grads, r_optimizer)
         stages.append(
             StageMemory(
                 index=index,
@@ -472,8 +473,9 @@ def stage_memory(setup: MemorySetup) -> list[StageMemory]:
                 grads=grads,
                 optimizer=optimizer,
                 activations=act.layers_per_microbatch * flight + act.recompute_transient,
-                exit_bytes=replica + act.exits_per_microbatch * flight + transient,
+                exit_bytes=sum(replica) + act.exits_per_microbatch * flight + transient,
                 in_flight=flight,
+                replica_state=replica,
             )
         )
     return stages

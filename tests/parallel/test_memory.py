@@ -28,6 +28,10 @@ from soft.parallel.config import ParallelConfig
 from soft.peft.config import PeftConfig
 from tests.megatron_env import single_rank_world, tiny_config
 
+# The multi-rank scenarios' names (tests/parallel/memory_ranks.py imports megatron-core and
+# forks; its table is repeated here so that collecting this module imports neither).
+RANK_SCENARIOS = ("tp2_sp", "pp2", "dp2_distopt_bf16", "lora_tp2_sp", "lora_pp2")
+
 SHAPE = (
     "data.seq_length=128",
     "model.hidden_size=128",
@@ -252,3 +256,37 @@ def test_tool_refuses_gpus_not_a_multiple_of_the_layout(capsys):
 
     assert main(["--gpus", "3", "parallel.pipeline_model_parallel_size=2"]) == 2
     assert "--gpus 3 is not a multiple of TP x PP = 2" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ranks_report(request, tmp_path_factory) -> dict:
+    """One launch of tests/parallel/memory_ranks.py for the scenarios selected (it forks its
+    ranks from a fresh process: this one may hold a one-rank world already)."""
+    from tests.launcher_utils import run_harness, selected_names
+
+    out = tmp_path_factory.mktemp("memory_ranks")
+    names = selected_names(request, test_planner_matches_every_rank)
+    return run_harness("tests.parallel.memory_ranks", out, *names, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RANK_SCENARIOS))
+def test_planner_matches_every_rank(ranks_report, name):
+    """Two ranks (memory_ranks.py): TP2 with sequence parallelism, PP2 with an exit on the
+    stage boundary and a head replica on stage 0 (its weights, gradients and Adam state are
+    the planner's exits column), DP2 with the distributed optimizer in bf16 (optimizer state
+    halved), and LoRA at TP2+SP and PP2 (trained norm replica). Same tolerances as above; the
+    micro batches in flight equal the planner's 1F1B count."""
+    for rank in ranks_report[name]:
+        got, plan = rank["measured"], rank["planned"]
+        for key in ("weights", "grads", "optimizer"):
+            assert got[key] == pytest.approx(plan[key], rel=0.01), (key, rank)
+        per_mb = got["activations_per_microbatch"]
+        assert per_mb == pytest.approx(plan["activations_per_microbatch"], rel=0.05), rank
+        assert got["in_flight"] == plan["in_flight"], rank
+
+
+def test_rank_scenarios_are_the_harness_table():
+    from tests.parallel import memory_ranks
+
+    assert tuple(memory_ranks.SCENARIOS) == RANK_SCENARIOS
