@@ -142,7 +142,7 @@ class StageMemory:
     activations, one chunk's transient)."""
 
     index: int
-    layers: tuple[int, int]  # 1-based, inclusive
+    layers: tuple[tuple[int, int], ...]  # per chunk: 1-based, inclusive
     exits: tuple[int, ...]
     params: int  # parameters on the rank, exits' replica included
     trainable: int
@@ -207,31 +207,66 @@ class _StageParams:
     adapters: int
 
 
-def _stage_params(
-    setup: MemorySetup, index: int, first: int, last: int, exits: tuple[int, ...]
-) -> _StageParams:
-    model, tp, pp = setup.model, setup.tp, setup.parallel.pipeline_model_parallel_size
+@dataclass(frozen=True)
+class _Chunk:
+    """A model chunk a rank holds: its layers and whether it is the model's first or last."""
+
+    first: int
+    last: int
+    pre: bool  # holds the embedding
+    post: bool  # holds the real head and the final loss
+
+    @property
+    def layers(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+def _chunks(setup: MemorySetup, index: int) -> list[_Chunk]:
+    """The chunks pipeline rank `index` holds: one stage, or with virtual pipelining the
+    virtual stages index, index + pp, ... of L / (pp vp) layers each (megatron-core's)."""
+    par, num_layers = setup.parallel, setup.model.num_layers
+    pp, vp = par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size
+    if vp is None:
+        counts = par.stage_layer_counts(num_layers)
+        first = sum(counts[:index]) + 1
+        return [_Chunk(first, first + counts[index] - 1, index == 0, index == pp - 1)]
+    if num_layers % (pp * vp):
+        raise ConfigError(
+            f"model.num_layers={num_layers} is not divisible by pipeline x virtual pipeline "
+            f"size {pp} x {vp}"
+        )
+    per = num_layers // (pp * vp)
+    virtual = [j * pp + index for j in range(vp)]
+    return [_Chunk(v * per + 1, (v + 1) * per, v == 0, v == pp * vp - 1) for v in virtual]
+
+
+def _stage_params(setup: MemorySetup, chunks: list[_Chunk]) -> _StageParams:
+    """Parameters on one TP rank of a pipeline rank's chunks. Every chunk that owns early
+    exits but not the real head holds a replica (soft.models.heads): the norm only when tied
+    beside the embedding; the real head's matrix is the embedding when tied on one chunk."""
+    model, tp, plan = setup.model, setup.tp, setup.plan
     h, matrix = model.hidden_size, setup.vocab_size * model.hidden_size // tp
-    is_first, is_last = index == 0, index == pp - 1
-    n = last - first + 1
-    base = n * layer_params_per_rank(model, tp) + (matrix if is_first else 0)
-    head = 0
-    if is_last:  # final norm + output layer; tied with one stage: the embedding is the matrix
-        head = h + (0 if model.tie_word_embeddings and is_first else matrix)
-    replica = 0
-    early = [k for k in exits if k != setup.plan.final]
-    if early and not is_last:
-        replica = h + (0 if model.tie_word_embeddings and is_first else matrix)
+    tied = model.tie_word_embeddings
+    base = replica = adapted = trained_norms = replica_norms = 0
+    for chunk in chunks:
+        base += len(chunk.layers) * layer_params_per_rank(model, tp)
+        base += matrix if chunk.pre else 0
+        if chunk.post:
+            base += h + (0 if tied and chunk.pre else matrix)
+            trained_norms += h
+        elif any(k in plan.early for k in chunk.layers):
+            replica += h + (0 if tied and chunk.pre else matrix)
+            replica_norms += h
+        adapted += sum(1 for k in chunk.layers if setup.peft.adapts(k))
     if not setup.lora:
-        return _StageParams(base + head, replica, base + head, replica, 0)
-    adapted = sum(1 for k in range(first, last + 1) if setup.peft.adapts(k))
+        return _StageParams(base, replica, base, replica, 0)
     adapters = adapted * adapter_params_per_rank(model, setup.peft, tp)
     norms = setup.peft.train_final_norm
     return _StageParams(
-        base + head + adapters,
+        base + adapters,
         replica,
-        adapters + (h if norms and is_last else 0),
-        h if norms and replica else 0,
+        adapters + (trained_norms if norms else 0),
+        replica_norms if norms else 0,
         adapters,
     )
 
@@ -392,10 +427,19 @@ class Activations:
 
 
 def stage_activations(setup: MemorySetup, index: int) -> Activations:
-    """Activations of stage `index` of the configured split (module docstring)."""
+    """Activations of pipeline rank `index` of the configured split, all its chunks (module
+    docstring)."""
+    per_mb = exits = transient = 0.0
+    for chunk in _chunks(setup, index):
+        part = _chunk_activations(setup, chunk)
+        per_mb += part.layers_per_microbatch
+        exits += part.exits_per_microbatch
+        transient = max(transient, part.recompute_transient)
+    return Activations(per_mb, exits, transient)
+
+
+def _chunk_activations(setup: MemorySetup, chunk: _Chunk) -> Activations:
     m, plan = setup.model, setup.plan
-    first, last = _stage_range(setup, index)
-    layers = list(range(first, last + 1))
 
     # With LoRA every layer keeps what its input gradient needs, the layers below the first
     # adapter too: soft.peft.lora makes the frozen embedding's output require a gradient.
@@ -403,16 +447,16 @@ def stage_activations(setup: MemorySetup, index: int) -> Activations:
         return layer_activation_bytes(setup, adapted=setup.peft.adapts(k) or not setup.lora)
 
     def exit_bytes(k: int) -> float:
-        trained = plan.trains_early_exits and k != plan.final and k in plan.layers
-        return exit_kept_bytes(setup, k == last) if trained else 0.0
+        trained = plan.trains_early_exits and k in plan.early
+        return exit_kept_bytes(setup, k == chunk.last) if trained else 0.0
 
-    recomputed = _recomputed_layers(setup, layers)
-    kept = [k for k in layers if k not in recomputed]
+    recomputed = _recomputed_layers(setup, list(chunk.layers))
+    kept = [k for k in chunk.layers if k not in recomputed]
     per_mb = sum(layer_bytes(k) for k in kept)
     per_mb += _num_checkpoints(setup, recomputed) * _checkpoint_input_bytes(setup)
-    if index == setup.parallel.pipeline_model_parallel_size - 1:
+    if chunk.post:
         per_mb += final_loss_bytes(setup)
-    if index == 0 and not setup.lora:
+    if chunk.pre and not setup.lora:
         per_mb += setup.tokens * 8  # the embedding keeps the token ids (int64)
     # One recomputed block is rebuilt at a time (in backward).
     rebuilt = sorted(recomputed)[: m.recompute_num_layers]
@@ -421,12 +465,6 @@ def stage_activations(setup: MemorySetup, index: int) -> Activations:
         sum(exit_bytes(k) for k in kept),
         sum(layer_bytes(k) + exit_bytes(k) for k in rebuilt),
     )
-
-
-def _stage_range(setup: MemorySetup, index: int) -> tuple[int, int]:
-    counts = setup.parallel.stage_layer_counts(setup.model.num_layers)
-    first = sum(counts[:index]) + 1
-    return first, first + counts[index] - 1
 
 
 def _recomputed_layers(setup: MemorySetup, layers: list[int]) -> set[int]:
@@ -453,19 +491,19 @@ def stage_memory(setup: MemorySetup) -> list[StageMemory]:
     """Per-stage memory of one rank for the configured layout."""
     stages = []
     for index in range(setup.parallel.pipeline_model_parallel_size):
-        first, last = _stage_range(setup, index)
-        exits = tuple(k for k in setup.plan.layers if first <= k <= last)
-        params = _stage_params(setup, index, first, last, exits)
+        chunks = _chunks(setup, index)
+        exits = tuple(k for c in chunks for k in c.layers if k in setup.plan.layers)
+        params = _stage_params(setup, chunks)
         grads, optimizer = _state_bytes(setup, params.trainable_base)
         r_grads, r_optimizer = _state_bytes(setup, params.trainable_replica)
         act, flight = stage_activations(setup, index), in_flight(setup, index)
-        trained_early = setup.plan.trains_early_exits and any(k != setup.plan.final for k in exits)
+        trained_early = setup.plan.trains_early_exits and any(k in setup.plan.early for k in exits)
         transient = exit_transient_bytes(setup) if trained_early else 0.0
         replica = (params.replica * setup.dtype_bytes, r_grads, r_optimizer)
         stages.append(
             StageMemory(
                 index=index,
-                layers=(first, last),
+                layers=tuple((c.first, c.last) for c in chunks),
                 exits=exits,
                 params=params.base + params.replica,
                 trainable=params.trainable_base + params.trainable_replica,
@@ -493,7 +531,7 @@ def format_memory_table(stages: list[StageMemory], budget_gib: float | None = No
     for s in stages:
         cells = [
             str(s.index),
-            f"{s.layers[0]}-{s.layers[1]}",
+            ",".join(f"{a}-{b}" for a, b in s.layers),
             ",".join(str(k) for k in s.exits) or "-",
             f"{s.in_flight:g}",
             f"{s.params / 1e6:,.1f}",

@@ -59,6 +59,15 @@ SCENARIOS: dict[str, tuple[int, list[str], dict | None]] = {
     ),
     "lora_tp2_sp": (2, TP2_SP, {"rank": 8}),
     "lora_pp2": (2, ["parallel.pipeline_model_parallel_size=2"], {"train_final_norm": True}),
+    # Interleaved 1F1B: one layer per model chunk, exits on both chunks of both ranks.
+    "pp2_vp2": (
+        2,
+        [
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+        ],
+        None,
+    ),
 }
 
 
@@ -169,7 +178,8 @@ def planned(world: int, overrides: list[str], lora: dict | None, out: Path, rank
         "grads": stage.grads + replica[1],
         "optimizer": stage.optimizer + replica[2],
         "activations_per_microbatch": act.layers_per_microbatch + act.exits_per_microbatch,
-        "in_flight": stage.in_flight,
+        # Chunk forwards with virtual pipelining: the planner counts them in micro batches.
+        "in_flight": stage.in_flight * (cfg.parallel.virtual_pipeline_model_parallel_size or 1),
     }
 
 

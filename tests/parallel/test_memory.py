@@ -30,7 +30,7 @@ from tests.megatron_env import single_rank_world, tiny_config
 
 # The multi-rank scenarios' names (tests/parallel/memory_ranks.py imports megatron-core and
 # forks; its table is repeated here so that collecting this module imports neither).
-RANK_SCENARIOS = ("tp2_sp", "pp2", "dp2_distopt_bf16", "lora_tp2_sp", "lora_pp2")
+RANK_SCENARIOS = ("tp2_sp", "pp2", "dp2_distopt_bf16", "lora_tp2_sp", "lora_pp2", "pp2_vp2")
 
 SHAPE = (
     "data.seq_length=128",
@@ -275,8 +275,9 @@ def test_planner_matches_every_rank(ranks_report, name):
     """Two ranks (memory_ranks.py): TP2 with sequence parallelism, PP2 with an exit on the
     stage boundary and a head replica on stage 0 (its weights, gradients and Adam state are
     the planner's exits column), DP2 with the distributed optimizer in bf16 (optimizer state
-    halved), and LoRA at TP2+SP and PP2 (trained norm replica). Same tolerances as above; the
-    micro batches in flight equal the planner's 1F1B count."""
+    halved), LoRA at TP2+SP and PP2 (trained norm replica), and PP2 with virtual pipeline 2
+    (a replica on three of the four chunks). Same tolerances as above; the micro batches (chunk
+    forwards when interleaved) in flight equal the planner's count."""
     for rank in ranks_report[name]:
         got, plan = rank["measured"], rank["planned"]
         for key in ("weights", "grads", "optimizer"):
