@@ -44,8 +44,9 @@ sp = t with sequence parallelism else 1, e the dtype's bytes:
   internals; full keeps each checkpoint's input hidden state (h/sp) and rebuilds one block
   (recompute_num_layers layers) at a time in backward: that block is a transient.
 Micro batches in flight under 1F1B: stage i of pp holds min(pp - i, M) micro batches' worth
-of activations; interleaved 1F1B: min(2 (pp - i - 1) + (vp - 1) pp + 1, M vp) model chunks,
-each 1/vp of the stage (megatron's warm-up count; the chunks' exits assumed even).
+of activations; interleaved 1F1B: min(2 (pp - i - 1) + (vp - 1) pp + 1, M vp) chunk forwards
+(megatron's warm-up count), each counted as 1/vp of the rank's chunks together (an average:
+the chunks' layers and exits may differ).
 
 Exits (soft.models.exits, soft.models.exit_loss, soft.models.heads):
 - a head replica (final norm + [V/t x h] matrix; a norm only when tied on the first stage)
@@ -55,8 +56,9 @@ Exits (soft.models.exits, soft.models.exit_loss, soft.models.heads):
   (the whole sequence, gathered over TP) and the norm's 1/rms (and x/rms on `local`); the
   `plain` loss keeps the exit's logits' softmax [s x b x V/t] fp32 instead;
 - transient, once per stage: one chunk's logits [loss_chunk_tokens x b x V/t] in fp32 plus
-  the matmul's output in the model dtype, then the head's weight gradient [V/t x h] before
-  it is added to main_grad (model dtype + fp32).
+  the matmul's output in the model dtype, beside the previous chunk's dlogits and weight
+  gradient [V/t x h] (still bound to the loop's variables); or the weight gradient step
+  (exit_transient_bytes).
 The final exit is GPTModel's own loss (counted as activations): megatron's vocab-parallel
 cross entropy keeps the softmax [s x b x V/t] fp32.
 
@@ -378,16 +380,26 @@ def exit_kept_bytes(setup: MemorySetup, stage_last_layer: bool) -> float:
 
 
 def exit_transient_bytes(setup: MemorySetup) -> float:
-    """Peak of one exit's fused loss while it runs: a chunk's logits, then dW (module docs)."""
-    e, vt = setup.dtype_bytes, setup.vocab_size / setup.tp
+    """Peak of one exit's fused loss while it runs, beyond what it keeps (soft.models.
+    exit_loss.FusedExitCE.forward, measured by tests/parallel/test_memory.py): a chunk's fp32
+    logits (and, in bf16, the matmul output they are cast from) while the previous chunk's
+    dlogits and dW are still bound to their loop variables; or the dL/dx step (dlogits and
+    the chunk's dL/dx); or the dW step: dlogits, the new dW beside the previous one, or beside
+    its fp32 copy for main_grad in bf16. A frozen head (LoRA) computes no dW."""
+    e, vt, h = setup.dtype_bytes, setup.vocab_size / setup.tp, setup.model.hidden_size
     chunk = setup.loss_chunk_tokens or setup.seq_length
     rows = min(chunk, setup.seq_length) * setup.micro_batch_size
+    several = rows < setup.tokens  # a previous chunk exists
     upcast = 0 if e == _FP32 else e  # .float() of a bf16 matmul output is a copy
-    logits = rows * vt * (_FP32 + upcast)
+    dw = 0.0 if setup.lora else vt * h * e
+    logits = rows * vt * (_FP32 + upcast) + (rows * vt * e + dw if several else 0.0)
+    # dL/dx of the chunk: dlogits @ W, before it is copied into the kept dL/dx.
+    dx = rows * vt * e + rows * h * e + (dw if several else 0.0)
     if setup.lora:
-        return logits  # the head's matrix is frozen: no weight gradient
-    wgrad = vt * setup.model.hidden_size * (e + (0 if e == _FP32 else _FP32)) + rows * vt * e
-    return max(logits, wgrad)
+        return max(logits, dx)
+    fp32_copy = 0 if e == _FP32 else vt * h * _FP32
+    wgrad = rows * vt * e + dw + max(dw if several else 0.0, fp32_copy)
+    return max(logits, dx, wgrad)
 
 
 def _head_norm_trains(setup: MemorySetup) -> bool:
