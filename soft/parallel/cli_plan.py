@@ -174,7 +174,12 @@ def memory_setup(
 
 
 def memory_report(
-    cfg: RootConfig, vocab: int, gpus: int | None, compare_lora: bool, gpu_gib: float, kernels
+    cfg: RootConfig,
+    vocab: int,
+    gpus: int | None,
+    compare_lora: bool,
+    gpu_gib: float,
+    kernels: memory.Kernels,
 ) -> str:
     """The memory tables of the configured split: full and/or LoRA."""
     if cfg.exit_plan().separate_heads:
