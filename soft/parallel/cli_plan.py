@@ -58,9 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--kernels",
         choices=["te", "local"],
-        default="te",
         help="what attention/norm kernels keep: te = Transformer Engine with flash attention "
-        "(GPUs), local = megatron's local spec (the CPU path) (default te)",
+        "(GPUs), local = megatron's local spec (the CPU path) (default: local when "
+        "model.transformer_impl=local, else te)",
     )
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     return p.parse_args(argv)
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         vocab = resolve_vocab(cfg, args.vocab_size)
         print(report(cfg, vocab, args.head_recompute))
         print()
-        print(memory_report(cfg, vocab, args.gpus, args.compare_lora, args.gpu_gib, args.kernels))
+        kernels = args.kernels or ("local" if cfg.model.transformer_impl == "local" else "te")
+        print(memory_report(cfg, vocab, args.gpus, args.compare_lora, args.gpu_gib, kernels))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -354,3 +354,12 @@ def test_exit_loss_transient_peak(dtype, chunk, frozen):
     setup = dataclasses.replace(setup, loss_chunk_tokens=chunk)
     measured = tracker.peak - x.numel() * x.element_size()
     assert measured == pytest.approx(memory.exit_transient_bytes(setup), rel=0.02)
+
+
+def test_tool_plans_the_configured_kernels(capsys):
+    from soft.parallel.cli_plan import main
+
+    assert main(["model.transformer_impl=local"]) == 0
+    assert "kernels local" in capsys.readouterr().out
+    assert main(["--kernels", "te", "model.transformer_impl=local"]) == 0
+    assert "kernels te" in capsys.readouterr().out
