@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         vocab = resolve_vocab(cfg, args.vocab_size)
         print(report(cfg, vocab, args.head_recompute))
         print()
-        kernels = args.kernels or ("local" if cfg.model.transformer_impl == "local" else "te")
+        kernels: memory.Kernels = args.kernels or (
+            "local" if cfg.model.transformer_impl == "local" else "te"
+        )
         print(memory_report(cfg, vocab, args.gpus, args.compare_lora, args.gpu_gib, kernels))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
