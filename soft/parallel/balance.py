@@ -23,11 +23,6 @@ from soft.parallel.config import ParallelConfig
 # differs from the even split only in rounding.
 _REL_TOL = 1e-9
 
-# Bytes per parameter held by a stage in BF16 mixed precision with Adam: bf16 weight (2),
-# fp32 grad buffer (4, grad_reduce_in_fp32), fp32 main weight (4), Adam moments (8).
-# Without the distributed optimizer; it shards the last 12 over data-parallel ranks.
-BYTES_PER_PARAM_MIXED = 18
-
 
 @dataclass(frozen=True)
 class CostModel:
@@ -221,18 +216,15 @@ def even_layout(parallel: ParallelConfig, plan: ExitPlan, cost: CostModel) -> La
         return None
 
 
-def format_table(
-    lay: Layout, tokens_per_step: int, reference_max: float | None = None, tp: int = 1
-) -> str:
+def format_table(lay: Layout, tokens_per_step: int, reference_max: float | None = None) -> str:
     """Markdown table, one row per stage. `% of max` is against `reference_max` (flops per
     token) when given, so two tables printed with the same reference compare directly.
-    TFLOP/step counts the whole global batch; memory is per rank (layers and heads are split
-    over the `tp` tensor-parallel ranks), without activations."""
+    TFLOP/step counts the whole global batch; params are the whole stage's (memory per rank
+    is soft.parallel.memory's table)."""
     top = reference_max or lay.max_cost
     rows = [
-        "| stage | layers | range | exits | TFLOP/step | share | % of max | params (B) "
-        "| weights+grads+Adam GiB/rank |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stage | layers | range | exits | TFLOP/step | share | % of max | params (B) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in lay.stages:
         exits = ",".join(str(k) for k in s.exits) or "-"
@@ -240,6 +232,6 @@ def format_table(
             f"| {s.index} | {s.num_layers} | {s.first_layer}-{s.last_layer} | {exits} | "
             f"{s.flops_per_token * tokens_per_step / 1e12:,.4g} | "
             f"{s.flops_per_token / lay.total_cost:.1%} | {s.flops_per_token / top:.1%} | "
-            f"{s.params / 1e9:.2f} | {s.params * BYTES_PER_PARAM_MIXED / tp / 2**30:.1f} |"
+            f"{s.params / 1e9:.2f} |"
         )
     return "\n".join(rows)

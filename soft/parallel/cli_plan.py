@@ -81,11 +81,11 @@ def resolve_vocab(cfg: RootConfig, explicit: int | None) -> int:
     return padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
 
 
-def section(title: str, lay: balance.Layout, tokens: int, reference: float, tp: int) -> str:
+def section(title: str, lay: balance.Layout, tokens: int, reference: float) -> str:
     return (
         f"### {title}: layers per stage {lay.counts}, slowest stage {lay.max_cost / reference:.1%} "
         f"of the even split's, pipeline efficiency {lay.efficiency:.1%}\n\n"
-        f"{balance.format_table(lay, tokens, reference, tp)}\n"
+        f"{balance.format_table(lay, tokens, reference)}\n"
     )
 
 
@@ -107,13 +107,13 @@ def report(cfg: RootConfig, vocab: int, head_recompute: bool) -> str:
     if even is None:
         out.append("even split: infeasible (num_layers not divisible by PP)\n")
     elif even.counts != current.counts:
-        out.append(section("even split", even, tokens, reference, tp))
+        out.append(section("even split", even, tokens, reference))
     title = (
         "configured split (= even split)"
         if even and even.counts == current.counts
         else "configured split"
     )
-    out.append(section(title, current, tokens, reference, tp))
+    out.append(section(title, current, tokens, reference))
     if par.virtual_pipeline_model_parallel_size is not None:
         out.append(
             "virtual pipeline is set: megatron-core does not allow uneven first/last stages with it."
@@ -125,7 +125,7 @@ def report(cfg: RootConfig, vocab: int, head_recompute: bool) -> str:
             "first and last stage may differ, the middle stages are equal). Keep:\n"
         )
     else:
-        out.append(section("proposal", best, tokens, reference, tp))
+        out.append(section("proposal", best, tokens, reference))
         speedup = current.max_cost / best.max_cost - 1
         out.append(
             f"Slowest stage {speedup:.1%} faster than the configured split. Override to paste:\n"
