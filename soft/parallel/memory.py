@@ -27,21 +27,23 @@ sp = t with sequence parallelism else 1, e the dtype's bytes:
   the sequence-parallel shard (h/sp) for linear_qkv and linear_fc1, a*d/t for linear_proj,
   f/t for linear_fc2; SwiGLU keeps linear_fc1's output (2f/t).
 - `kernels="te"` (GPUs: Transformer Engine, flash attention, megatron's fused bias-SwiGLU):
-  attention keeps q, k, v ((a + 2g) d/t) and its output (the same tensor linear_proj keeps)
-  and fp32 log-sum-exp (a/t). Nothing quadratic in s.
+  attention keeps q and k after RoPE ((a + g) d/t, new tensors), v, a view that keeps
+  linear_qkv's whole output alive ((a + 2g) d/t), its output (the tensor linear_proj keeps,
+  a d/t) and fp32 log-sum-exp (a/t). Nothing quadratic in s. Not measured on a GPU here.
 - `kernels="local"` (megatron's local spec: the CPU path, measured by
   tests/parallel/test_memory.py): torch's RMSNorm also keeps x/rms (h/sp) when its weight
   trains; unfused attention keeps q and k, v repeated to all a heads (3 a d/t), the softmax
   [a/t x s] per token (fp32, plus a bf16 copy for the bmm in bf16), and RoPE's cos/sin
-  (4 s d per layer and micro batch); the unfused SwiGLU keeps 3f/t more.
+  (4 s d per layer and micro batch); the unfused SwiGLU keeps silu(x1) and x2 + 0 (2f/t)
+  more; selective recompute keeps what `te` keeps, without the log-sum-exp.
 - LoRA (soft.peft.lora): a frozen linear keeps no input (megatron's LinearWithFrozenWeight
   saves only its weight) and a frozen norm no x/rms; an adapted target keeps its input for
   dA (the shard the base would keep; with peft.dropout, the dropped copy and its mask)
   and u = A x for dB: [tokens x r], gathered over the sequence for column-parallel bases,
   the sequence-parallel shard for row-parallel ones. Every layer keeps its input-gradient
   path, those below the first adapter too (the frozen embedding's output requires grad).
-- model.recompute_granularity: selective keeps the core attention's inputs instead of its
-  internals; full keeps each checkpoint's input hidden state (h/sp) and rebuilds one block
+- model.recompute_granularity: selective keeps the core attention's inputs (q, k, v as
+  above) instead of its internals; full keeps each checkpoint's input hidden state (h/sp) and rebuilds one block
   (recompute_num_layers layers) at a time in backward: that block is a transient.
 Micro batches in flight under 1F1B: stage i of pp holds min(pp - i, M) micro batches' worth
 of activations; interleaved 1F1B: min(2 (pp - i - 1) + (vp - 1) pp + 1, M vp) chunk forwards
@@ -54,7 +56,8 @@ Exits (soft.models.exits, soft.models.exit_loss, soft.models.heads):
   optimizer state when it trains;
 - per trained early exit and micro batch in flight: the fused loss keeps dL/dx [s x b x h]
   (the whole sequence, gathered over TP) and the norm's 1/rms (and x/rms on `local`); the
-  `plain` loss keeps the exit's logits' softmax [s x b x V/t] fp32 instead;
+  `plain` loss (and `recompute` with one chunk) keeps the logits' softmax [s x b x V/t]
+  fp32 and its gathered input instead;
 - transient, once per stage: one chunk's logits [loss_chunk_tokens x b x V/t] in fp32 plus
   the matmul's output in the model dtype, beside the previous chunk's dlogits and weight
   gradient [V/t x h] (still bound to the loop's variables); or the weight gradient step
@@ -88,7 +91,7 @@ _ADAM_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 
 @dataclass(frozen=True)
 class MemorySetup:
-    """What the estimate depends on, gathered from the config (see `from_config` in cli_plan)."""
+    """What the estimate depends on, gathered from the config (soft.parallel.cli_plan.memory_setup)."""
 
     model: ModelConfig
     parallel: ParallelConfig
@@ -202,11 +205,10 @@ def adapter_params_per_rank(model: ModelConfig, peft: PeftConfig, tp: int) -> in
 
 @dataclass(frozen=True)
 class _StageParams:
-    base: int  # layers + embedding + real head (+ tied copy) on the rank
+    base: int  # layers (and their adapters), embedding, real head on the rank
     replica: int  # exits' head replica
     trainable_base: int
     trainable_replica: int
-    adapters: int
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,7 @@ def _stage_params(setup: MemorySetup, chunks: list[_Chunk]) -> _StageParams:
             replica_norms += h
         adapted += sum(1 for k in chunk.layers if setup.peft.adapts(k))
     if not setup.lora:
-        return _StageParams(base, replica, base, replica, 0)
+        return _StageParams(base, replica, base, replica)
     adapters = adapted * adapter_params_per_rank(model, setup.peft, tp)
     norms = setup.peft.train_final_norm
     return _StageParams(
@@ -269,7 +271,6 @@ def _stage_params(setup: MemorySetup, chunks: list[_Chunk]) -> _StageParams:
         replica,
         adapters + (trained_norms if norms else 0),
         replica_norms if norms else 0,
-        adapters,
     )
 
 
