@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
@@ -75,6 +76,10 @@ class LoraAdapter(MegatronModule):
         # checkpoints (megatron-core stacks a tensor of every layer along one; when only some
         # layers are adapted the axis counts those, so that the shards cover it).
         self.slot = (0, 1)
+        # linear_fc1 of a SwiGLU MLP holds [gate; up]: each TP rank its part of both, so its
+        # split rows are stored as two halves, as megatron-core stores the weight (set by
+        # adapt_layer).
+        self.swiglu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
@@ -112,7 +117,7 @@ class LoraAdapter(MegatronModule):
         axis = {"b": 0} if self.column else {"a": 1}
         if sharded_offsets and sharded_offsets[0][0] == 0:  # the layer axis TransformerBlock adds
             sharded_offsets = ((0, *self.slot), *sharded_offsets[1:])
-        return make_sharded_tensors_for_checkpoint(
+        state = make_sharded_tensors_for_checkpoint(
             self.state_dict(prefix="", keep_vars=True),
             prefix,
             axis,
@@ -121,6 +126,11 @@ class LoraAdapter(MegatronModule):
             dp_cp_group=(metadata or {}).get("dp_cp_group")
             or parallel_state.get_data_parallel_group(with_context_parallel=True),
         )
+        if self.swiglu:
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            key = f"{prefix}b"
+            state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets, singleton)
+        return state
 
 
 class _Adapted:
@@ -190,6 +200,7 @@ def adapt_layer(layer: Any, name: str, peft: PeftConfig, slot: tuple[int, int]) 
     in_features, out_features = _features(layer, column)
     adapter = LoraAdapter(layer.config, column, in_features, out_features, peft)
     adapter.slot = slot
+    adapter.swiglu = name == "linear_fc1" and bool(layer.config.gated_linear_unit)
     adapter.to(layer.weight.device)
     layer.__class__ = _adapted_class(type(layer))
     layer.add_module(ADAPTER_NAME, adapter)
