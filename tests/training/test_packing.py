@@ -257,7 +257,8 @@ def test_exit_targets_follow_the_thd_stream() -> None:
 class ReferenceThdAttention(torch.nn.Module):
     """Transformer Engine's THD attention, on CPU: the local DotProductAttention run on each
     cu_seqlens sequence alone with a plain causal mask. Takes what megatron-core's Attention
-    hands TE on the THD path (q/k/v [t, heads, dim], no mask) and returns [t, 1, heads*dim]."""
+    hands TE on the THD path (q/k/v [t, heads, dim], no mask) and returns [t, 1, heads*dim];
+    other batches go to the local attention as they are."""
 
     def __init__(self, local: torch.nn.Module) -> None:
         super().__init__()
@@ -267,6 +268,8 @@ class ReferenceThdAttention(torch.nn.Module):
         from soft.training.step import causal_mask
 
         params = kwargs.pop("packed_seq_params")
+        if params is None:  # an unpacked batch: TE's usual [s, b] path
+            return self.local(query, key, value, attention_mask, attn_mask_type, **kwargs)
         assert params.qkv_format == "thd" and attention_mask is None and query.dim() == 3
         bounds = params.cu_seqlens_q.tolist()
         assert bounds[-1] == query.shape[0]
