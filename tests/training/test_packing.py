@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.megatron_env import single_rank_world, tiny_config
+from tests.training.thd_reference import thd_calls, use_reference_thd
 
 SEQ = 128  # the built-in examples are 30-60 tokens: two or three per pack
 
@@ -254,42 +255,6 @@ def test_exit_targets_follow_the_thd_stream() -> None:
     assert abs(shuffled.item() - unpacked.item()) > 1e-3 * unpacked.item()
 
 
-class ReferenceThdAttention(torch.nn.Module):
-    """Transformer Engine's THD attention, on CPU: the local DotProductAttention run on each
-    cu_seqlens sequence alone with a plain causal mask. Takes what megatron-core's Attention
-    hands TE on the THD path (q/k/v [t, heads, dim], no mask) and returns [t, 1, heads*dim];
-    other batches go to the local attention as they are."""
-
-    def __init__(self, local: torch.nn.Module) -> None:
-        super().__init__()
-        self.local = local
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
-        from soft.training.step import causal_mask
-
-        params = kwargs.pop("packed_seq_params")
-        if params is None:  # an unpacked batch: TE's usual [s, b] path
-            return self.local(query, key, value, attention_mask, attn_mask_type, **kwargs)
-        assert params.qkv_format == "thd" and attention_mask is None and query.dim() == 3
-        bounds = params.cu_seqlens_q.tolist()
-        assert bounds[-1] == query.shape[0]
-        assert (
-            max(e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)) == params.max_seqlen_q
-        )
-        out = []
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            q, k, v = (t[start:end].unsqueeze(1) for t in (query, key, value))
-            out.append(self.local(q, k, v, causal_mask(end - start, q.device), attn_mask_type))
-        return torch.cat(out)
-
-
-def _with_reference_thd(model) -> None:
-    for layer in model.unwrapped[0].decoder.layers:
-        attention = layer.self_attention
-        attention.core_attention = ReferenceThdAttention(attention.core_attention)
-    model.thd = True
-
-
 @pytest.mark.parametrize(
     "overrides", [(), ("soft.exit_layers=[1,3,4]", "soft.loss_chunk_tokens=7")]
 )
@@ -305,9 +270,10 @@ def test_thd_path_equals_unpacked_with_a_reference_attention(overrides) -> None:
     packs = _multi_packs(packed, 4)
     examples = [int(i) for p in packs for i in packed.packs.pack(p)]
     u_losses, u_tokens, u_grads = _losses_and_grads(model, [unpacked.batch(examples)])
-    _with_reference_thd(model)
+    use_reference_thd(model)
     batches = [with_thd_bounds(packed.batch(packs[:2])), with_thd_bounds(packed.batch(packs[2:]))]
     p_losses, p_tokens, p_grads = _losses_and_grads(model, batches)
+    assert thd_calls(model) == 2 * 4  # two micro batches through four layers
     assert p_tokens == u_tokens > 0
     assert set(p_losses) == set(u_losses) == set(model.plan.layers)
     for k in model.plan.layers:
@@ -331,7 +297,7 @@ def test_packed_attention_follows_the_built_spec() -> None:
 
     model, _, _ = _setup()
     assert packed_attention(model.unwrapped) == "mask" and not model.thd
-    _with_reference_thd(model)
+    use_reference_thd(model)
     with pytest.raises(ConfigError, match=r"data\.packing.*ReferenceThdAttention"):
         packed_attention(model.unwrapped)
 
