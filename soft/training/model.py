@@ -4,6 +4,7 @@ outside by soft.parallel, with the exit hooks and their per-step tallies."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from megatron.core.distributed import DistributedDataParallel
@@ -98,7 +99,7 @@ def build_soft_model(
     return SoftModel(wrapped, plan, config, vocab_size, head_groups, hooks, tallies, thd)
 
 
-def packed_attention(chunks: list[torch.nn.Module]) -> str:
+def packed_attention(chunks: list[Any]) -> str:
     """How the built attention takes packed batches (data.packing): "thd" for Transformer
     Engine's TEDotProductAttention (PackedSeqParams, cu_seqlens), "mask" for megatron-core's
     local DotProductAttention, which asserts deep inside its forward that it gets no

@@ -180,9 +180,17 @@ def model_inputs(batch: Batch, thd: bool = False) -> ModelInputs:
         cu_seqlens, max_seqlen = batch["cu_seqlens"], int(batch["max_seqlen"])
     else:  # a batch that did not come through `microbatches` (tests): bounds on the device
         cu_seqlens, max_seqlen = thd_bounds(batch["document"])
-    flat = [x.reshape(1, b * s) for x in (tokens, labels, loss_mask, batch["position_ids"])]
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, b * s)
+
     return ModelInputs(
-        *flat, attention_mask=None, packed_seq_params=thd_params(cu_seqlens, max_seqlen)
+        flat(tokens),
+        flat(labels),
+        flat(loss_mask),
+        flat(batch["position_ids"]),
+        attention_mask=None,
+        packed_seq_params=thd_params(cu_seqlens, max_seqlen),
     )
 
 
