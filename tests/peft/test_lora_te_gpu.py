@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.megatron_env import single_rank_world, tiny_config
 from tests.models.test_te_spec_gpu import (
     HAVE_GPU_TE,
     VOCAB,
@@ -15,7 +16,6 @@ from tests.models.test_te_spec_gpu import (
     _forward_backward,
     _rel,
 )
-from tests.megatron_env import single_rank_world, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
