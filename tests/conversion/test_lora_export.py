@@ -10,6 +10,8 @@ adapter run over it: 3 steps at lr 1e-3 with rank 4, alpha 8 (scale 2), adapters
 - PEFT adapter (--peft-adapter): PeftModel.from_pretrained over the base's own export gives
   the merged export's logits at every exit (atol 1e-5, rtol 1e-5: W'x against Wx + s B(Ax)),
   and the --exit-layer 2 adapter over the base's exit-2 export the merged exit-2 export's;
+- a second adapter run (every layer, linear_qkv and linear_fc2 only, frozen norm) merges and
+  loads in PEFT alike, its adapter_config without layers_to_transform or modules_to_save;
 - a base that is gone or holds other weights is refused naming both paths, with no output
   folder left behind; --peft-adapter on a full checkpoint is refused.
 Measured (max |diff|, logits up to ~0.7): megatron vs merged 2.4e-7, PEFT vs merged 2.7e-7,
@@ -261,3 +263,30 @@ def test_cli_peft_adapter(runs, tmp_path) -> None:
         == 2
     )
     assert not other.exists()
+
+
+def test_every_layer_and_some_targets_export_without_layer_or_norm_fields(
+    runs, exports, tmp_path
+) -> None:
+    """peft.layers null, two of the four targets, the norm frozen: the merge leaves the other
+    modules as the base has them, and the PEFT config has no layers_to_transform and no
+    modules_to_save."""
+    targets = "peft.target_modules=[linear_qkv,linear_fc2]"
+    lora = (*LORA[:2], "peft.alpha=4", targets, "checkpoint.finetune=true")
+    _run(tmp_path / "run", "train.train_iters=2", *lora, f"checkpoint.load_dir={runs['base']}")
+    checkpoints = tmp_path / "run/checkpoints"
+    merged = _hf(_export(checkpoints, tmp_path / "merged"))
+    adapter = _export(checkpoints, tmp_path / "adapter", peft_adapter=True)
+    gpt, vocab = _unmerged_model(checkpoints)
+    tokens = _tokens(vocab)
+    _, exits = megatron_logits_and_exits(gpt, tokens, vocab)
+    logits, hf_exits = hf_logits_and_exits(merged, tokens)
+    for k, expected in exits.items():
+        torch.testing.assert_close(hf_exits[k], expected, **MEGATRON_TOL)
+    peft_model = _peft(exports["base"], adapter).get_base_model()
+    peft_logits, _ = hf_logits_and_exits(peft_model, tokens)
+    torch.testing.assert_close(peft_logits, logits, **PEFT_TOL)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["down_proj", "k_proj", "q_proj", "v_proj"]
+    assert config["layers_to_transform"] is None and config["modules_to_save"] is None
+    assert config["lora_alpha"] == 4 and config["r"] == 4
