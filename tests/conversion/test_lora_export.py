@@ -290,3 +290,13 @@ def test_every_layer_and_some_targets_export_without_layer_or_norm_fields(
     assert sorted(config["target_modules"]) == ["down_proj", "k_proj", "q_proj", "v_proj"]
     assert config["layers_to_transform"] is None and config["modules_to_save"] is None
     assert config["lora_alpha"] == 4 and config["r"] == 4
+
+
+def test_a_layer_subset_adapter_run_resumes(runs, tmp_path) -> None:
+    """Its stacked adapters count 3 layers of 4: a checkpoint of the adapted subset, not a
+    3-layer model (soft.checkpointing.requests.stored_num_layers); refused before."""
+    from soft.checkpointing.directory import find_checkpoint
+
+    shutil.copytree(runs["root"] / "lora", tmp_path / "lora")
+    _run(tmp_path / "lora", "train.train_iters=4", *LORA, f"checkpoint.load_dir={runs['base']}")
+    assert find_checkpoint(tmp_path / "lora/checkpoints").path.name == "iter_0000004"
