@@ -241,7 +241,8 @@ def export_peft_adapter(
     if not written:
         raise ConfigError(
             f"--exit-layer {num_layers}: peft.layers {adapters.peft.layers} adapts none of the "
-            f"first {num_layers} layers; that sub-model is the base's own (export the base)"
+            f"first {num_layers} layers, and PEFT refuses an adapter with no target module: "
+            "export that sub-model merged (without --peft-adapter)"
         )
     tensors = adapter_tensors(adapters, written, layer_shapes(cfg), dtype)
     config = adapter_config(
