@@ -46,19 +46,13 @@ from soft.conversion.hf_to_megatron import IMPORTED_FROM_HF, shapes_of
 from soft.conversion.mapping import FINAL_NORM, LAYER_ROWS, Row, Shapes
 from soft.conversion.output import atomic_output_dir
 from soft.peft.base import resolve_base, stored_reference
-from soft.peft.config import PeftConfig
+from soft.peft.config import OWNERS, PeftConfig
 
 if TYPE_CHECKING:
     from soft.conversion.megatron_to_hf import ExportRequest
 
 log = logging.getLogger(__name__)
 
-OWNERS = {
-    "linear_qkv": "self_attention",
-    "linear_proj": "self_attention",
-    "linear_fc1": "mlp",
-    "linear_fc2": "mlp",
-}
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -37,7 +37,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from soft.models.gpt import fill_shard, walk_leaves
-from soft.peft.config import COLUMN_PARALLEL, PeftConfig
+from soft.peft.config import COLUMN_PARALLEL, OWNERS, PeftConfig
 
 ADAPTER_NAME = "lora"  # the child module on an adapted layer
 ADAPTER_KEY = f".{ADAPTER_NAME}."  # in parameter names and checkpoint keys
@@ -210,9 +210,7 @@ def adapt_layer(layer: Any, name: str, peft: PeftConfig, slot: tuple[int, int]) 
 
 
 def _targets(layer: Any, peft: PeftConfig) -> list[tuple[str, Any]]:
-    owners = {"linear_qkv": "self_attention", "linear_proj": "self_attention",
-              "linear_fc1": "mlp", "linear_fc2": "mlp"}  # fmt: skip
-    return [(t, getattr(getattr(layer, owners[t]), t)) for t in peft.target_modules]
+    return [(t, getattr(getattr(layer, OWNERS[t]), t)) for t in peft.target_modules]
 
 
 def apply_lora(chunks: list[Any], peft: PeftConfig, seed: int) -> None:
