@@ -72,6 +72,11 @@ def test_only_adapters_train_and_start_as_the_base_model() -> None:
     base_losses, _ = _losses_and_grads(base, batch)
     lora_losses, grads = _losses_and_grads(lora, batch)
     assert lora_losses == base_losses  # B = 0: exact zeros added
+    # Frozen weights, the heads read by the fused exit loss included, get no gradient at all
+    # (no main_grad buffer from DDP, nothing accumulated in .grad).
+    for name, p in lora.unwrapped[0].named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None and getattr(p, "main_grad", None) is None, name
     # B = 0 gives A no gradient yet; B's is nonzero for every adapter (every exit reaches it).
     for name in trainable:
         nonzero = grads[name].abs().sum() > 0
