@@ -36,6 +36,7 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from soft.compat.versions import require_megatron
 from soft.models.gpt import fill_shard, walk_leaves
 from soft.peft.config import COLUMN_PARALLEL, OWNERS, PeftConfig
 
@@ -217,7 +218,9 @@ def apply_lora(chunks: list[Any], peft: PeftConfig, seed: int) -> None:
     """Freeze every weight of this rank's chunks and attach adapters to the chosen layers
     (peft.layers, 1-based global numbers) and modules; with peft.train_final_norm the final
     norm and its exit copies train too. Call before the chunks are wrapped in DDP (which
-    only buckets parameters that train)."""
+    only buckets parameters that train). Relies on megatron-core internals listed in
+    docs/DESIGN.md ("Upgrading megatron-core"): checked against the pinned version."""
+    require_megatron()
     for chunk in chunks:
         adapted = sorted(peft.layers or range(1, chunk.config.num_layers + 1))
         for param in chunk.parameters():
