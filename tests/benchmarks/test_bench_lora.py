@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_lora.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_lora", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmarks.bench_module import load_bench
 
 
 def test_bench_lora_counts_and_times_both_variants(tmp_path, capsys):
-    bench = _load_bench()
+    bench = load_bench("bench_lora")
     results = tmp_path / "RESULTS.md"
     argv = ["--rank", "4", "--warmup", "0", "--steps", "2", "--append-results", str(results),
             "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",

@@ -5,23 +5,18 @@ gradients agree. Skipped on CPU and without TE."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
+from tests.gpu import GPU_TE_MARKS
 from tests.megatron_env import single_rank_world, tiny_config
 from tests.models.test_te_spec_gpu import (
-    HAVE_GPU_TE,
     VOCAB,
     _batch,
     _forward_backward,
     _rel,
 )
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not HAVE_GPU_TE, reason="needs Transformer Engine"),
-]
+pytestmark = GPU_TE_MARKS
 LORA = ("peft.method=lora", "peft.rank=8", "checkpoint.load_dir=/base", "checkpoint.finetune=true")
 
 
