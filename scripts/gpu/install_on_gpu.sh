@@ -133,4 +133,4 @@ reassemble
 build_te_torch
 install_all
 verify
-echo "OK: run tests with PYTHONPATH=\$PWD $PY -m pytest -m gpu tests/models/test_te_spec_gpu.py"
+echo "OK: run tests with PYTHONPATH=\$PWD $PY -m pytest -m gpu tests/models/test_te_spec_gpu.py tests/training/test_packing_gpu.py tests/peft/test_lora_te_gpu.py"

@@ -115,9 +115,11 @@ def check_shapes(request: dict[str, Any], stored: dict[str, Any], ckpt: Path) ->
 
 
 def stored_num_layers(stored: dict[str, Any]) -> int | None:
-    """Every per-layer key has the layer count as its leading global dimension."""
+    """Every per-layer key has the layer count as its leading global dimension, except LoRA
+    adapters (`<layer>.lora.a/b`, soft.peft.lora): their leading axis counts the ADAPTED
+    layers (peft.layers), so an adapter checkpoint of a layer subset is not a shallower model."""
     for key, meta in stored.items():
-        if key.startswith(LAYER_KEY_PREFIX):
+        if key.startswith(LAYER_KEY_PREFIX) and ".lora." not in key:
             return int(meta.global_shape[0])
     return None
 

@@ -8,6 +8,12 @@
 --checkpoint-dir is a run's checkpoints folder (its `latest` is used) or one iter_* folder,
 saved at any TP/PP layout. --exit-layer K writes the standalone sub-model: the first K layers
 with the model's shared final norm and LM head.
+
+A LoRA run's checkpoint (peft.method=lora) is exported merged into the base checkpoint it
+names (checked by checksum), with no extra flag. --peft-adapter writes its adapters as a PEFT
+adapter folder instead (adapter_config.json + adapter_model.safetensors), to load with
+peft.PeftModel.from_pretrained over the base's own export (with --exit-layer K: over the
+base's K-layer export).
 """
 
 from __future__ import annotations
@@ -42,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the tokenizer, in any form data.tokenizer_path takes (default: the run's)",
     )
+    parser.add_argument(
+        "--peft-adapter",
+        action="store_true",
+        help="a LoRA run: write a PEFT adapter folder instead of the merged model",
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="--peft-adapter: base_model_name_or_path to record (the base's HF export or hub name)",
+    )
     parser.add_argument("--max-shard-size-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**20)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -70,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         allow_unverified=args.allow_unverified,
+        peft_adapter=args.peft_adapter,
+        base_model=args.base_model,
     )
     try:
         out = convert_megatron_to_hf(request)

@@ -147,7 +147,9 @@ class QKVRow(Row):
         return torch.cat(per_group, dim=1).reshape(-1, *rest)
 
     def to_hf(self, tensor: torch.Tensor, s: Shapes) -> list[torch.Tensor]:
-        d, g, rest = s.head_dim, s.groups, self._trailing(s)
+        # The trailing dims are the tensor's own: the weight's (hidden,), the bias's (), or a
+        # LoRA B's (r,), whose rows follow the weight's (soft.conversion.peft_export).
+        d, g, rest = s.head_dim, s.groups, tuple(tensor.shape[1:])
         per_group = tensor.reshape(g, (s.heads_per_group + 2) * d, *rest)
         q, k, v = torch.split(per_group, [s.heads_per_group * d, d, d], dim=1)
         return [t.reshape(-1, *rest).contiguous() for t in (q, k, v)]

@@ -18,6 +18,9 @@ own `model.norm` / `lm_head` ARE that head (that is what sub-model K is after IC
 head is then not tied to the embedding even when the model's is.
 
 Tied embeddings: no `lm_head.weight` is written and config.json says tie_word_embeddings.
+
+A LoRA run's checkpoint (adapters only) is exported merged into the base checkpoint its
+manifest names, or as a PEFT adapter folder with `peft_adapter`: soft.conversion.peft_export.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from soft.checkpointing.directory import find_checkpoint
 from soft.config.errors import ConfigError
 from soft.config.root import RootConfig, load_config
 from soft.conversion import export_format as fmt
-from soft.conversion import hf_io, megatron_io
+from soft.conversion import hf_io, megatron_io, peft_export
 from soft.conversion.hf_to_megatron import shapes_of
 from soft.conversion.mapping import EMBEDDING, Row, exit_head_rows, head_rows, layer_rows
 from soft.conversion.output import atomic_output_dir
@@ -59,6 +62,8 @@ class ExportRequest:
     overwrite: bool = False
     progress: bool = True
     allow_unverified: bool = False  # a checkpoint without manifest (written before checksums)
+    peft_adapter: bool = False  # an adapter run: a PEFT adapter folder instead of merged weights
+    base_model: str | None = None  # --peft-adapter: adapter_config's base_model_name_or_path
 
 
 def read_run_config(ckpt: Path) -> RootConfig:
@@ -191,7 +196,8 @@ def _export_exit_heads(reader, out: Path, shapes, heads: list[int], dtype: torch
     save_file(tensors, str(out / fmt.EXIT_HEADS_FILE), metadata={"format": "pt"})
 
 
-def convert_megatron_to_hf(req: ExportRequest) -> Path:
+def _open_checkpoint(req: ExportRequest) -> tuple[Path, RootConfig]:
+    """The iter_* folder --checkpoint-dir names, verified, and its run's config."""
     found = find_checkpoint(req.checkpoint_dir)
     if found is None:
         raise ConfigError(
@@ -203,7 +209,13 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
     ckpt = found.path
     # A damaged file is an error naming it, not an export of wrong weights.
     verify(ckpt, allow_unverified=req.allow_unverified)
-    cfg = read_run_config(ckpt)
+    return ckpt, read_run_config(ckpt)
+
+
+def convert_megatron_to_hf(req: ExportRequest) -> Path:
+    """The HF folder of a checkpoint; an adapter run's adapters merged into the base they name
+    (soft.conversion.peft_export), or with `req.peft_adapter` written as a PEFT adapter."""
+    ckpt, cfg = _open_checkpoint(req)
     model = cfg.model
     hf_io.export_family(model)  # an architecture that cannot express the model: fail first
     num_layers = model.num_layers if req.exit_layer is None else req.exit_layer
@@ -211,9 +223,24 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
         raise ConfigError(
             f"--exit-layer {req.exit_layer} is outside 1..{model.num_layers} (the model's layers)"
         )
+    adapter_run = peft_export.open_adapter_run(
+        ckpt, cfg, verify_base=not req.peft_adapter, allow_unverified=req.allow_unverified
+    )
+    if req.peft_adapter:
+        return peft_export.export_peft_adapter(req, ckpt, cfg, num_layers, adapter_run)
     tokenizer = _tokenizer(cfg, req.tokenizer)
     vocab = _true_vocab(cfg, tokenizer)
-    reader = megatron_io.CheckpointReader(ckpt, model.num_layers)
+    reader: megatron_io.CheckpointReader | peft_export.MergedReader
+    inputs = [Path(req.checkpoint_dir), ckpt]
+    if adapter_run is None:
+        reader = megatron_io.CheckpointReader(ckpt, model.num_layers)
+    else:
+        base, adapters = adapter_run
+        reader = peft_export.MergedReader(
+            megatron_io.CheckpointReader(base, model.num_layers), adapters
+        )
+        inputs.append(base)
+        log.info("merging the adapters of %s into the base weights of %s", ckpt, base)
     if reader.padded_vocab() < vocab:
         raise ConfigError(
             f"checkpoint '{ckpt}' has {reader.padded_vocab()} vocabulary rows, fewer than {vocab}"
@@ -229,7 +256,6 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
     heads = [k for k in all_heads if k < num_layers]
     final_head = exit_head_rows(num_layers, as_final=True) if num_layers in all_heads else None
     torch_dtype = hf_io.TORCH_DTYPES[dtype_name]
-    inputs = [Path(req.checkpoint_dir), ckpt]
     with atomic_output_dir(Path(req.out_dir), req.overwrite, inputs=inputs) as tmp:
         writer = hf_io.ShardedSafetensorsWriter(tmp, req.max_shard_bytes)
         head = final_head or head_rows(model)

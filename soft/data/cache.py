@@ -11,7 +11,8 @@ A changed file, tokenizer, template or length is a new entry; nothing stale is e
     <cache_dir>/<key>/packs-<k>.npz with data.packing: the packs of one selection of the rows
                                    (train or valid), keyed by its examples' lengths, seq_length
                                    and the packing version (soft.data.dataset.cached_packs);
-                                   packing changes no row, so the rows' key does not include it
+                                   packing changes no row, so the rows' key does not include it;
+                                   rank 0 packs and writes, the other ranks read its file
 
 An entry is built in a temporary folder beside it and renamed into place, so a reader sees a
 complete entry or none, and two builders (two jobs, or ranks on node-local disks) cannot mix

@@ -60,11 +60,11 @@ class DataConfig:
         False,
         "Pack several examples into each sequence of seq_length tokens (first-fit-decreasing, "
         "deterministic, computed once and cached) instead of one padded example per sequence. "
-        "No token attends to another example (a block-diagonal causal mask) and positions "
-        "restart at each example, so losses and gradients equal the unpacked ones; an example "
-        "longer than seq_length follows data.overlong and is never split. A sample is then a "
-        "pack: batch sizes count packs. The local spec only (Transformer Engine's packed "
-        "format is not implemented yet).",
+        "No token attends to another example (the local spec: a block-diagonal causal mask; "
+        "Transformer Engine: THD sequences with cu_seqlens, untested on GPU so far) and "
+        "positions restart at each example, so losses and gradients equal the unpacked ones; "
+        "an example longer than seq_length follows data.overlong and is never split. A sample "
+        "is then a pack: batch sizes count packs.",
     )
     answer_alias_index: int = option(
         0, "TriviaQA: which answer alias is the training target (0 = the first)."

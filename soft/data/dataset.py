@@ -43,6 +43,7 @@ train/valid hold-out); padding happens per batch.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import uuid
 from collections import Counter
@@ -63,6 +64,8 @@ Overlong = Literal["truncate", "drop"]
 ROW_COLUMNS = ("record", "ids", "targets", "truncated", "drop")
 # Bump when the packing algorithm changes: cached packs of the old one are then never read.
 PACKING_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -234,25 +237,52 @@ def _first_fit(lengths: list[int], capacity: int) -> list[int]:
 
 def cached_packs(lengths: np.ndarray, capacity: int, entry: Path | None) -> tuple[Packs, bool]:
     """`pack_first_fit_decreasing`, read from / written to the cache entry `entry` when given
-    (keyed by the lengths, the capacity and PACKING_VERSION). Returns (packs, cache hit)."""
+    (keyed by the lengths, the capacity and PACKING_VERSION). Returns (packs, cache hit).
+
+    Collective with torch.distributed initialised (every rank builds its datasets, in the same
+    order): rank 0 finds or computes and writes the packs while the others wait, then every
+    rank reads rank 0's file, so a job packs once, not once per rank. A rank that cannot see
+    the file (a cache on node-local disk) packs for itself and says so; a read-only cache
+    still trains (the packs are recomputed next time)."""
     if entry is None:
         return pack_first_fit_decreasing(lengths, capacity), False
+    from soft.data.cache import _on_rank_zero  # cache.py imports this module
+
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     key = hashlib.sha256(f"{PACKING_VERSION}:{capacity}:".encode() + lengths.tobytes()).hexdigest()[
         :32
     ]
     path = entry / f"packs-{key}.npz"
+    built: list[Packs] = []  # rank 0's packs when it computed them (no need to read them back)
+
+    def find_or_write() -> str:
+        if path.is_file():
+            return "hit"
+        built.append(pack_first_fit_decreasing(lengths, capacity))
+        _write_packs(built[0], path)
+        return "built"
+
+    found = _on_rank_zero(find_or_write) == "hit"
+    if built:
+        return built[0], False
     if path.is_file():
         with np.load(path) as saved:
-            return Packs(saved["members"], saved["offsets"]), True
-    packs = pack_first_fit_decreasing(lengths, capacity)
-    tmp = entry / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
+            return Packs(saved["members"], saved["offsets"]), found
+    log.warning(
+        "packs %s (written by rank 0) are not visible here: packing on this rank too; set "
+        "data.cache_dir to a folder every node shares",
+        path,
+    )
+    return pack_first_fit_decreasing(lengths, capacity), False
+
+
+def _write_packs(packs: Packs, path: Path) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
     try:  # written beside and renamed: a reader sees a whole file or none
         np.savez(tmp, members=packs.members, offsets=packs.offsets)
         tmp.rename(path)
     except OSError:  # a read-only cache still trains: the packs are recomputed next time
         tmp.unlink(missing_ok=True)
-    return packs, False
 
 
 # ----------------------------------------------------------------------------- the dataset

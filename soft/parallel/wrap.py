@@ -61,11 +61,14 @@ def install_schedule_hooks(
     config: TransformerConfig,
     wrapped: list[DistributedDataParallel],
     head_groups: head_sync.HeadGroups,
-    sum_heads_after_dp: bool,
+    overlap_grad_reduce: bool,
 ) -> None:
     """What megatron-core's schedule calls: gradient finalisation (with the head-copy sum)
     and no_sync / grad_sync of the DDP chunks."""
     raw_chunks = [unwrap(c) for c in wrapped]
+    # With the overlap the DP reduction has run during backward: the head copies are summed
+    # after it (each in its own bucket; see head_sync).
+    sum_heads_after_dp = overlap_grad_reduce
 
     def finalize_model_grads(
         chunks: list[torch.nn.Module],
@@ -88,5 +91,10 @@ def install_schedule_hooks(
     # megatron-core declares these as one callable, but its interleaved schedule takes a list
     # (one per virtual chunk), as Megatron-LM's training.py sets them.
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync  # type: ignore[assignment]
-    if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
+    # The schedule's early start of a virtual chunk's reduction only with the overlap, as in
+    # Megatron-LM (`overlap_grad_reduce and align_grad_reduce`): without it DDP's
+    # finish_grad_sync reduces the buffers itself, and a second all-reduce of gradients that
+    # are sums (calculate_per_token_loss: no 1/DP scaling) would multiply them by the DP size.
+    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vp is not None and overlap_grad_reduce:
         config.grad_sync_func = [c.start_grad_sync for c in wrapped]  # type: ignore[assignment]

@@ -12,6 +12,9 @@ from soft.config.errors import ConfigError
 # each one holds: an adapter on a fused megatron layer is one adapter per HF module with the
 # same A matrix (soft.peft.export).
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# The submodule of a transformer layer that holds each target (its path in a layer).
+OWNERS = {"linear_qkv": "self_attention", "linear_proj": "self_attention",
+          "linear_fc1": "mlp", "linear_fc2": "mlp"}  # fmt: skip
 COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")  # split along the output: B is split too
 ROW_PARALLEL = ("linear_proj", "linear_fc2")  # split along the input: A is split too
 

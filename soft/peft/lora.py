@@ -32,11 +32,13 @@ from typing import Any
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from soft.compat.versions import require_megatron
 from soft.models.gpt import fill_shard, walk_leaves
-from soft.peft.config import COLUMN_PARALLEL, PeftConfig
+from soft.peft.config import COLUMN_PARALLEL, OWNERS, PeftConfig
 
 ADAPTER_NAME = "lora"  # the child module on an adapted layer
 ADAPTER_KEY = f".{ADAPTER_NAME}."  # in parameter names and checkpoint keys
@@ -75,6 +77,10 @@ class LoraAdapter(MegatronModule):
         # checkpoints (megatron-core stacks a tensor of every layer along one; when only some
         # layers are adapted the axis counts those, so that the shards cover it).
         self.slot = (0, 1)
+        # linear_fc1 of a SwiGLU MLP holds [gate; up]: each TP rank its part of both, so its
+        # split rows are stored as two halves, as megatron-core stores the weight (set by
+        # adapt_layer).
+        self.swiglu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
@@ -112,7 +118,7 @@ class LoraAdapter(MegatronModule):
         axis = {"b": 0} if self.column else {"a": 1}
         if sharded_offsets and sharded_offsets[0][0] == 0:  # the layer axis TransformerBlock adds
             sharded_offsets = ((0, *self.slot), *sharded_offsets[1:])
-        return make_sharded_tensors_for_checkpoint(
+        state = make_sharded_tensors_for_checkpoint(
             self.state_dict(prefix="", keep_vars=True),
             prefix,
             axis,
@@ -121,6 +127,11 @@ class LoraAdapter(MegatronModule):
             dp_cp_group=(metadata or {}).get("dp_cp_group")
             or parallel_state.get_data_parallel_group(with_context_parallel=True),
         )
+        if self.swiglu:
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            key = f"{prefix}b"
+            state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets, singleton)
+        return state
 
 
 class _Adapted:
@@ -190,6 +201,7 @@ def adapt_layer(layer: Any, name: str, peft: PeftConfig, slot: tuple[int, int]) 
     in_features, out_features = _features(layer, column)
     adapter = LoraAdapter(layer.config, column, in_features, out_features, peft)
     adapter.slot = slot
+    adapter.swiglu = name == "linear_fc1" and bool(layer.config.gated_linear_unit)
     adapter.to(layer.weight.device)
     layer.__class__ = _adapted_class(type(layer))
     layer.add_module(ADAPTER_NAME, adapter)
@@ -199,16 +211,16 @@ def adapt_layer(layer: Any, name: str, peft: PeftConfig, slot: tuple[int, int]) 
 
 
 def _targets(layer: Any, peft: PeftConfig) -> list[tuple[str, Any]]:
-    owners = {"linear_qkv": "self_attention", "linear_proj": "self_attention",
-              "linear_fc1": "mlp", "linear_fc2": "mlp"}  # fmt: skip
-    return [(t, getattr(getattr(layer, owners[t]), t)) for t in peft.target_modules]
+    return [(t, getattr(getattr(layer, OWNERS[t]), t)) for t in peft.target_modules]
 
 
 def apply_lora(chunks: list[Any], peft: PeftConfig, seed: int) -> None:
     """Freeze every weight of this rank's chunks and attach adapters to the chosen layers
     (peft.layers, 1-based global numbers) and modules; with peft.train_final_norm the final
     norm and its exit copies train too. Call before the chunks are wrapped in DDP (which
-    only buckets parameters that train)."""
+    only buckets parameters that train). Relies on megatron-core internals listed in
+    docs/DESIGN.md ("Upgrading megatron-core"): checked against the pinned version."""
+    require_megatron()
     for chunk in chunks:
         adapted = sorted(peft.layers or range(1, chunk.config.num_layers + 1))
         for param in chunk.parameters():

@@ -4,12 +4,14 @@ outside by soft.parallel, with the exit hooks and their per-step tallies."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from soft.config.errors import ConfigError
 from soft.models.build import build_chunks
 from soft.models.config import ModelConfig, SoftConfig
 from soft.models.exit_plan import ExitPlan
@@ -32,6 +34,9 @@ class SoftModel:
     head_groups: HeadGroups  # process groups summing the shared head's copies
     hooks: list[ExitHooks]  # aligned with `chunks`
     tallies: ExitTallies = field(default_factory=ExitTallies)
+    # Packed batches go in as THD streams with PackedSeqParams (Transformer Engine's attention),
+    # not with the block-diagonal mask (the local spec's): see soft.training.step.model_inputs.
+    thd: bool = False
 
     @property
     def unwrapped(self) -> list[MegatronModule]:
@@ -90,4 +95,44 @@ def build_soft_model(
         )
         for c in chunks
     ]
-    return SoftModel(wrapped, plan, config, vocab_size, head_groups, hooks, tallies)
+    thd = packed and packed_attention(chunks) == "thd"
+    return SoftModel(wrapped, plan, config, vocab_size, head_groups, hooks, tallies, thd)
+
+
+def packed_attention(chunks: list[Any]) -> str:
+    """How the built attention takes packed batches (data.packing): "thd" for Transformer
+    Engine's TEDotProductAttention (PackedSeqParams, cu_seqlens), "mask" for megatron-core's
+    local DotProductAttention, which asserts deep inside its forward that it gets no
+    PackedSeqParams but applies an explicit block-diagonal mask. Decided from the modules
+    built, not the config, so the local spec can never be handed THD inputs; any other or
+    mixed attention is refused here, at setup."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    te_attention = _te_attention_class()
+    kinds = set()
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            attention = layer.self_attention.core_attention
+            if te_attention is not None and isinstance(attention, te_attention):
+                kinds.add("thd")
+            elif isinstance(attention, DotProductAttention):
+                kinds.add("mask")
+            else:
+                kinds.add(type(attention).__name__)
+    if len(kinds) != 1 or not kinds <= {"thd", "mask"}:
+        raise ConfigError(
+            "config key 'data.packing': packed batches need Transformer Engine's "
+            "TEDotProductAttention (THD) or megatron-core's local DotProductAttention (mask) in "
+            f"every layer; this model has {sorted(kinds)} (model.transformer_impl picks the spec)"
+        )
+    return kinds.pop()
+
+
+def _te_attention_class() -> type | None:
+    """TEDotProductAttention, or None without Transformer Engine (megatron-core then exports
+    a MagicMock under that name, not a class)."""
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE, TEDotProductAttention
+    except ImportError:
+        return None
+    return TEDotProductAttention if HAVE_TE and isinstance(TEDotProductAttention, type) else None

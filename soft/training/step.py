@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from soft.compat.optimizer_step import Skipped, guarded_step
@@ -53,10 +54,18 @@ def microbatches(
     `consumed` of the sampler's order."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    out = []
-    for indices in sampler.indices_for_step(consumed, dp_rank, dp_size, mbs):
-        out.append({k: v.to(device, non_blocking=True) for k, v in data.batch(indices).items()})
-    return out
+    return [
+        to_device(with_thd_bounds(data.batch(indices)), device)
+        for indices in sampler.indices_for_step(consumed, dp_rank, dp_size, mbs)
+    ]
+
+
+# Batch entries that stay on the host: read as Python numbers by the step (no device sync).
+HOST_KEYS = ("max_seqlen",)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 _MASKS: dict[tuple[int, str], torch.Tensor] = {}
@@ -85,19 +94,104 @@ def packed_mask(document: torch.Tensor) -> torch.Tensor:
     return ~(same & causal)[:, None]
 
 
-def model_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position_ids, attention mask) of a batch. Packed batches (data.packing) carry their
-    own positions, restarting at each example, and get the block-diagonal mask. The local
-    spec's RoPE takes positions from the sequence index, not position_ids; attention scores
-    depend only on the difference of two positions, which is the same inside an example
-    wherever it sits, so the block-diagonal mask alone makes a packed example compute what it
-    would alone (tests/training/test_packing.py proves it)."""
-    tokens = batch["tokens"]
+def thd_bounds(document: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens, max_seqlen) of a packed micro batch `document` [b, s] (example index per
+    token, -1 on padding) read as one stream of b*s tokens, rows one after another: the THD
+    layout megatron-core's PackedSeqParams describes. Every example is a sequence, and so is
+    each row's padding tail (it then attends only to itself, as on the mask path), so the
+    sequences tile the stream: cu_seqlens (int32, [n + 1]) runs from 0 to b*s. A row boundary
+    always starts a sequence, even between two rows' example 0."""
+    b, s = document.shape
+    flat = document.reshape(-1)
+    starts = torch.ones(b * s, dtype=torch.bool, device=document.device)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::s] = True
+    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([b * s], device=document.device)])
+    return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
+
+
+def with_thd_bounds(batch: Batch) -> Batch:
+    """A packed batch with its THD bounds added (`cu_seqlens`, and `max_seqlen` as a host
+    tensor): computed here on the host, so the step reads max_seqlen without a device sync.
+    Unpacked batches are returned as they are."""
+    if "document" not in batch:
+        return batch
+    cu_seqlens, max_seqlen = thd_bounds(batch["document"])
+    return {**batch, "cu_seqlens": cu_seqlens, "max_seqlen": torch.tensor(max_seqlen)}
+
+
+def thd_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:
+    """megatron-core's PackedSeqParams for a THD stream (Megatron-Bridge's get_packed_seq_params
+    without its padded variant). No cu_seqlens_*_padded: they are for context parallelism,
+    which needs every sequence padded to a multiple of 2 x CP and which this project does not
+    have; sequence parallelism only needs the stream (b * data.seq_length tokens) divisible by
+    TP, which data.seq_length's check gives. Passing padded bounds equal to the plain ones
+    would only select TE's slower padded kernels."""
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
+        raise ValueError(
+            f"cu_seqlens must be int32 [n + 1], got {cu_seqlens.dtype} {cu_seqlens.shape}"
+        )
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What one chunk's forward takes, and the targets its exits and loss see, all in the
+    layout of that forward: [b, s], or [1, b*s] on the THD path."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    packed_seq_params: PackedSeqParams | None = None
+
+
+def model_inputs(batch: Batch, thd: bool = False) -> ModelInputs:
+    """A batch as the model takes it. Packed batches (data.packing) carry their own positions,
+    restarting at each example, and take one of two paths:
+
+    - mask (the local spec, thd=False): the block-diagonal mask. The local spec's RoPE takes
+      positions from the sequence index, not position_ids; attention scores depend only on the
+      difference of two positions, which is the same inside an example wherever it sits, so
+      the mask alone makes a packed example compute what it would alone
+      (tests/training/test_packing.py proves it).
+    - THD (Transformer Engine, thd=True): the micro batch becomes one stream [1, b*s] with
+      PackedSeqParams and no mask; TE attends within each cu_seqlens sequence, and RoPE restarts
+      at each (megatron-core applies it per sequence). Hidden states are then [b*s, 1, h], so
+      labels and loss mask are flattened the same way (row after row) for the exits and the
+      final loss.
+    """
+    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     b, s = tokens.shape
-    if "document" in batch:
-        return batch["position_ids"], packed_mask(batch["document"])
-    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-    return position_ids, causal_mask(s, tokens.device)
+    if "document" not in batch:
+        position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        return ModelInputs(tokens, labels, loss_mask, position_ids, causal_mask(s, tokens.device))
+    if not thd:
+        mask = packed_mask(batch["document"])
+        return ModelInputs(tokens, labels, loss_mask, batch["position_ids"], mask)
+    if "cu_seqlens" in batch:
+        cu_seqlens, max_seqlen = batch["cu_seqlens"], int(batch["max_seqlen"])
+    else:  # a batch that did not come through `microbatches` (tests): bounds on the device
+        cu_seqlens, max_seqlen = thd_bounds(batch["document"])
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, b * s)
+
+    return ModelInputs(
+        flat(tokens),
+        flat(labels),
+        flat(loss_mask),
+        flat(batch["position_ids"]),
+        attention_mask=None,
+        packed_seq_params=thd_params(cu_seqlens, max_seqlen),
+    )
 
 
 def loss_func(
@@ -120,16 +214,20 @@ def forward_step(
     data_iterator: Iterator[Batch],
     chunk: torch.nn.Module,
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], LossResult]]:
-    batch = next(data_iterator)
-    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-    position_ids, attention_mask = model_inputs(batch)
+    x = model_inputs(next(data_iterator), thd=model.thd)
     hooks = model.hooks_for(chunk)
-    hooks.set_targets(labels, loss_mask, loss_scale, measure_untrained)
+    hooks.set_targets(x.labels, x.loss_mask, loss_scale, measure_untrained)
     try:
-        output = chunk(tokens, position_ids, attention_mask, labels=labels)
+        output = chunk(
+            x.tokens,
+            x.position_ids,
+            x.attention_mask,
+            labels=x.labels,
+            packed_seq_params=x.packed_seq_params,
+        )
     finally:
         hooks.clear_targets()
-    return output, partial(loss_func, model, loss_mask)
+    return output, partial(loss_func, model, x.loss_mask)
 
 
 def _run_schedule(
@@ -141,6 +239,8 @@ def _run_schedule(
     """megatron-core's forward(/backward) schedule over the microbatches; `loss_scale` None =
     forward only."""
     mbs, seq = microbatches[0]["tokens"].shape
+    if model.thd:  # one stream per micro batch: what passes between stages is [b*s, 1, h]
+        mbs, seq = 1, mbs * seq
     iterators = [iter(microbatches) for _ in model.chunks]
     for hooks in model.hooks:
         hooks.reset()

@@ -3,16 +3,11 @@ bounded by bf16's half unit in the last place (2^-8 relative) and moves the logi
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_dtype_rounding.py"
+from tests.benchmarks.bench_module import load_bench
 
 
 def test_rounding_error_is_bf16_half_ulp_and_logits_move(capsys):
-    spec = importlib.util.spec_from_file_location("bench_dtype_rounding", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_dtype_rounding")
     w = bench.weight_error(n=100_000)
     assert 2**-9 < w["max_rel"] <= 2**-8 and 0 < w["mean_rel"] < w["max_rel"]
     m = bench.logits_change(layers=1, hidden=64, vocab=128)

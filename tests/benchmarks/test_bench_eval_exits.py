@@ -3,19 +3,14 @@ exact matches and generated token counts at every batch size (it exits 1 otherwi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from soft.data.builtin import BUILTIN_TOKENIZER_PATH
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_eval_exits.py"
+from tests.benchmarks.bench_module import load_bench
 
 
 def test_bench_prints_examples_per_second_for_each_batch_size(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_eval_exits", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_eval_exits")
     data = tmp_path / "qa.jsonl"
     rows = [{"question": f"What is {i} plus {i}?", "answer": [str(2 * i)]} for i in range(10)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_llamacpp.py"
+from tests.benchmarks.bench_module import load_bench
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_llamacpp", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+bench = load_bench("bench_llamacpp")
 CONVERTER = Path(os.environ.get("SOFT_LLAMACPP_CONVERTER", bench.default_converter()))
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or not CONVERTER.is_file(),

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_packing.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_packing", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmarks.bench_module import load_bench
 
 
 def test_bench_packing_counts_and_times_both_variants(tmp_path, capsys, monkeypatch):
-    bench = _load_bench()
+    bench = load_bench("bench_packing")
     monkeypatch.setattr(bench, "SHARED", tmp_path / "none")  # the built-in tasks only
     monkeypatch.setattr(bench, "LLAMA2", tmp_path / "none" / "tokenizer.model")
     results = tmp_path / "RESULTS.md"

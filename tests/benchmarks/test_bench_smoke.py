@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_soft_vs_sft.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_soft_vs_sft", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmarks.bench_module import load_bench
 
 
 def test_bench_prints_every_variant_side_by_side(tmp_path, capsys):
-    bench = _load_bench()
+    bench = load_bench("bench_soft_vs_sft")
     results = tmp_path / "RESULTS.md"
     argv = ["--warmup", "1", "--steps", "2", "--append-results", str(results),
             "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_length=64"]  # fmt: skip
@@ -50,13 +38,13 @@ def test_bench_prints_every_variant_side_by_side(tmp_path, capsys):
 
 
 def test_unknown_variant_is_a_clear_error(capsys):
-    bench = _load_bench()
+    bench = load_bench("bench_soft_vs_sft")
     assert bench.main(["--variants", "soft-magic", "--steps", "1"]) == 2
     assert "unknown ['soft-magic']" in capsys.readouterr().err
 
 
 def test_fp8_flag_without_gpu_skips_fp8_rows():
-    bench = _load_bench()
+    bench = load_bench("bench_soft_vs_sft")
     if bench.torch.cuda.is_available():
         pytest.skip("CPU behaviour")
     notes = []
@@ -71,7 +59,7 @@ def test_cpu_step_peak_counts_what_the_step_allocates_above_its_start():
     (4 MiB) peak at 5 MiB. A tensor made before the step and freed in it (8 MiB) would lower
     torch.cuda.memory_allocated; the CPU profiler cannot size a block allocated before it
     started, so the CPU measure does not see that free and stays at 5 MiB (an upper bound)."""
-    bench = _load_bench()
+    bench = load_bench("bench_soft_vs_sft")
     mib = 2**20
     kept = []
 

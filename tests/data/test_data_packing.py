@@ -158,3 +158,67 @@ def test_overlong_examples_follow_the_policy_and_are_never_split(tmp_path: Path)
     batch = cut.batch(full)
     assert (batch["document"] == 0).all(dim=1).any()
     assert sorted(cut.packs.members.tolist()) == [0, 1, 2]
+
+
+class FakeCollective:
+    """torch.distributed as one rank of a 2-rank job sees it, for `cached_packs`: rank 0's
+    broadcast box is recorded, and replayed to rank 1 (which waits for rank 0 in a real job)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import torch.distributed as dist
+
+        self.rank = 0
+        self.box: list | None = None
+        self.broadcasts = 0
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda *a: self.rank)
+        monkeypatch.setattr(dist, "broadcast_object_list", self._broadcast)
+
+    def _broadcast(self, box: list, src: int = 0, **_) -> None:
+        assert src == 0
+        self.broadcasts += 1
+        if self.rank == 0:
+            self.box = list(box)
+        else:
+            box[:] = self.box
+
+
+def test_rank_zero_packs_and_the_other_ranks_read_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from soft.data import dataset
+
+    lengths = np.array([5, 9, 3, 7, 2, 8, 4], dtype=np.int64)
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    world = FakeCollective(monkeypatch)
+    packed = dataset.pack_first_fit_decreasing
+    calls: list[int] = []
+
+    def counting(lens, capacity):
+        calls.append(world.rank)
+        return packed(lens, capacity)
+
+    monkeypatch.setattr(dataset, "pack_first_fit_decreasing", counting)
+    first, hit = dataset.cached_packs(lengths, 12, entry)  # rank 0: packs and writes
+    assert not hit and calls == [0] and len(list(entry.glob("packs-*.npz"))) == 1
+    world.rank = 1  # rank 1: waits in the broadcast, then reads rank 0's file
+    second, hit = dataset.cached_packs(lengths, 12, entry)
+    assert calls == [0] and not hit  # rank 0 packed it now, rank 1 packed nothing
+    assert np.array_equal(second.members, first.members)
+    assert np.array_equal(second.offsets, first.offsets)
+    # A later job: rank 0 finds the file, rank 1 reads it, nobody packs.
+    world.rank = 0
+    assert dataset.cached_packs(lengths, 12, entry)[1]
+    world.rank = 1
+    assert dataset.cached_packs(lengths, 12, entry)[1] and calls == [0]
+    assert world.broadcasts == 4  # one wait per rank per call: every rank is in step
+    # Rank 0's file not visible here (node-local cache): this rank packs for itself, says so.
+    for f in entry.glob("packs-*.npz"):
+        f.unlink()
+    world.box = ["built", None]
+    with caplog.at_level("WARNING", logger="soft.data.dataset"):
+        own, hit = dataset.cached_packs(lengths, 12, entry)
+    assert calls == [0, 1] and not hit and np.array_equal(own.members, first.members)
+    assert "not visible here" in caplog.text

@@ -12,17 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soft.models.gpt import transformer_engine_available
+from tests.gpu import GPU_TE_MARKS, HAVE_GPU_TE
 from tests.megatron_env import single_rank_world, tiny_config
 
-HAVE_GPU_TE = torch.cuda.is_available() and transformer_engine_available()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(
-        not HAVE_GPU_TE, reason="needs Transformer Engine (scripts/gpu/install_on_gpu.sh)"
-    ),
-]
+pytestmark = GPU_TE_MARKS
 
 VOCAB = 512
 # Local-spec parameter name -> TE-spec name; every other parameter has the same name in both.

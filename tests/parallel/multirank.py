@@ -43,6 +43,7 @@ from soft.training.run import setup
 from soft.training.signals import StopRequest
 from tests.parallel import family_checks
 from tests.training import golden
+from tests.training.thd_reference import thd_calls, use_reference_thd
 
 BASE = [
     "model.num_layers=8",
@@ -91,6 +92,10 @@ class Scenario:
     # recompute must change nothing, so its reference is the plain run).
     parallel_only: list[str] = field(default_factory=list)
     bf16: bool = False  # compared with the bf16 tolerances above
+    # The parallel run takes packed batches as THD streams (Transformer Engine's path) with
+    # its attention stood in for on CPU (tests/training/thd_reference.py); the 1-rank
+    # reference takes the block-diagonal mask.
+    thd_reference: bool = False
 
     @property
     def loss_rtol(self) -> float:
@@ -106,6 +111,7 @@ PP2_VP2 = [
 ]
 TIED = ["model.tie_word_embeddings=true"]
 LORA = ["peft.method=lora", "peft.rank=4", "peft.alpha=8", "peft.train_final_norm=true"]
+PACKED = ["data.packing=true", "data.seq_length=128"]  # two or three built-in examples a pack
 FEATURES = [
     "model.qkv_bias=true",
     "model.qk_layernorm=true",
@@ -246,6 +252,9 @@ SCENARIOS = {
                 "model.recompute_num_layers=1",
             ],
         ),
+        # interleaved 1F1B with data parallelism: DDP reduces each chunk once (a second
+        # reduction of the summed gradients would multiply them by DP: seen, fixed)
+        Scenario("pp2_vp2_dp2", 4, PP2_VP2, "[1,3,5,8]"),
         Scenario(
             "pp2_uneven",
             2,
@@ -330,6 +339,67 @@ SCENARIOS = {
                 "data.seq_length=128",
             ],
             base=["soft.mode=sft", "soft.exit_layers=[4,8]", "model.num_layers=8"],
+        ),
+        # ... with the layouts the first slice did not run: interleaving with TP and SP (the
+        # sharded sequence of a pack through virtual stages), four stages (the packs' batches
+        # through three send/recv hops), the distributed optimizer (compare_grads: each rank
+        # keeps one shard of the grads) and bf16 (the mask applied to bf16 scores)
+        Scenario(
+            "packed_tp2_pp2_vp2_sp",
+            4,
+            [*TP2_PP2_SP, "parallel.virtual_pipeline_model_parallel_size=2"],
+            "[1,3,5,8]",
+            extra=PACKED,
+        ),
+        Scenario(
+            "packed_pp4",
+            4,
+            ["parallel.pipeline_model_parallel_size=4"],
+            "[2,8]",
+            extra=PACKED,
+        ),
+        Scenario(
+            "packed_dp2_pp2_distopt",
+            4,
+            ["parallel.pipeline_model_parallel_size=2", "parallel.use_distributed_optimizer=true"],
+            "[4,6,8]",
+            extra=PACKED,
+            compare_grads=False,
+        ),
+        Scenario(
+            "packed_tp2_pp2_sp_bf16",
+            4,
+            TP2_PP2_SP,
+            "[2,3,5,8]",
+            extra=[*PACKED, "model.params_dtype=bf16"],
+            bf16=True,
+        ),
+        # Transformer Engine's THD path through TP, SP and PP (the stream [b*s, 1, h] sharded
+        # over TP, passed between stages with the schedule's [b*s, 1] shapes), its attention
+        # stood in for by the local one per cu_seqlens sequence; against the mask path at one
+        # rank
+        Scenario(
+            "packed_thd_tp2_pp2_sp",
+            4,
+            TP2_PP2_SP,
+            "[2,3,5,8]",
+            extra=PACKED,
+            thd_reference=True,
+        ),
+        # ... through the interleaved schedule, with full activation recompute (the
+        # PackedSeqParams ride along into the recomputed segments)
+        Scenario(
+            "packed_thd_pp2_vp2_recompute",
+            2,
+            PP2_VP2,
+            "[1,3,5,8]",
+            extra=PACKED,
+            thd_reference=True,
+            parallel_only=[
+                "model.recompute_granularity=full",
+                "model.recompute_method=block",
+                "model.recompute_num_layers=1",
+            ],
         ),
         # the gradient reduction overlapped with backward: DDP starts a bucket once each of
         # its parameters reported a gradient; the first stage's head replica gets its whole
@@ -454,11 +524,14 @@ def _train_steps(run, n: int, capture_first: bool) -> dict:
 def scenario_worker(scenario: Scenario, out: Path, layout: bool) -> dict:
     """Body of every rank: 3 steps; first-step grads; final params; head replica check."""
     run = setup(_config(scenario, out, layout))
+    if scenario.thd_reference and layout:
+        use_reference_thd(run.model)
     record = _train_steps(run, 3, capture_first=True)
     record["params"] = dump_global(run.model.unwrapped, "data")
     record["head_max_diff"] = head_replica_max_diff(run.model.unwrapped, run.model.head_groups)
     record["head_copies"] = [len(c) for c in head_copies(run.model.unwrapped)]
     record["param_dtypes"] = sorted({str(p.dtype) for p in run.model.unwrapped[0].parameters()})
+    record["thd_calls"] = thd_calls(run.model)
     return record
 
 
@@ -633,6 +706,9 @@ def check_scenario(scenario: Scenario, root: Path) -> dict:
         f"{scenario.name}: head replicas differ by {report['head_max_diff']}"
     )
     report["head_copies_per_rank"] = [r["head_copies"] for r in ranks]
+    if scenario.thd_reference:  # every rank's layers took THD streams, the reference none
+        report["thd_calls_per_rank"] = [r["thd_calls"] for r in ranks]
+        assert min(report["thd_calls_per_rank"]) > 0 and ref["thd_calls"] == 0, report
     return report
 
 

@@ -72,6 +72,11 @@ def test_only_adapters_train_and_start_as_the_base_model() -> None:
     base_losses, _ = _losses_and_grads(base, batch)
     lora_losses, grads = _losses_and_grads(lora, batch)
     assert lora_losses == base_losses  # B = 0: exact zeros added
+    # Frozen weights, the heads read by the fused exit loss included, get no gradient at all
+    # (no main_grad buffer from DDP, nothing accumulated in .grad).
+    for name, p in lora.unwrapped[0].named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None and getattr(p, "main_grad", None) is None, name
     # B = 0 gives A no gradient yet; B's is nonzero for every adapter (every exit reaches it).
     for name in trainable:
         nonzero = grads[name].abs().sum() > 0
@@ -167,3 +172,20 @@ def test_full_recompute_keeps_every_adapters_gradient() -> None:
     for name, g in want.items():
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-8, msg=name)
     assert got["decoder.layers.0.self_attention.linear_qkv.lora.a"].abs().sum() > 0
+
+
+def test_bf16_base_stays_as_stored_and_only_adapters_get_fp32_copies() -> None:
+    """model.params_dtype=bf16: every weight (adapters too) is bf16 in the model; the mixed
+    precision optimizer keeps fp32 main copies and Adam state of the adapters only."""
+    from soft.training.optim import build_optimizer
+
+    cfg, _, _, lora = _build("model.params_dtype=bf16")
+    params = list(lora.unwrapped[0].parameters())
+    assert {p.dtype for p in params} == {torch.bfloat16}
+    optimizer = build_optimizer(lora, cfg.train, cfg.model, cfg.parallel)
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    mains = [p for opt in inner for group in opt.fp32_from_float16_groups for p in group]
+    trainable = [p for p in params if p.requires_grad]
+    assert len(mains) == len(trainable) and all(m.dtype == torch.float32 for m in mains)
+    assert sum(m.numel() for m in mains) == sum(p.numel() for p in trainable)
+    assert sum(p.numel() for p in trainable) < sum(p.numel() for p in params) / 4

@@ -659,6 +659,57 @@ def interval_average_after_resume(root: Path) -> dict:
     return {}
 
 
+def lora_adapter_runs(root: Path) -> dict:
+    """Adapter runs keep the promises above: a kill after the manifest of the second save is
+    cleaned up and the resumed job reproduces the uninterrupted adapter curve; a flipped byte
+    in the adapter checkpoint or in its base is named, never loaded; a base that was moved
+    away, or replaced by other weights, is refused naming it (the run's checkpoints kept); a
+    resume with another adapter shape is refused naming the key."""
+    full = root / "full"
+    assert_code(job(full, "train.train_iters=2", "checkpoint.save_interval=2"), 0)
+    base = directory.find_checkpoint(full / "checkpoints").path
+    lora = ["peft.method=lora", "peft.rank=4", f"checkpoint.load_dir={base}",
+            "checkpoint.finetune=true", "train.lr=1e-3"]  # fmt: skip
+    ref = root / "ref"
+    assert_code(job(ref, *lora), 0)
+    out = root / "run"
+    killed = job(out, *lora, env={"SOFT_FAILPOINT": "save:manifest_written#2"})
+    assert killed.code == -signal.SIGKILL, killed.codes
+    resumed = job(out, *lora)
+    assert_code(resumed, 0, "left by an interrupted save", "loading the base weights of")
+    assert_same_curve(train_log(out), train_log(ref))
+    verify_all(out)
+    # A flipped byte in the newest adapter checkpoint: named, not loaded.
+    flipped = _copy(out, "flipped")
+    shard = _largest_shard(flipped / "checkpoints/iter_0000006")
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(data)
+    assert_code(job(flipped, *lora, "train.train_iters=8"), 2, str(shard), "sha256")
+    # The base moved away, then other weights in its place: refused; nothing lost.
+    moved = base.parent / "moved"
+    base.rename(moved)
+    assert_code(job(out, *lora, "train.train_iters=8"), 2, str(base), "which is gone")
+    shutil.copytree(moved, base)
+    shard = _largest_shard(base)
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(data)
+    assert_code(job(out, *lora, "train.train_iters=8"), 2, str(shard), "sha256")
+    shutil.rmtree(base)
+    assert_code(job(root / "other", "train.train_iters=2", "train.seed=7"), 0)
+    shutil.copytree(directory.find_checkpoint(root / "other/checkpoints").path, base)
+    assert_code(job(out, *lora, "train.train_iters=8"), 2, str(base), "other weights")
+    assert complete_iterations(out) == [4, 6]
+    shutil.rmtree(base)
+    moved.rename(base)
+    changed = job(out, *lora, "peft.rank=8", "train.train_iters=8")
+    assert_code(changed, 2, "peft.rank")
+    assert_code(job(out, *lora, "train.train_iters=8"), 0)
+    assert complete_iterations(out) == [6, 8]
+    return {}
+
+
 SCENARIOS = {
     **{
         f"kill_at_{p.replace(':', '_')}": (lambda root, p=p: kill_during_save(root, p))
@@ -683,6 +734,7 @@ SCENARIOS = {
     "full_disk": full_disk,
     "kill_all_ranks_during_save": kill_all_ranks_during_save,
     "interval_average_after_resume": interval_average_after_resume,
+    "lora_adapter_runs": lora_adapter_runs,
 }
 
 

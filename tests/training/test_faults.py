@@ -43,6 +43,7 @@ SCENARIOS = [
     "full_disk",
     "kill_all_ranks_during_save",
     "interval_average_after_resume",
+    "lora_adapter_runs",
 ]
 
 
