@@ -115,6 +115,10 @@ class FusedExitCE(torch.autograd.Function):
             if weight.requires_grad:
                 dw = dlogits.flatten(0, 1).t() @ xc.flatten(0, 1)
                 (wgrad if wgrad is not None else local_wgrad).add_(dw.float())
+                del dw
+            # Freed before the next chunk's logits exist (a [V/tp, h] dW and a chunk's dlogits
+            # would otherwise stay bound to these names: soft.parallel.memory counts the peak).
+            del dlogits
         ctx.save_for_backward(grad_x, scale, local_wgrad)
         ctx.weight_dtype = weight.dtype
         # dW went into main_grad: backward tells megatron-core's DDP so (a dummy and its flag).

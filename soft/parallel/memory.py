@@ -383,23 +383,21 @@ def exit_kept_bytes(setup: MemorySetup, stage_last_layer: bool) -> float:
 def exit_transient_bytes(setup: MemorySetup) -> float:
     """Peak of one exit's fused loss while it runs, beyond what it keeps (soft.models.
     exit_loss.FusedExitCE.forward, measured by tests/parallel/test_memory.py): a chunk's fp32
-    logits (and, in bf16, the matmul output they are cast from) while the previous chunk's
-    dlogits and dW are still bound to their loop variables; or the dL/dx step (dlogits and
-    the chunk's dL/dx); or the dW step: dlogits, the new dW beside the previous one, or beside
-    its fp32 copy for main_grad in bf16. A frozen head (LoRA) computes no dW."""
+    logits (and, in bf16, the matmul output they are cast from); or the dL/dx step (dlogits
+    and the chunk's dL/dx); or the dW step: dlogits, dW, and its fp32 copy for main_grad in
+    bf16. Each chunk's dlogits and dW are freed before the next chunk's logits exist. A frozen
+    head (LoRA) computes no dW."""
     e, vt, h = setup.dtype_bytes, setup.vocab_size / setup.tp, setup.model.hidden_size
     chunk = setup.loss_chunk_tokens or setup.seq_length
     rows = min(chunk, setup.seq_length) * setup.micro_batch_size
-    several = rows < setup.tokens  # a previous chunk exists
     upcast = 0 if e == _FP32 else e  # .float() of a bf16 matmul output is a copy
-    dw = 0.0 if setup.lora else vt * h * e
-    logits = rows * vt * (_FP32 + upcast) + (rows * vt * e + dw if several else 0.0)
+    logits = rows * vt * (_FP32 + upcast)
     # dL/dx of the chunk: dlogits @ W, before it is copied into the kept dL/dx.
-    dx = rows * vt * e + rows * h * e + (dw if several else 0.0)
+    dx = rows * vt * e + rows * h * e
     if setup.lora:
         return max(logits, dx)
     fp32_copy = 0 if e == _FP32 else vt * h * _FP32
-    wgrad = rows * vt * e + dw + max(dw if several else 0.0, fp32_copy)
+    wgrad = rows * vt * e + vt * h * e + fp32_copy
     return max(logits, dx, wgrad)
 
 
