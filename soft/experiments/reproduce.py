@@ -18,7 +18,7 @@ from soft.experiments import results as res
 from soft.experiments import runner
 from soft.experiments.plan import Layout, RunSpec, build_plan, check_extra_overrides
 from soft.experiments.settings import Settings, make_settings
-from soft.experiments.tracking import log_parent_run
+from soft.experiments.tracking import log_parent_run, report_params
 
 # Shown in the report and MLflow; a corpus the project does not know is marked as such.
 KNOWN_LICENCES = {
@@ -327,17 +327,9 @@ def _write_report(
     md_path.write_text(res.markdown_report(results))
     png = res.plot_results(results["rows"], layout.out / "results.png", "SoFT paper reproduction")
     if tracking:
-        s = results["settings"]
-        params = {
-            **{f"settings.{k}": v for k, v in s.items()},
-            **{f"corpus.{k}": v for k, v in results["corpus"].items()},
-            "base": results["base_description"],
-            "num_train": results["num_train"],
-            "num_test": results["num_test"],
-            "nproc_per_node": results["nproc_per_node"],
-            "jobs": results["jobs"],
-            "extra_overrides": results["extra_overrides"],
-        }
+        params = report_params(
+            results, "num_train", "num_test", "nproc_per_node", "jobs", "extra_overrides"
+        )
         artifacts = [json_path, md_path, png, *sorted(layout.eval_dir.glob("*.json"))]
         run_id = log_parent_run(
             uri, opts.experiment, opts.run_name, params, results["rows"], artifacts,

@@ -37,7 +37,7 @@ from soft.experiments.reproduce import (
     validate_plan,
 )
 from soft.experiments.settings import Settings
-from soft.experiments.tracking import log_parent_run
+from soft.experiments.tracking import log_parent_run, report_params
 
 BASE_DIR = "base"
 
@@ -238,14 +238,7 @@ def _write(
         report["rows"], out / "results.png", f"SoFT paper reproduction, {n} seeds"
     )
     if tracking:
-        s = report["settings"]
-        params = {
-            "seeds": report["seeds"],
-            **{f"settings.{k}": v for k, v in s.items()},
-            **{f"corpus.{k}": v for k, v in report["corpus"].items()},
-            "base": report["base_description"],
-            "extra_overrides": report["extra_overrides"],
-        }
+        params = report_params(report, "seeds", "extra_overrides")
         run_id = log_parent_run(
             uri, opts.experiment, PARENT_RUN_NAME, params, agg.mean_rows(report["rows"]),
             [json_path, md_path, png], _child_ids(per_seed, out),

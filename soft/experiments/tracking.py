@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
@@ -38,6 +39,17 @@ def _metrics(rows: Sequence[Mapping]) -> list[tuple[str, float, int]]:
             if wr is not None:
                 out.append((f"win/{comparison}/score", float(wr["score"]), k))
     return out
+
+
+def report_params(report: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    """A reproduction report's MLflow parameters: its settings, corpus and base, and `keys`
+    of the report as they are (one seed's results.json and the seeds' aggregate alike)."""
+    return {
+        **{f"settings.{k}": v for k, v in report["settings"].items()},
+        **{f"corpus.{k}": v for k, v in report["corpus"].items()},
+        "base": report["base_description"],
+        **{k: report[k] for k in keys},
+    }
 
 
 def log_parent_run(
