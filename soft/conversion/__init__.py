@@ -8,10 +8,12 @@ evaluation side) does not pull megatron-core in.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["ExportRequest", "convert_hf_to_megatron", "convert_megatron_to_hf"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:  # the lazily imported functions and class
     if name == "convert_hf_to_megatron":
         from soft.conversion.hf_to_megatron import convert_hf_to_megatron
 

@@ -10,7 +10,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -18,14 +18,28 @@ from safetensors.torch import save_file
 
 from soft.config.errors import ConfigError
 from soft.conversion.mapping import CONFIG_PAIRS, FAMILIES, REFUSED_BECAUSE, Family
-from soft.models.config import LLAMA3_ROPE_FIXED, ModelConfig
+from soft.models.config import LLAMA3_ROPE_FIXED, ModelConfig, ParamsDtype
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    from sentencepiece import SentencePieceProcessor
+    from tokenizers import Tokenizer as FastTokenizer
+    from transformers import PretrainedConfig
+
+TORCH_DTYPES: dict[ParamsDtype, torch.dtype] = {
+    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+}  # fmt: skip
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # `--dtype auto`: the stored dtype's name; safetensors' names and torch's.
-_STORED_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+_STORED_NAMES: dict[str, ParamsDtype] = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 _TORCH_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
-_KNOWN = ("fp32", "bf16", "fp16")
+_KNOWN: tuple[ParamsDtype, ...] = ("fp32", "bf16", "fp16")
+
+
+def params_dtype(name: str) -> ParamsDtype | None:
+    """`name` as a params dtype; None when it is not one (the caller says which flag)."""
+    return next((known for known in _KNOWN if known == name), None)
+
+
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -73,8 +87,8 @@ def check_supported(config: dict[str, Any], path: Path) -> None:
     the key, its value and why (the family's `required` values, MoE keys, other activations,
     rope scaling other than llama3 with megatron-core's fixed values, sliding layers)."""
     family = family_of(config, path)
-    problems = [_problem(key, value, config) for key, value in family.required.items()]
-    problems = [p for p in problems if p is not None]
+    found = (_problem(key, value, config) for key, value in family.required.items())
+    problems = [p for p in found if p is not None]
     for key in _MOE_KEYS:
         if config.get(key):
             problems.append(f"{key}={config[key]!r}: Mixture-of-experts models are out of scope")
@@ -158,7 +172,7 @@ def rope_theta(config: dict[str, Any]) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
-def model_config_from_hf(config: dict[str, Any], dtype: str, divisor: int) -> ModelConfig:
+def model_config_from_hf(config: dict[str, Any], dtype: ParamsDtype, divisor: int) -> ModelConfig:
     """ModelConfig of a checked config.json (read_hf_config): CONFIG_PAIRS, the family's fixed
     switches, RoPE base and scaling."""
     family = FAMILIES[config["model_type"]]
@@ -219,7 +233,7 @@ def hf_config_from_model(
     dtype: str,
     extra: dict[str, Any],
     tied: bool | None = None,
-):
+) -> PretrainedConfig:
     """The transformers config of `model`'s family (possibly truncated to `num_layers`), with
     `extra` attributes. `tied`: whether the export's LM head is the embedding (default: the
     model's; an ICT sub-model whose head is its own exit head is untied)."""
@@ -323,7 +337,7 @@ class HFTensorSource:
         self._open.clear()
 
 
-def source_dtype(source: HFTensorSource, config: dict[str, Any]) -> tuple[str, str]:
+def source_dtype(source: HFTensorSource, config: dict[str, Any]) -> tuple[ParamsDtype, str]:
     """`--dtype auto`: the dtype the checkpoint's tensors are stored in, and a note for the log.
 
     Like `torch_dtype="auto"` in transformers, but read from the tensors themselves (what the
@@ -340,7 +354,7 @@ def source_dtype(source: HFTensorSource, config: dict[str, Any]) -> tuple[str, s
         )
     # One 16-bit type stays; fp32 anywhere, or fp16 beside bf16 (neither holds the other's
     # values exactly), is fp32.
-    chosen = next(iter(names)) if len(names) == 1 else "fp32"
+    chosen = next(k for k in _KNOWN if k in names) if len(names) == 1 else "fp32"
     declared = config.get("dtype") or config.get("torch_dtype")
     note = f"--dtype auto: tensors stored as {'/'.join(sorted(names))} -> {chosen}"
     if isinstance(declared, str) and declared != HF_DTYPE_NAMES[chosen]:
@@ -419,27 +433,34 @@ def keep_tokenizer_class(src_dir: Path, copy_dir: Path) -> None:
     qwen2 folder whose tokenizer_config.json names the generic backend loads as Qwen2Tokenizer,
     which splits digits. Where the classes differ, the copy's tokenizer_config.json names the
     source's class (checked by loading it again)."""
-    from soft.data.tokenizer import HF_FILE, load_tokenizer
+    from soft.data.tokenizer import HF_FILE
 
     config_file = copy_dir / "tokenizer_config.json"
     if not (src_dir / HF_FILE).is_file() or not config_file.is_file():
         return
     try:
-        wanted = load_tokenizer(src_dir).class_name
-        if load_tokenizer(copy_dir).class_name == wanted:
+        wanted = _hf_class_name(src_dir)
+        if _hf_class_name(copy_dir) == wanted:
             return
     except ConfigError:
         return  # a tokenizer that does not load: tokenizer_forms warns, the import goes on
     config = json.loads(config_file.read_text())
     config["tokenizer_class"] = wanted
     config_file.write_text(json.dumps(config, indent=2) + "\n")
-    got = load_tokenizer(copy_dir).class_name
+    got = _hf_class_name(copy_dir)
     if got != wanted:
         raise ConfigError(
             f"the tokenizer in '{src_dir}' loads as {wanted} (chosen by its config.json), but a "
             f"copy without config.json loads as {got}: the import cannot carry it"
         )
     log.info("tokenizer_config.json of the import names %s, as %s loads it", wanted, src_dir)
+
+
+def _hf_class_name(folder: Path) -> str:
+    """The class AutoTokenizer loads a folder holding a tokenizer.json as."""
+    from soft.data.tokenizer import HFTokenizer
+
+    return HFTokenizer.load(folder, folder).class_name
 
 
 def write_tokenizer(sp_model: Path, out_dir: Path, max_length: int) -> None:
@@ -473,12 +494,12 @@ def write_tokenizer(sp_model: Path, out_dir: Path, max_length: int) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _fast_tokenizer(sp):
+def _fast_tokenizer(sp: SentencePieceProcessor) -> FastTokenizer:
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
     n = sp.get_piece_size()
     vocab = {sp.id_to_piece(i): i for i in range(n)}
-    merges = []
+    merges: list[tuple[str, str, float]] = []
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
             continue

@@ -151,21 +151,22 @@ def convert_hf_to_megatron(
     "fp32", "bf16" or "fp16" casts to it (and is model.yaml's params_dtype either way).
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
-    if dtype != "auto" and dtype not in hf_io.TORCH_DTYPES:
+    wanted = None if dtype == "auto" else hf_io.params_dtype(dtype)
+    if dtype != "auto" and wanted is None:
         choices = ["auto", *sorted(hf_io.TORCH_DTYPES)]
         raise ConfigError(f"--dtype: expected one of {choices}, got '{dtype}'")
     config = hf_io.read_hf_config(hf_dir)
     source = hf_io.HFTensorSource(hf_dir)  # checks that every shard the index names exists
-    if dtype == "auto":
-        dtype, note = hf_io.source_dtype(source, config)
+    if wanted is None:  # --dtype auto
+        wanted, note = hf_io.source_dtype(source, config)
         log.info(note)
     divisor, padded = stable_divisor(int(config["vocab_size"]), max_tp)
     _warn_padding_rows(int(config["vocab_size"]), padded, max_tp)
-    model = hf_io.model_config_from_hf(config, dtype, divisor)
+    model = hf_io.model_config_from_hf(config, wanted, divisor)
     shapes = shapes_of(model, int(config["vocab_size"]), padded)
     megatron_io.ensure_single_rank_world()
     with atomic_output_dir(out_dir, overwrite, inputs=[hf_dir]) as tmp:
-        sharded = build_sharded_state(source, model, shapes, hf_io.TORCH_DTYPES[dtype], progress)
+        sharded = build_sharded_state(source, model, shapes, hf_io.TORCH_DTYPES[wanted], progress)
         source.close()
         root = RootConfig(model=model)
         hf_io.copy_tokenizer_files(hf_dir, tmp)

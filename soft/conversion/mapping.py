@@ -41,7 +41,7 @@ import torch
 
 from soft.config.errors import ConfigError
 from soft.conversion.export_format import exit_head_names
-from soft.models.config import ModelConfig
+from soft.models.config import FamilyName, ModelConfig
 
 LAYER = "*"
 
@@ -291,7 +291,7 @@ class Family:
     any other value, saying why (`REFUSED_BECAUSE`), and the export writes them.
     """
 
-    model_type: str
+    model_type: FamilyName
     architecture: str
     qkv_bias: bool = False
     qk_layernorm: bool = False

@@ -32,9 +32,9 @@ def _keys_map() -> dict[str, str]:
     """megatron's own renaming for the local spec (input_layernorm -> linear_qkv.layer_norm_...)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return dict(
-        get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
-    )
+    # ModuleSpec.submodules is typed `type | object`: a TransformerLayerSubmodules here.
+    submodules: Any = get_gpt_layer_local_spec(normalization="RMSNorm").submodules
+    return dict(submodules.sharded_state_dict_keys_map)
 
 
 def checkpoint_key(param: str) -> tuple[str, int | None]:
@@ -79,7 +79,12 @@ class ModelOnly(torch.nn.Module):
         super().__init__()
         self._sharded = sharded
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+    def sharded_state_dict(
+        self,
+        prefix: str = "",
+        sharded_offsets: tuple[tuple[int, int, int], ...] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         return self._sharded
 
 

@@ -41,7 +41,7 @@ from soft.config.root import RootConfig, load_config
 from soft.conversion import export_format as fmt
 from soft.conversion import hf_io, megatron_io, peft_export
 from soft.conversion.hf_to_megatron import shapes_of
-from soft.conversion.mapping import EMBEDDING, Row, exit_head_rows, head_rows, layer_rows
+from soft.conversion.mapping import EMBEDDING, Row, Shapes, exit_head_rows, head_rows, layer_rows
 from soft.conversion.output import atomic_output_dir
 from soft.data.tokenizer import Tokenizer
 from soft.models.config import ModelConfig
@@ -126,8 +126,12 @@ def exit_plan_fields(cfg: RootConfig, exit_layer: int | None) -> dict[str, Any]:
     return out
 
 
+# What the export reads weights from: the checkpoint, or it with LoRA adapters merged in.
+Reader = megatron_io.CheckpointReader | peft_export.MergedReader
+
+
 def _hf_name_tensors(
-    row: Row, layer: int | None, tensor: torch.Tensor, shapes, dtype
+    row: Row, layer: int | None, tensor: torch.Tensor, shapes: Shapes, dtype: torch.dtype
 ) -> list[tuple[str, torch.Tensor]]:
     return list(
         zip(row.hf_names(layer), (t.to(dtype) for t in row.to_hf(tensor, shapes)), strict=True)
@@ -135,9 +139,9 @@ def _hf_name_tensors(
 
 
 def _export_weights(
-    reader,
-    writer,
-    shapes,
+    reader: Reader,
+    writer: hf_io.ShardedSafetensorsWriter,
+    shapes: Shapes,
     model: ModelConfig,
     num_layers: int,
     dtype: torch.dtype,
@@ -158,7 +162,7 @@ def _export_weights(
 
 
 def _read_hf(
-    reader, group: list[tuple[Row, int | None]], shapes, dtype: torch.dtype
+    reader: Reader, group: list[tuple[Row, int | None]], shapes: Shapes, dtype: torch.dtype
 ) -> list[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs of one group of rows, read from the checkpoint in one load."""
     loaded = reader.read(group, shapes)
@@ -175,7 +179,7 @@ def ict_head_exits(cfg: RootConfig) -> tuple[int, ...]:
     return plan.early if plan.separate_heads else ()
 
 
-def _check_heads_present(reader, ckpt: Path, heads: tuple[int, ...]) -> None:
+def _check_heads_present(reader: Reader, ckpt: Path, heads: tuple[int, ...]) -> None:
     """Fail before writing anything when an ICT checkpoint lacks a head (e.g. a run saved
     before its heads were added)."""
     for k in heads:
@@ -187,7 +191,9 @@ def _check_heads_present(reader, ckpt: Path, heads: tuple[int, ...]) -> None:
                 )
 
 
-def _export_exit_heads(reader, out: Path, shapes, heads: list[int], dtype: torch.dtype) -> None:
+def _export_exit_heads(
+    reader: Reader, out: Path, shapes: Shapes, heads: list[int], dtype: torch.dtype
+) -> None:
     """exit_heads.safetensors: the ICT heads, vocabulary rows cut back like lm_head's."""
     tensors: dict[str, torch.Tensor] = {}
     for k in heads:
@@ -230,7 +236,7 @@ def convert_megatron_to_hf(req: ExportRequest) -> Path:
         return peft_export.export_peft_adapter(req, ckpt, cfg, num_layers, adapter_run)
     tokenizer = _tokenizer(cfg, req.tokenizer)
     vocab = _true_vocab(cfg, tokenizer)
-    reader: megatron_io.CheckpointReader | peft_export.MergedReader
+    reader: Reader
     inputs = [Path(req.checkpoint_dir), ckpt]
     if adapter_run is None:
         reader = megatron_io.CheckpointReader(ckpt, model.num_layers)

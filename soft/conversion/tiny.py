@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from soft.config.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Llama-3.1-style RoPE scaling with megatron-core's fixed low/high frequency factors and
 # original context, and an odd factor; Llama-3.2-style tied embeddings; Mistral v0.3 (no
@@ -51,7 +54,7 @@ def make_family_model(
     intermediate: int = 84,
     layers: int = 3,
     seed: int = 0,
-):
+) -> PreTrainedModel:
     """Save a random model of family `name` (FAMILY_MODELS) to `path` and return it: every
     tensor (biases, q/k norms included) random, so a swapped or mis-fused one shows."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -72,36 +73,30 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[SFTDataset, SFTDataset |
             else None
         )
         return train, valid, tokenizer
-    train_source = parse_source(cfg.train_path, "data.train_path")
-    valid_source = (
-        None if cfg.valid_path is None else parse_source(cfg.valid_path, "data.valid_path")
-    )
+    train_path, valid_path = cfg.train_path, cfg.valid_path
+    train_source = parse_source(train_path, "data.train_path")
+    # Parsed before the training rows are tokenised: a bad valid_path fails at once.
+    valid_source = None if valid_path is None else parse_source(valid_path, "data.valid_path")
     rows, num_records, entry = tokenized_rows(train_source, cfg, tokenizer)
-    # Packs are kept in the rows' cache entry (see SFTDataset): computed once per selection.
-    common = dict(
-        seq_length=cfg.seq_length, pad_id=tokenizer.pad_id, packing=cfg.packing, cache_entry=entry
-    )
-    if valid_source is not None:
-        train = SFTDataset(
-            rows, num_records=num_records, source=cfg.train_path, name="train", **common
-        )
+
+    def dataset(
+        rows: Any, num_records: int, entry: Path, source: str, name: str,
+        records: list[int] | None = None,
+    ) -> SFTDataset:  # fmt: skip
+        # Packs are kept in the rows' cache entry (see SFTDataset): computed once per selection.
+        return SFTDataset(
+            rows, num_records=num_records, seq_length=cfg.seq_length, pad_id=tokenizer.pad_id,
+            packing=cfg.packing, cache_entry=entry, source=source, name=name,
+            records=None if records is None else np.asarray(records, dtype=np.int64),
+        )  # fmt: skip
+
+    if valid_path is not None and valid_source is not None:  # both or neither
+        train = dataset(rows, num_records, entry, train_path, "train")
         v_rows, v_records, v_entry = tokenized_rows(valid_source, cfg, tokenizer)
-        valid = SFTDataset(
-            v_rows, num_records=v_records, source=cfg.valid_path, name="valid",
-            **{**common, "cache_entry": v_entry},
-        )  # fmt: skip
-        return train, valid, tokenizer
-    train_ids, valid_ids = _hold_out(range(num_records), cfg.valid_fraction, seed, cfg.train_path)
-    train = SFTDataset(
-        rows, num_records=num_records, records=np.asarray(train_ids, dtype=np.int64),
-        source=cfg.train_path, name="train", **common,
-    )  # fmt: skip
-    valid = None
-    if valid_ids:
-        valid = SFTDataset(
-            rows, num_records=num_records, records=np.asarray(valid_ids, dtype=np.int64),
-            source=cfg.train_path, name="valid", **common,
-        )  # fmt: skip
+        return train, dataset(v_rows, v_records, v_entry, valid_path, "valid"), tokenizer
+    train_ids, valid_ids = _hold_out(range(num_records), cfg.valid_fraction, seed, train_path)
+    train = dataset(rows, num_records, entry, train_path, "train", train_ids)
+    valid = dataset(rows, num_records, entry, train_path, "valid", valid_ids) if valid_ids else None
     return train, valid, tokenizer
 
 

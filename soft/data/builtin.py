@@ -157,7 +157,7 @@ def generate_conversations(
         messages: list[dict[str, str]] = []
         for r in records[i * turns : (i + 1) * turns]:
             example = instruction_example("chat", r["instruction"], r["input"], r["output"])
-            messages += example.messages  # type: ignore[union-attr]
+            messages += example.messages
         out.append({"messages": messages})
     return out
 

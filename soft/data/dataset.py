@@ -132,7 +132,7 @@ def text_rows(record: int, ids: Sequence[int], tokenizer: Tokenizer, seq_length:
 
 def tokenize_rows(
     records: Sequence[int],
-    items: Sequence[Example] | Sequence[str],
+    items: Sequence[Example | str],
     tokenizer: Tokenizer,
     seq_length: int,
     overlong: Overlong,
@@ -142,9 +142,9 @@ def tokenize_rows(
     """Rows (column -> values) for a batch of records. `items`: the records' examples, or with
     `text` their documents (language-modelling windows; blank documents are dropped: they
     would only teach BOS -> EOS). `where(i)` names item i in an error (default "record N")."""
-    rows: list[tuple] = []
+    rows: list[tuple[Any, ...]] = []
     if text:
-        docs: Sequence[str] = items  # type: ignore[assignment]
+        docs = _documents(items)
         kept = [i for i, doc in enumerate(docs) if doc.strip()]
         encoded = dict(zip(kept, tokenizer.encode_many([docs[i] for i in kept]), strict=True))
         for i, record in enumerate(records):
@@ -154,14 +154,30 @@ def tokenize_rows(
                 rows.append(_row(record, [], [], False, "with an empty document"))
     else:
         try:
-            rendered = render_many(tokenizer, items)  # type: ignore[arg-type]
+            rendered = render_many(tokenizer, _examples(items))
         except RenderError as exc:
             name = where(exc.index) if where else f"record {records[exc.index]}"
             raise ConfigError(f"{name}: {exc}") from exc
         for record, one in zip(records, rendered, strict=True):
             rows.append(sft_row(record, one, seq_length, overlong))
-    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in ROW_COLUMNS]
+    columns: list[Sequence[Any]] = (
+        list(zip(*rows, strict=True)) if rows else [[] for _ in ROW_COLUMNS]
+    )
     return {name: list(values) for name, values in zip(ROW_COLUMNS, columns, strict=True)}
+
+
+def _documents(items: Sequence[Example | str]) -> list[str]:
+    docs = [x for x in items if isinstance(x, str)]
+    if len(docs) != len(items):  # a caller's bug (`text` says which), not user input
+        raise TypeError("tokenize_rows(text=True) takes documents (str), got examples")
+    return docs
+
+
+def _examples(items: Sequence[Example | str]) -> list[Example]:
+    examples = [x for x in items if not isinstance(x, str)]
+    if len(examples) != len(items):
+        raise TypeError("tokenize_rows(text=False) takes examples, got documents (str)")
+    return examples
 
 
 def row_features() -> Any:
@@ -206,8 +222,8 @@ def pack_first_fit_decreasing(lengths: np.ndarray, capacity: int) -> Packs:
     if len(lengths) and (lengths.max() > capacity or lengths.min() < 1):
         raise ValueError(f"sample lengths must be in [1, {capacity}]")
     order = np.lexsort((np.arange(len(lengths)), -lengths))
-    owner = _first_fit(lengths[order].tolist(), capacity)
-    owner = np.asarray(owner, dtype=np.int64)[np.argsort(order)]  # back to sample order
+    first_fit = _first_fit(lengths[order].tolist(), capacity)
+    owner = np.asarray(first_fit, dtype=np.int64)[np.argsort(order)]  # back to sample order
     num_packs = int(owner.max()) + 1 if len(owner) else 0
     members = np.lexsort((np.arange(len(lengths)), owner))  # by pack, then sample order
     counts = np.bincount(owner, minlength=num_packs)
@@ -327,7 +343,9 @@ class SFTDataset(Dataset):
             self.packs, self.packs_cached = cached_packs(self._lengths, seq_length, cache_entry)
 
     @classmethod
-    def from_rows(cls, columns: dict[str, list[Any]], num_records: int, **kwargs) -> SFTDataset:
+    def from_rows(
+        cls, columns: dict[str, list[Any]], num_records: int, **kwargs: Any
+    ) -> SFTDataset:
         """A dataset over rows held in memory (see `tokenize_rows`)."""
         from datasets import Dataset as ArrowDataset
 

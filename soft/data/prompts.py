@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 from soft.config.errors import ConfigError
 from soft.data.tokenizer import HFTokenizer, Tokenizer, split_at_prompt
@@ -91,6 +91,19 @@ class ChatExample:
 Example = PlainExample | ChatExample
 
 
+# A literal template fixes the kind of example (builtin's chat records read .messages).
+@overload
+def instruction_example(
+    template: Literal["alpaca"], instruction: str, input: str = "", output: str | None = None
+) -> PlainExample: ...
+@overload
+def instruction_example(
+    template: Literal["chat"], instruction: str, input: str = "", output: str | None = None
+) -> ChatExample: ...
+@overload
+def instruction_example(
+    template: PromptTemplate, instruction: str, input: str = "", output: str | None = None
+) -> Example: ...
 def instruction_example(
     template: PromptTemplate, instruction: str, input: str = "", output: str | None = None
 ) -> Example:
@@ -174,12 +187,9 @@ def render(tokenizer: Tokenizer, example: Example) -> Rendered:
 
 def render_many(tokenizer: Tokenizer, examples: Sequence[Example]) -> list[Rendered]:
     """`render` of each example; plain examples are tokenised in one batch call."""
-    out: list[Rendered | None] = [None] * len(examples)
-    plain = [i for i, e in enumerate(examples) if isinstance(e, PlainExample)]
-    for i, rendered in zip(
-        plain, _render_plain(tokenizer, [examples[i] for i in plain]), strict=True
-    ):
-        out[i] = rendered
+    plain = [(i, e) for i, e in enumerate(examples) if isinstance(e, PlainExample)]
+    rendered = _render_plain(tokenizer, [e for _, e in plain])
+    out = {i: r for (i, _), r in zip(plain, rendered, strict=True)}
     for i, example in enumerate(examples):
         if isinstance(example, ChatExample):
             try:
@@ -187,7 +197,7 @@ def render_many(tokenizer: Tokenizer, examples: Sequence[Example]) -> list[Rende
             except RenderError as exc:
                 exc.index = i
                 raise
-    return out  # type: ignore[return-value]
+    return [out[i] for i in range(len(examples))]
 
 
 def _render_plain(tokenizer: Tokenizer, examples: Sequence[PlainExample]) -> list[Rendered]:

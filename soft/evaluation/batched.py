@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaForCausalLM
 
 from soft.evaluation.decoding import sync
 from soft.evaluation.losses import Targets, target_positions
+
+if TYPE_CHECKING:
+    from soft.evaluation.causal_lm import CausalLM
 
 ExitHead = tuple[nn.Module, nn.Module]
 
@@ -36,7 +39,9 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _padded(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> tuple:
+def _padded(
+    seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -49,7 +54,7 @@ def _padded(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device) -> t
 
 @torch.inference_mode()
 def exit_nll_batch(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     loss_ids: Sequence[Sequence[int]],
     targets: Sequence[Targets],
     exits: Sequence[int],
@@ -67,7 +72,10 @@ def exit_nll_batch(
         input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
         logits_to_keep=1,  # the full-vocabulary projection happens below, at targets only
     )  # fmt: skip
-    rows, cols, owner, counts = [], [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    owner: list[int] = []
+    counts: list[int] = []
     for i, (seq, target) in enumerate(zip(loss_ids, targets, strict=True)):
         positions = target_positions(len(seq), target)
         rows.extend([i] * len(positions))
@@ -99,12 +107,12 @@ class SubModels:
     exit k's ICT) norm and head, the same embedding and rotary modules. Built once per k on
     the meta device and then given the real modules, so no weight is allocated or copied."""
 
-    def __init__(self, model: LlamaForCausalLM, exit_heads: Mapping[int, ExitHead] | None = None):
+    def __init__(self, model: CausalLM, exit_heads: Mapping[int, ExitHead] | None = None):
         self.model = model
         self.exit_heads = dict(exit_heads or {})
-        self._views: dict[int, LlamaForCausalLM] = {}
+        self._views: dict[int, CausalLM] = {}
 
-    def __call__(self, k: int) -> LlamaForCausalLM:
+    def __call__(self, k: int) -> CausalLM:
         num_layers = int(self.model.config.num_hidden_layers)
         if not 1 <= k <= num_layers:
             raise ValueError(f"exit layer {k} outside 1..{num_layers}")
@@ -114,12 +122,15 @@ class SubModels:
             self._views[k] = self._view(k)
         return self._views[k]
 
-    def _view(self, k: int) -> LlamaForCausalLM:
+    def _view(self, k: int) -> CausalLM:
         base = self.model
         config = base.config.__class__.from_dict(base.config.to_dict())
         config.num_hidden_layers = k
         with torch.device("meta"):
-            view = type(base)(config)  # the model's own class: Llama, Mistral, Qwen2, Qwen3
+            # The model's own class (Llama, Mistral, Qwen2, Qwen3), chosen at run time: its config
+            # is base.config's class, which mypy cannot pair with the union's members.
+            model_class: Any = type(base)
+            view: CausalLM = model_class(config)
         norm, lm_head = self.exit_heads.get(k, (base.model.norm, base.lm_head))
         view.model.embed_tokens = base.model.embed_tokens
         view.model.layers = nn.ModuleList(base.model.layers[:k])
@@ -136,7 +147,7 @@ class SubModels:
 
 @torch.inference_mode()
 def generate_batch(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     stop_ids: Iterable[int],
@@ -149,7 +160,9 @@ def generate_batch(
     ids, mask = _padded(prompts, pad_id, left=True, device=device)
     sync(device)
     start = time.perf_counter()
-    out = model.generate(
+    # transformers types generate's self as its GenerativePreTrainedModel protocol (written for
+    # the `ty` checker), which lists encoder attributes no decoder-only model has.
+    out = model.generate(  # type: ignore[misc]
         input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=0,
         do_sample=False, num_beams=1, eos_token_id=stops or None, pad_token_id=pad_id,
         temperature=None, top_p=None, top_k=None,

@@ -12,10 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import DynamicCache, DynamicLayer
+
+if TYPE_CHECKING:
+    from soft.evaluation.causal_lm import CausalLM
 
 
 @dataclass
@@ -24,7 +28,7 @@ class GenerationResult:
 
     token_ids: list[int]
     elapsed_s: float
-    stats: dict[str, float | int | list] = field(default_factory=dict)
+    stats: dict[str, object] = field(default_factory=dict)  # numbers, lists, exit counts
 
     @property
     def tokens_per_s(self) -> float:
@@ -46,7 +50,7 @@ class LayerRunner:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         exit_heads: Mapping[int, tuple[nn.Module, nn.Module]] | None = None,
     ):
         self.model = model
@@ -64,7 +68,7 @@ class LayerRunner:
 
     @staticmethod
     def cache_length(cache: DynamicCache, layer: int) -> int:
-        return cache.layers[layer].get_seq_length()
+        return _kv_layer(cache, layer).get_seq_length()
 
     def _mask(self, q: int, first_pos: int, hidden: torch.Tensor) -> torch.Tensor | None:
         # One query sees the whole cache: no mask needed (this is also what HF does for sdpa).
@@ -114,7 +118,16 @@ class LayerRunner:
         for layer in range(self.num_layers) if layers is None else layers:
             extra = self.cache_length(cache, layer) - length
             if extra > 0:
-                cache.layers[layer].crop(-extra)
+                _kv_layer(cache, layer).crop(-extra)
+
+
+def _kv_layer(cache: DynamicCache, layer: int) -> DynamicLayer:
+    """A layer's key/value cache: full attention in every family we load (no linear-attention
+    or placeholder layers, whose lengths mean something else)."""
+    got = cache.layers[layer]
+    if not isinstance(got, DynamicLayer):
+        raise TypeError(f"layer {layer} has a {type(got).__name__} cache, not a DynamicLayer")
+    return got
 
 
 def check_prompt(prompt_ids: Sequence[int]) -> list[int]:

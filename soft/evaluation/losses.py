@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaForCausalLM
 
 from soft.config.errors import ConfigError
 from soft.data.prompts import RenderError, render
 from soft.data.tokenizer import Tokenizer
 from soft.evaluation.records import EvalExample
+
+if TYPE_CHECKING:
+    from soft.evaluation.causal_lm import CausalLM
 
 # Which ids of an example are scored: the last N, or [start, end) spans of positions.
 Targets = int | Sequence[tuple[int, int]]
@@ -62,7 +65,7 @@ def tokenize_example(tokenizer: Tokenizer, example: EvalExample) -> TokenizedExa
 
 @torch.inference_mode()
 def exit_nll(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     loss_ids: Sequence[int],
     targets: Targets,
     exits: Sequence[int],

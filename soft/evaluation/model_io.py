@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM
 
 from soft.config.errors import ConfigError
 from soft.conversion.export_format import (  # torch-free names shared with the export
@@ -27,9 +29,15 @@ from soft.conversion.export_format import (  # torch-free names shared with the 
     exit_head_names,
 )
 from soft.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, Tokenizer, load_tokenizer
+from soft.evaluation.causal_lm import as_causal_lm
+
+if TYPE_CHECKING:
+    from soft.evaluation.causal_lm import CausalLM
 
 # One exit's own head (ICT): RMSNorm, then a bias-free vocabulary projection.
 ExitHead = tuple[nn.Module, nn.Module]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,7 +45,7 @@ class ExportedModel:
     """A loaded export: the HF model, its tokenizer, the exits recorded at training time and
     the ICT heads of early exits that have their own (empty: every exit uses the shared head)."""
 
-    model: PreTrainedModel  # LlamaForCausalLM, MistralForCausalLM, Qwen2/Qwen3ForCausalLM
+    model: CausalLM
     tokenizer: Tokenizer
     recorded_exits: list[int] | None
     path: Path
@@ -103,7 +111,7 @@ def validate_exits(exits: list[int], num_layers: int, where: str) -> list[int]:
     return sorted(set(exits))
 
 
-def _parse_list(text: str, flag: str, cast, noun: str) -> list:
+def _parse_list(text: str, flag: str, cast: Callable[[str], T], noun: str) -> list[T]:
     """'12,16,32' -> [cast(12), ...]; anything else is a ConfigError naming the flag."""
     try:
         values = [cast(part) for part in text.split(",") if part.strip()]
@@ -202,7 +210,7 @@ def _head_tensor(
 
 
 def build_exit_heads(
-    model: PreTrainedModel, tensors: dict[int, dict[str, torch.Tensor]]
+    model: CausalLM, tensors: dict[int, dict[str, torch.Tensor]]
 ) -> dict[int, ExitHead]:
     """Norm + head modules beside `model`'s own: same norm class, eps, dtype and device,
     inference mode."""
@@ -267,10 +275,15 @@ def load_exported_model(
     torch_device = pick_device(device)
     # sdpa: our layer driver builds explicit additive masks, which eager and sdpa both accept
     # (flash-attention kernels take no 4-D masks).
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=pick_dtype(dtype, torch_device), attn_implementation="sdpa"
+    model = as_causal_lm(
+        AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=pick_dtype(dtype, torch_device), attn_implementation="sdpa"
+        ),
+        model_dir,
     )
-    model.to(torch_device).eval()
+    # transformers wraps PreTrainedModel.to in a decorator typed as functools._Wrapped, which
+    # mypy does not bind to the instance: it reads the device as the `self` argument.
+    model.to(torch_device).eval()  # type: ignore[arg-type]
     return ExportedModel(
         model=model,
         tokenizer=tokenizer,

@@ -57,7 +57,9 @@ class EvalExample:
         return self.example.response
 
 
-def _example(origin, record: formats.RawRecord, fmt: str, template: PromptTemplate) -> EvalExample:
+def _example(
+    origin: str | Path, record: formats.RawRecord, fmt: str, template: PromptTemplate
+) -> EvalExample:
     if fmt == "alpaca":
         instruction, input_, output = formats.alpaca_fields(origin, record)
         # The reference output is also the exact-match answer: right for tasks with a short,
@@ -74,7 +76,9 @@ def _example(origin, record: formats.RawRecord, fmt: str, template: PromptTempla
     return EvalExample(PlainExample("", formats.text_document(origin, record, "text")))
 
 
-def _records(source: DataSource, limit: int | None) -> tuple[object, Iterable[formats.RawRecord]]:
+def _records(
+    source: DataSource, limit: int | None
+) -> tuple[str | Path, Iterable[formats.RawRecord]]:
     """(origin for messages, the first `limit` records) of any source."""
     if source.is_file:
         path = Path(source.target)
@@ -88,8 +92,8 @@ def _records(source: DataSource, limit: int | None) -> tuple[object, Iterable[fo
     dataset = load_arrow(source)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
-    rows = (formats.RawRecord(f"row {i}", row) for i, row in enumerate(dataset))
-    return formats.Label(source.label()), islice(rows, limit)
+    arrow_rows = (formats.RawRecord(f"row {i}", row) for i, row in enumerate(dataset))
+    return formats.Label(source.label()), islice(arrow_rows, limit)
 
 
 def load_eval_examples(

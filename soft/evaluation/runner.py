@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -29,6 +30,9 @@ from soft.evaluation.metrics import exact_match
 from soft.evaluation.model_io import ExportedModel, load_exported_model, resolve_exits
 from soft.evaluation.records import load_eval_examples
 from soft.evaluation.report import log_to_mlflow, markdown_table, plot_exits
+
+if TYPE_CHECKING:
+    from soft.evaluation.causal_lm import CausalLM
 
 TABLE_COLUMNS = (
     "layer", "loss", "perplexity", "exact_match", "exact_match_normalized",
@@ -53,7 +57,7 @@ class ExitRecord:
     generated_tokens: int
 
 
-def stop_ids(tokenizer: Tokenizer, at_newline: bool, model=None) -> set[int]:
+def stop_ids(tokenizer: Tokenizer, at_newline: bool, model: CausalLM | None = None) -> set[int]:
     """EOS (the tokenizer's, and every EOS id in the model's generation_config: a chat model's
     end-of-turn token, e.g. LLaMA-3's <|eot_id|>), plus every id whose text contains a
     newline when asked (LLaMA-2: the byte piece <0x0A>)."""

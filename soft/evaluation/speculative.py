@@ -14,12 +14,13 @@ import time
 from collections.abc import Iterable, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from soft.evaluation.decoding import GenerationResult, LayerRunner, check_prompt, sync
 
 
 def _draft(
-    runner: LayerRunner, cache, token: int, pos: int, draft_exit: int, n: int
+    runner: LayerRunner, cache: DynamicCache, token: int, pos: int, draft_exit: int, n: int
 ) -> tuple[list[int], list[torch.Tensor]]:
     """n greedy tokens from exit `draft_exit`, feeding `token` (at `pos`) first.
 
@@ -79,7 +80,7 @@ def speculative_generate(
     new = _truncate(new, max_new_tokens, stops)
     sync(runner.device)
     elapsed = time.perf_counter() - start
-    stats = {
+    stats: dict[str, object] = {
         "draft_exit": draft_exit,
         "num_draft": num_draft,
         "acceptance_rate": accepted / drafted if drafted else 0.0,

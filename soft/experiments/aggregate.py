@@ -17,6 +17,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 from soft.experiments import results
 from soft.experiments.plan import MODE_LABELS, MODES
@@ -26,20 +27,32 @@ METRICS = ("loss", "exact_match")
 BETTER, WORSE, TIE = "SoFT better", "SoFT worse", "tie"
 
 
-def stats(values: Sequence[float]) -> dict[str, object] | None:
-    """Mean, sample std, min, max and the values themselves (None when there are none)."""
+class Stats(TypedDict):
+    """One number over the seeds (a plain dict: it goes into results JSON as is)."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+    values: list[float]
+
+
+def stats(values: Sequence[float | None]) -> Stats | None:
+    """Mean, sample std, min, max and the values themselves (None when there are none;
+    missing and non-finite values are left out)."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:
         return None
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return {
-        "mean": statistics.fmean(vals),
-        "std": std,
-        "min": min(vals),
-        "max": max(vals),
-        "n": len(vals),
-        "values": vals,
-    }
+    return Stats(
+        mean=statistics.fmean(vals),
+        std=std,
+        min=min(vals),
+        max=max(vals),
+        n=len(vals),
+        values=vals,
+    )
 
 
 def verdict(values: Sequence[float]) -> str:

@@ -28,8 +28,9 @@ class FinetuneData:
     num_test: int
 
 
-def check_corpus(path: Path | None) -> None:
-    """A missing corpus is the likely first failure on a fresh clone: say what to do."""
+def check_corpus(path: Path | None) -> Path:
+    """`path`, checked: a missing corpus is the likely first failure on a fresh clone, so the
+    error says what to do."""
     what = (
         "an Alpaca-format JSON list of {instruction, input, output}; README's results used "
         "GSM8K train in Alpaca format, MIT, from the AlpacaDataCleaned project"
@@ -43,12 +44,12 @@ def check_corpus(path: Path | None) -> None:
         raise ConfigError(
             f"pretraining corpus '{path}' not found: pass --corpus PATH ({what}), or --no-pretrain"
         )
+    return path
 
 
 def load_alpaca_corpus(path: Path | None) -> list[Record]:
     """The pretraining source: a JSON list (or JSON Lines) of Alpaca records."""
-    check_corpus(path)
-    text = path.read_text(encoding="utf-8")
+    text = check_corpus(path).read_text(encoding="utf-8")
     try:
         if text.lstrip().startswith("["):
             data = json.loads(text)

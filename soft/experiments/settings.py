@@ -114,15 +114,13 @@ def make_settings(
     if not math.isfinite(scale) or scale <= 0:
         raise ConfigError(f"--scale: expected a positive number, got {scale}")
     chosen = _check_tasks(DEFAULT_TASKS if tasks is None else tasks)
-    seeds = {
-        "seed": seed,
-        "data_seed": seed if data_seed is None else data_seed,
-        "base_seed": seed if base_seed is None else base_seed,
-    }
-    for name, value in seeds.items():
-        _check_seed(name, value)
+    data_seed = seed if data_seed is None else data_seed
+    base_seed = seed if base_seed is None else base_seed
+    _check_seed("seed", seed)
+    _check_seed("data_seed", data_seed)
+    _check_seed("base_seed", base_seed)
     sized = _mini_settings(scale) if mini else _full_settings(scale)
-    return replace(sized, tasks=chosen, **seeds)
+    return replace(sized, tasks=chosen, seed=seed, data_seed=data_seed, base_seed=base_seed)
 
 
 def _check_seed(name: str, value: int) -> None:

@@ -8,13 +8,16 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 
 
-def _experiment_id(client, name: str, uri: str) -> str:
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id

@@ -8,6 +8,10 @@ from typing import Literal
 from soft.config.core import option
 from soft.config.errors import ConfigError
 
+# The HF families an export writes (soft.conversion.mapping.FAMILIES) and the parameter dtypes.
+FamilyName = Literal["llama", "mistral", "qwen2", "qwen3"]
+ParamsDtype = Literal["fp32", "bf16", "fp16"]
+
 # Llama-3 RoPE scaling in megatron-core 0.16.1 (`RotaryEmbedding._apply_scaling`, the HF
 # `llama3` formula): GPTModel passes only the factor, so these three are its defaults, fixed.
 # The HF import refuses other values (tests/models/test_rope_scaling.py checks these against
@@ -55,7 +59,7 @@ class ModelConfig:
     rope_scaling_factor: float = option(
         8.0, "rope_scaling=llama3: the factor (Llama-3.1: 8, Llama-3.2: 32)."
     )
-    family: Literal["llama", "mistral", "qwen2", "qwen3"] = option(
+    family: FamilyName = option(
         "llama",
         "HF model family an export writes (config.json model_type and architecture); set by "
         "the HF import. The model is built from the feature switches alone.",
@@ -70,7 +74,7 @@ class ModelConfig:
     init_method_std: float = option(
         0.02, "Std of the random init (runs from HF weights ignore it)."
     )
-    params_dtype: Literal["fp32", "bf16", "fp16"] = option(
+    params_dtype: ParamsDtype = option(
         "fp32", "Parameter/compute dtype. fp32 on CPU; bf16 on GPUs."
     )
     transformer_impl: Literal["auto", "local", "transformer_engine"] = option(

@@ -78,7 +78,9 @@ class RunDir:
 
     # -- status --------------------------------------------------------------------------
 
-    def write_status(self, reason: status.Reason, iteration: int, detail: str | None = None):
+    def write_status(
+        self, reason: status.Reason, iteration: int, detail: str | None = None
+    ) -> Path:
         return status.write_stop_status(self.root, reason, iteration, detail)
 
     def read_status(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 # `train/loss/exit_4`, `valid/loss/exit_12`: the split, then the exit depth.
 EXIT_LOSS_KEY = re.compile(r"^(?P<split>.+)/loss/exit_(?P<exit>\d+)$")
@@ -18,6 +19,6 @@ def parse_exit_metric_key(key: str) -> tuple[str, int] | None:
     return (match["split"], int(match["exit"])) if match else None
 
 
-def exit_loss_keys(keys) -> list[str]:
+def exit_loss_keys(keys: Iterable[str]) -> list[str]:
     """The exit-loss keys among `keys`."""
     return [k for k in keys if EXIT_LOSS_KEY.match(k)]

@@ -37,7 +37,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from soft.failpoints import failpoint
 from soft.tracking.config import TrackingConfig
@@ -86,7 +86,7 @@ class Tracker:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> Literal[False]:
         self.close(run_status_for(exc))
         return False  # never swallow the exception
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,17 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 def test_every_field_has_help():
     missing = [key for key, _, _, text in describe(RootConfig) if not text]
     assert missing == []
+
+
+def test_describe_shows_defaults_factories_and_required_fields():
+    @dataclasses.dataclass
+    class Section:
+        required: int
+        plain: float = 1.5
+        made: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+
+    defaults = {key: default for key, _, default, _ in describe(Section)}
+    assert defaults == {"required": "(required)", "plain": "1.5", "made": "[1, 2]"}
 
 
 def test_config_reference_doc_is_current():

@@ -197,3 +197,22 @@ def test_eval_exits_subprocess_smoke(export_dir, trivia_file, tmp_path):
         [*cmd[:3], str(tmp_path), *cmd[4:]], capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 2 and "error: --model-dir" in bad.stderr
+
+
+def test_a_model_of_another_architecture_is_refused(tmp_path):
+    """The layer driver needs a family's decoder layout: GPT-2 (transformer.h, no rotary) is
+    refused by name at load, not inside the driver."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
+
+    from soft.evaluation.causal_lm import as_causal_lm
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16))
+    with pytest.raises(ConfigError, match=r"'.*gpt2' loads as GPT2LMHeadModel"):
+        as_causal_lm(gpt2, tmp_path / "gpt2")
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=1, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+            vocab_size=16,
+        )
+    )  # fmt: skip
+    assert as_causal_lm(llama, tmp_path / "llama") is llama
