@@ -98,9 +98,7 @@ class AdapterCheckpoint:
         self.peft: PeftConfig = cfg.peft
         self.reader = megatron_io.CheckpointReader(ckpt, cfg.model.num_layers)
         # 0-based layers in the order of the stacked axis (LoraAdapter.slot)
-        self.adapted = [
-            n - 1 for n in sorted(self.peft.layers or range(1, cfg.model.num_layers + 1))
-        ]
+        self.adapted = [n - 1 for n in self.peft.adapted_layers(cfg.model.num_layers)]
         self._check_shapes(layer_shapes(cfg))
         if self.peft.train_final_norm and not self.holds(FINAL_NORM, None):
             raise CheckpointError(

@@ -80,6 +80,11 @@ class PeftConfig:
                 f"numbers in 1..{num_layers} (model.num_layers), or null for every layer"
             )
 
+    def adapted_layers(self, num_layers: int) -> list[int]:
+        """The adapted layers, 1-based and sorted: the order of the adapters' layer axis in
+        checkpoints (soft.peft.lora.LoraAdapter.slot)."""
+        return sorted(self.layers or range(1, num_layers + 1))
+
     def adapts(self, layer_number: int) -> bool:
         """Whether 1-based layer `layer_number` gets adapters."""
         return self.enabled and (self.layers is None or layer_number in self.layers)

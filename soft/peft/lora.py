@@ -222,7 +222,7 @@ def apply_lora(chunks: list[Any], peft: PeftConfig, seed: int) -> None:
     docs/DESIGN.md ("Upgrading megatron-core"): checked against the pinned version."""
     require_megatron()
     for chunk in chunks:
-        adapted = sorted(peft.layers or range(1, chunk.config.num_layers + 1))
+        adapted = peft.adapted_layers(chunk.config.num_layers)
         for param in chunk.parameters():
             param.requires_grad = False
         for layer in chunk.decoder.layers:
